@@ -1,0 +1,455 @@
+"""HTTP: routes, status codes and headers, streamed bodies.
+
+`Proxy` owns every stateful part (config, metrics, token verifier, upstream, store);
+`create_app` and `create_admin_app` build aiohttp applications around one Proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from contextlib import aclosing
+from typing import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from .assets import InvalidAssetName, content_type_for, validate_asset_name
+from .auth import AuthFailure, Grant, TokenVerifier
+from .config import Config
+from .errors import (
+    AssetNotFound,
+    ObjectChanged,
+    S3ProxyError,
+    UpstreamDenied,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from .logs import ACCESS_LOGGER
+from .metrics import Metrics
+from .ranges import (
+    ByteRange,
+    RangeNotSatisfiable,
+    evaluate_preconditions,
+    format_http_date,
+    if_range_matches,
+    multipart_layout,
+    parse_range_header,
+    ranges_to_serve,
+)
+from .store import ObjectStore
+from .upstream import ObjectMeta, S3Upstream
+
+log = logging.getLogger("s3proxy.app")
+access_log = logging.getLogger(ACCESS_LOGGER)
+
+WWW_AUTHENTICATE = 'Bearer realm="s3proxy", error="invalid_token"'
+ALLOW = "GET, HEAD"
+ERROR_HEADER = "X-S3Proxy-Error"
+PROBE_INTERVAL_S = 5.0
+READY_WINDOW_S = 3 * PROBE_INTERVAL_S
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Proxy:
+    """Everything one running proxy owns; two Proxy objects never share state."""
+
+    def __init__(self, config: Config, metrics: Metrics | None = None,
+                 verifier: TokenVerifier | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.verifier = verifier or TokenVerifier.from_config(config.auth, config.source)
+        self.upstream = S3Upstream(config.s3, self.metrics)
+        self.store = ObjectStore(self.upstream, config.s3.prefix)
+        self.probe_error: str | None = "no probe answered yet"
+        self.inflight = 0
+
+    async def start(self) -> None:
+        await self.upstream.start()
+
+    async def close(self) -> None:
+        await self.upstream.close()
+
+    async def probe_once(self) -> None:
+        try:
+            await self.upstream.probe(self.config.s3.probe_key)
+        except S3ProxyError as exc:
+            self.probe_error = str(exc)
+        else:
+            self.probe_error = None
+
+    async def probe_forever(self) -> None:
+        while True:
+            await self.probe_once()
+            await asyncio.sleep(PROBE_INTERVAL_S)
+
+    def readiness(self) -> str | None:
+        """None when ready, else why not."""
+        last = self.upstream.last_success
+        if last is not None and time.monotonic() - last < READY_WINDOW_S:
+            return None
+        return self.probe_error or "upstream has not answered recently"
+
+
+PROXY = web.AppKey("proxy", Proxy)
+
+
+class MediaError(Exception):
+    """An answer with an empty body and the reason in X-S3Proxy-Error."""
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or {}
+
+    def response(self) -> web.Response:
+        headers = {ERROR_HEADER: self.reason, **self.headers}
+        return web.Response(status=self.status, headers=headers)
+
+
+def _status_for(error: S3ProxyError) -> int:
+    if isinstance(error, AssetNotFound):
+        return 404
+    if isinstance(error, UpstreamTimeout):
+        return 504
+    if isinstance(error, (UpstreamDenied, UpstreamUnavailable, ObjectChanged)):
+        return 502
+    return 502
+
+
+# --- the media handler ------------------------------------------------------------
+
+
+def _asset_from(request: web.Request) -> str:
+    try:
+        return validate_asset_name(request.match_info["asset"])
+    except InvalidAssetName as exc:
+        raise MediaError(400, str(exc)) from None
+
+
+def _token_from(request: web.Request, query_param: str) -> str | None:
+    if "token" in request.match_info:
+        return request.match_info["token"]
+    authorization = request.headers.get("Authorization", "")
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return request.query.get(query_param)
+
+
+def _authorize(proxy: Proxy, request: web.Request, asset: str) -> Grant:
+    try:
+        return proxy.verifier.authorize(_token_from(request, proxy.config.auth.query_param), asset)
+    except AuthFailure as failure:
+        proxy.metrics.auth_failures.labels(reason=failure.reason).inc()
+        headers = {"WWW-Authenticate": WWW_AUTHENTICATE} if failure.status == 401 else {}
+        raise MediaError(failure.status, failure.detail, headers) from None
+
+
+def _entity_headers(meta: ObjectMeta, asset: str) -> dict[str, str]:
+    headers = {
+        "Accept-Ranges": "bytes",
+        "Last-Modified": format_http_date(meta.last_modified),
+        "Content-Type": content_type_for(asset, meta.content_type),
+    }
+    if meta.etag:
+        headers["ETag"] = meta.etag
+    return headers
+
+
+async def handle_media(request: web.Request) -> web.StreamResponse:
+    proxy = request.app[PROXY]
+    if request.method not in ("GET", "HEAD"):
+        return refuse_method(request)
+    asset = _asset_from(request)
+    _authorize(proxy, request, asset)
+    # A version that changes between HEAD and the first GET is looked up once more.
+    for attempt in (1, 2):
+        meta = await _stat(proxy, asset)
+        try:
+            return await _answer(proxy, request, asset, meta)
+        except ObjectChanged:
+            if attempt == 2:
+                raise MediaError(502, "object kept changing upstream") from None
+    raise AssertionError("unreachable")
+
+
+async def _stat(proxy: Proxy, asset: str) -> ObjectMeta:
+    try:
+        return await proxy.store.stat(asset)
+    except S3ProxyError as exc:
+        raise MediaError(_status_for(exc), str(exc)) from None
+
+
+async def _answer(proxy: Proxy, request: web.Request, asset: str,
+                  meta: ObjectMeta) -> web.StreamResponse:
+    headers = _entity_headers(meta, asset)
+    status = evaluate_preconditions(request.method, request.headers, meta.etag,
+                                    meta.last_modified)
+    if status == 304:
+        return web.Response(status=304, headers={
+            k: v for k, v in headers.items() if k in ("ETag", "Last-Modified")})
+    if status == 412:
+        raise MediaError(412, "precondition failed")
+    if request.method == "HEAD":
+        response = web.StreamResponse(status=200, headers=headers)
+        response.content_length = meta.size
+        await response.prepare(request)
+        await response.write_eof()
+        return response
+    ranges = _requested_ranges(proxy, request, meta)
+    if ranges is None:
+        return await _stream(request, proxy, meta, 200, headers, [ByteRange(0, meta.size - 1)])
+    if len(ranges) == 1:
+        headers["Content-Range"] = ranges[0].content_range(meta.size)
+        return await _stream(request, proxy, meta, 206, headers, ranges)
+    return await _stream_multipart(request, proxy, meta, headers, ranges)
+
+
+def _requested_ranges(proxy: Proxy, request: web.Request,
+                      meta: ObjectMeta) -> list[ByteRange] | None:
+    header = request.headers.get("Range")
+    if header is None:
+        return None
+    if_range = request.headers.get("If-Range")
+    if if_range is not None and not if_range_matches(if_range, meta.etag, meta.last_modified):
+        return None
+    try:
+        ranges = parse_range_header(header, meta.size)
+    except RangeNotSatisfiable:
+        raise MediaError(416, "range not satisfiable",
+                         {"Content-Range": f"bytes */{meta.size}",
+                          "Accept-Ranges": "bytes"}) from None
+    if ranges is None:
+        return None
+    return ranges_to_serve(ranges, proxy.config.http.max_ranges)
+
+
+async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes:
+    """Start the upstream read before any header goes out, so a failure to start is a
+    clean error status rather than a truncated 2xx."""
+    try:
+        return await anext(chunks, b"")
+    except ObjectChanged:
+        raise
+    except S3ProxyError as exc:
+        raise MediaError(_status_for(exc), str(exc)) from None
+
+
+async def _stream(request: web.Request, proxy: Proxy, meta: ObjectMeta, status: int,
+                  headers: dict[str, str], ranges: list[ByteRange]) -> web.StreamResponse:
+    (byte_range,) = ranges
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_length = max(0, byte_range.length)
+    async with aclosing(proxy.store.open(meta, byte_range.start, byte_range.end)) as chunks:
+        first = await _first_chunk(chunks)
+        await response.prepare(request)
+        if await _pump(request, response, first, chunks):
+            await response.write_eof()
+    return response
+
+
+async def _stream_multipart(request: web.Request, proxy: Proxy, meta: ObjectMeta,
+                            headers: dict[str, str], ranges: list[ByteRange]
+                            ) -> web.StreamResponse:
+    layout = multipart_layout(ranges, meta.size, headers["Content-Type"],
+                              secrets.token_hex(12))
+    headers["Content-Type"] = layout.content_type
+    response = web.StreamResponse(status=206, headers=headers)
+    response.content_length = layout.content_length
+    for index, part in enumerate(layout.parts):
+        async with aclosing(proxy.store.open(meta, part.range.start, part.range.end)) as chunks:
+            first = await _first_chunk(chunks) if index == 0 else b""
+            if index == 0:
+                await response.prepare(request)
+            if not await _pump(request, response, part.header + first, chunks):
+                return response
+    await response.write(layout.trailer)
+    await response.write_eof()
+    return response
+
+
+async def _pump(request: web.Request, response: web.StreamResponse, first: bytes,
+                chunks: AsyncIterator[bytes]) -> bool:
+    """Copy chunks to the client with back-pressure. False when the body was cut short.
+
+    Once the status line is out it can not change: on an upstream failure (or a new
+    version) mid-body, the connection is closed so the client sees a short body.
+    """
+    try:
+        if first:
+            await response.write(first)
+        async for chunk in chunks:
+            await response.write(chunk)
+    except ConnectionError:
+        return False  # the client hung up; leaving the block closes the S3 stream
+    except S3ProxyError as exc:
+        log.warning("upstream failed mid-body, closing the connection",
+                    extra={"fields": {"error": str(exc)}})
+        if request.transport is not None:
+            request.transport.close()
+        return False
+    return True
+
+
+# --- methods other than GET and HEAD ----------------------------------------------
+
+
+def refuse_method(request: web.Request) -> web.Response:
+    """405 at once, without reading the body; the connection is not reused."""
+    response = MediaError(405, "method not allowed", {"Allow": ALLOW}).response()
+    response.force_close()
+    return response
+
+
+async def expect_handler(request: web.Request) -> web.StreamResponse | None:
+    """Answer `Expect: 100-continue` with the 405 itself, so no body is ever sent."""
+    if request.method in ("GET", "HEAD"):
+        return None  # no body to wait for: the final answer serves as the go-ahead
+    started = time.perf_counter()
+    response = refuse_method(request)
+    _record(request, response.status, 0, started, "method not allowed")
+    return response
+
+
+# --- admin ------------------------------------------------------------------------
+
+
+async def handle_healthz(_request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def handle_readyz(request: web.Request) -> web.Response:
+    reason = request.app[PROXY].readiness()
+    if reason is None:
+        return web.Response(text="ready\n")
+    return web.Response(status=503, text=f"not ready: {reason}\n")
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    proxy = request.app[PROXY]
+    return web.Response(body=proxy.metrics.exposition(),
+                        headers={"Content-Type": Metrics.CONTENT_TYPE})
+
+
+# --- middleware: errors, metrics, access log --------------------------------------
+
+
+def _log_path(request: web.Request) -> str:
+    """The request path with any path token blanked; the query string (which may hold a
+    token) is never logged."""
+    info = request.match_info
+    if "token" in info and "asset" in info:
+        return f"/t/-/{info['asset']}"
+    return request.path
+
+
+def _record(request: web.Request, status: int, sent: int, started: float,
+            reason: str | None) -> None:
+    proxy = request.app[PROXY]
+    elapsed = time.perf_counter() - started
+    proxy.metrics.requests.labels(method=request.method, status=str(status)).inc()
+    proxy.metrics.request_duration.labels(method=request.method).observe(elapsed)
+    proxy.metrics.response_bytes.inc(sent)
+    fields = {
+        "method": request.method, "path": _log_path(request), "status": status,
+        "bytes": sent, "duration_ms": round(elapsed * 1000, 2),
+        "remote": request.remote, "range": request.headers.get("Range"),
+        "user_agent": request.headers.get("User-Agent"),
+    }
+    if reason:
+        fields["error"] = reason
+    access_log.info("request", extra={"fields": fields})
+
+
+def _is_media(request: web.Request) -> bool:
+    return "asset" in request.match_info
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    proxy = request.app[PROXY]
+    started = time.perf_counter()
+    if proxy.inflight >= proxy.config.server.max_connections:
+        response: web.StreamResponse = MediaError(503, "too many requests",
+                                                  {"Retry-After": "1"}).response()
+        _record(request, 503, 0, started, "too many requests")
+        return response
+    proxy.inflight += 1
+    proxy.metrics.inflight.inc()
+    reason: str | None = None
+    try:
+        try:
+            response = await handler(request)
+        except MediaError as error:
+            reason = error.reason
+            response = error.response() if _is_media(request) else web.Response(
+                status=error.status, text=error.reason + "\n", headers=error.headers)
+        except web.HTTPException as exc:
+            reason = exc.reason
+            response = (MediaError(exc.status, exc.reason).response() if _is_media(request)
+                        else exc)
+        except Exception:
+            log.exception("unhandled error while answering a request")
+            reason = "internal error"
+            response = MediaError(500, reason).response()
+            if not _is_media(request):
+                response = web.Response(status=500, text="internal error\n")
+        reason = reason or response.headers.get(ERROR_HEADER)
+        _record(request, response.status, _body_bytes(request, response), started, reason)
+        return response
+    finally:
+        proxy.inflight -= 1
+        proxy.metrics.inflight.dec()
+
+
+def _body_bytes(request: web.Request, response: web.StreamResponse) -> int:
+    if request.method == "HEAD":
+        return 0
+    if response.prepared:
+        return response.body_length
+    body = response.body if isinstance(response, web.Response) else None
+    return len(body) if isinstance(body, (bytes, bytearray)) else 0
+
+
+# --- building the applications ----------------------------------------------------
+
+
+def _add_media_routes(app: web.Application) -> None:
+    for path in ("/vod/{asset:.+}", "/t/{token}/{asset:.+}"):
+        app.router.add_route("*", path, handle_media, expect_handler=expect_handler)
+
+
+def create_app(config: Config, proxy: Proxy | None = None) -> web.Application:
+    """The main listener's application. It opens and closes the Proxy it serves."""
+    proxy = proxy or Proxy(config)
+    app = web.Application(middlewares=[observe], handler_args={"max_field_size": 16384})
+    app[PROXY] = proxy
+    _add_media_routes(app)
+    app.router.add_get("/healthz", handle_healthz)
+
+    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
+        await proxy.start()
+        prober = asyncio.create_task(proxy.probe_forever())
+        try:
+            yield
+        finally:
+            prober.cancel()
+            await asyncio.gather(prober, return_exceptions=True)
+            await proxy.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def create_admin_app(proxy: Proxy) -> web.Application:
+    """The admin listener: health, readiness, metrics. Shares the main app's Proxy."""
+    app = web.Application(middlewares=[observe])
+    app[PROXY] = proxy
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/readyz", handle_readyz)
+    app.router.add_get("/metrics", handle_metrics)
+    return app

@@ -1,0 +1,142 @@
+"""The `s3proxy` command: serve, demo, token, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from . import __version__
+from .auth import load_verification_keys, mint_token
+from .config import Config, ConfigError, config_as_dict, load_config
+from .logs import configure_logging
+
+EXIT_USAGE = 2
+
+_DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """'90', '90s', '15m', '1h', '7d' -> seconds."""
+    match = _DURATION_RE.match(text)
+    if not match or int(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration like 90s, 15m, 1h or 7d, got {text!r}")
+    return int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def _fail(message: str) -> int:
+    print(f"s3proxy: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _load(path: str | None) -> Config:
+    return load_config(path or os.environ.get("S3PROXY_CONFIG"))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import run
+
+    path = args.config or os.environ.get("S3PROXY_CONFIG")
+    config = load_config(path)
+    if config.server.workers != 1:
+        return _fail(f"{config.source}: server.workers: only 1 is supported in this "
+                     f"release, got {config.server.workers}")
+    configure_logging(config.log.level, config.log.format)
+    return asyncio.run(run(config, config_path=path))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(host=args.host, port=args.port, ttl_s=args.ttl)
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    private_key = None
+    if args.private_key:
+        try:
+            private_key = Path(args.private_key).read_bytes()
+        except OSError as exc:
+            return _fail(f"--private-key: can not read {args.private_key}: {exc.strerror}")
+    extra = {k: v for k, v in (("sub", args.sub), ("jti", args.jti)) if v}
+    try:
+        token = mint_token(config.auth, config.source, args.asset, args.ttl, kid=args.kid,
+                           private_key_pem=private_key, algorithm=args.algorithm,
+                           extra_claims=extra)
+    except (ValueError, TypeError) as exc:
+        return _fail(f"can not sign: {type(exc).__name__}: the key does not suit "
+                     f"{args.algorithm or config.auth.algorithms[0]}")
+    print(token)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    if config.auth.mode == "jwt":
+        load_verification_keys(config.auth, config.source)
+    print(f"# {config.source}: OK")
+    print(yaml.safe_dump(config_as_dict(config), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="s3proxy",
+        description="Authenticating HTTP byte-range proxy from S3 to MistServer.")
+    parser.add_argument("--version", action="version", version=f"s3proxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", help="YAML file (default: $S3PROXY_CONFIG)")
+    serve.set_defaults(func=cmd_serve)
+
+    demo = commands.add_parser(
+        "demo", help="serve a bundled sample from an embedded S3 emulator (no AWS account)")
+    demo.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=8080,
+                      help="listen port (default 8080, or a free one if taken; 0: any)")
+    demo.add_argument("--ttl", type=parse_duration, default=3600,
+                      help="lifetime of the printed token (default 1h)")
+    demo.set_defaults(func=cmd_demo)
+
+    token = commands.add_parser("token", help="print a signed token")
+    token.add_argument("--config", help="YAML file (default: $S3PROXY_CONFIG)")
+    token.add_argument("--asset", action="append", required=True, metavar="GLOB",
+                       help="asset glob the token opens (repeatable; *, **, ?)")
+    token.add_argument("--ttl", type=parse_duration, default=3600,
+                       help="lifetime: 90s, 15m, 1h, 7d (default 1h)")
+    token.add_argument("--kid", help="key id to sign with (and put in the header)")
+    token.add_argument("--algorithm", help="default: the first of auth.algorithms")
+    token.add_argument("--private-key", help="PEM private key for RS/PS/ES/EdDSA algorithms")
+    token.add_argument("--sub", help="subject claim (revocable with sub:<id>)")
+    token.add_argument("--jti", help="token id claim (revocable with jti:<id>)")
+    token.set_defaults(func=cmd_token)
+
+    check = commands.add_parser("check-config", help="validate and print the effective config")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""Configuration: YAML file plus S3PROXY_<SECTION>_<KEY> overrides, validated on load.
+
+Every section is a frozen dataclass; the loader walks the dataclass fields, so the
+schema, the defaults, the environment variable names and the validation live in one
+place. A problem raises ConfigError naming the source, the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+ENV_PREFIX = "S3PROXY_"
+
+_SIZE_UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([A-Za-z]*)\s*$")
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased as the one line an operator sees."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        super().__init__(f"{source}: {key}: {problem}")
+        self.source = source
+        self.key = key
+        self.problem = problem
+
+
+class ByteSize(int):
+    """A byte count; in YAML either an integer or a string such as '512MiB'."""
+
+
+def parse_size(value: object) -> ByteSize:
+    """Parse 123, '123', '64KiB', '1MiB', '2GiB' (binary units) into bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like 512MiB, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a size can not be negative, got {value}")
+        return ByteSize(value)
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match:
+            unit = match.group(2).upper()
+            if unit in _SIZE_UNITS:
+                return ByteSize(int(match.group(1)) * _SIZE_UNITS[unit])
+    raise ValueError(f"expected a size like 512MiB (units B, KiB, MiB, GiB), got {value!r}")
+
+
+def format_size(value: int) -> str:
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if value and value % factor == 0:
+            return f"{value // factor}{unit}"
+    return f"{value}B"
+
+
+def _check(predicate: typing.Callable[[Any], bool], message: str) -> dict[str, Any]:
+    return {"check": (predicate, message)}
+
+
+_POSITIVE = _check(lambda v: v > 0, "must be greater than 0")
+_NON_NEGATIVE = _check(lambda v: v >= 0, "must not be negative")
+_PORT = _check(lambda v: 0 <= v <= 65535, "must be a port number (0-65535)")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = field(default=8080, metadata=_PORT)
+    workers: int = field(default=1, metadata=_POSITIVE)
+    shutdown_timeout_s: float = field(default=30.0, metadata=_NON_NEGATIVE)
+    max_connections: int = field(default=4096, metadata=_POSITIVE)
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    host: str = "127.0.0.1"
+    port: int = field(default=9101, metadata=_PORT)
+
+
+@dataclass(frozen=True)
+class S3Config:
+    bucket: str = ""
+    prefix: str = ""
+    region: str = "us-east-1"
+    endpoint_url: str | None = None
+    connect_timeout_s: float = field(default=3.0, metadata=_POSITIVE)
+    read_timeout_s: float = field(default=10.0, metadata=_POSITIVE)
+    max_attempts: int = field(default=3, metadata=_POSITIVE)
+    max_connections: int = field(default=64, metadata=_POSITIVE)
+    probe_key: str | None = None
+
+
+@dataclass(frozen=True)
+class KeyConfig:
+    kid: str | None = None
+    secret_env: str | None = None
+    secret_file: str | None = None
+    public_key_file: str | None = None
+
+
+_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512",
+               "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    mode: Literal["jwt", "none"] = "jwt"
+    algorithms: list[str] = field(
+        default_factory=lambda: ["HS256"],
+        metadata=_check(
+            lambda v: bool(v) and all(a in _ALGORITHMS for a in v),
+            f"must be a non-empty list of {', '.join(_ALGORITHMS)} ('none' is never accepted)",
+        ),
+    )
+    keys: list[KeyConfig] = field(
+        default_factory=lambda: [KeyConfig(kid="main", secret_env="S3PROXY_JWT_SECRET")]
+    )
+    jwks_file: str | None = None
+    audience: str | None = None
+    issuer: str | None = None
+    leeway_s: float = field(default=30.0, metadata=_NON_NEGATIVE)
+    query_param: str = field(default="token", metadata=_check(bool, "must not be empty"))
+    scope_claim: str = field(default="assets", metadata=_check(bool, "must not be empty"))
+    revoked_file: str | None = None
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    max_ranges: int = field(default=16, metadata=_POSITIVE)
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    path: str | None = None
+    max_bytes: ByteSize = ByteSize(0)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: ByteSize = field(
+        default=ByteSize(1 << 20),
+        metadata=_check(lambda v: 4096 <= v <= 1 << 30, "must be between 4KiB and 1GiB"),
+    )
+    max_bytes: ByteSize = ByteSize(512 << 20)
+    metadata_ttl_s: float = field(default=30.0, metadata=_NON_NEGATIVE)
+    readahead_blocks: int = field(default=2, metadata=_NON_NEGATIVE)
+    readahead_max_inflight: int = field(default=8, metadata=_NON_NEGATIVE)
+    warm_bytes: ByteSize = ByteSize(4 << 20)
+    disk: DiskConfig = field(default_factory=DiskConfig)
+
+
+@dataclass(frozen=True)
+class SidecarsConfig:
+    accept_put: bool = False
+    max_bytes: ByteSize = ByteSize(16 << 20)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    s3: S3Config = field(default_factory=S3Config)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    sidecars: SidecarsConfig = field(default_factory=SidecarsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = field(default="<defaults>", compare=False)
+
+
+# The file never holds secrets (they come from env, files or the AWS chain), but an
+# endpoint URL may carry user:password@; check-config masks it.
+_USERINFO_RE = re.compile(r"(?<=://)[^/@]+@")
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                env: Mapping[str, str] | None = None) -> Config:
+    """Read the YAML file (if any), apply environment overrides, validate."""
+    env = os.environ if env is None else env
+    source = str(path) if path is not None else "<defaults>"
+    data: Any = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(source, "(file)", f"can not be read: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(source, "(file)", "is not UTF-8 text") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or "invalid syntax"
+            raise ConfigError(source, "(file)", f"is not valid YAML{where}: {problem}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(source, "(file)", "must be a mapping of sections at the top level")
+    data = _apply_env(Config, dict(data), env, "")
+    config = _build(Config, data, source, "")
+    config = dataclasses.replace(config, source=source)
+    if not config.s3.bucket:
+        raise ConfigError(source, "s3.bucket", "is required")
+    return config
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
+    """Build a validated Config from a plain mapping (tests, demo); no environment."""
+    config = _build(Config, dict(data), source, "")
+    return dataclasses.replace(config, source=source)
+
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.name != "source"]
+
+
+def _apply_env(cls: type, data: dict[str, Any], env: Mapping[str, str], prefix: str) -> dict[str, Any]:
+    """Overlay S3PROXY_<SECTION>_<KEY> variables onto the parsed YAML mapping."""
+    for f, hint in _fields(cls):
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            section = data.get(f.name)
+            if section is None or isinstance(section, dict):
+                nested = _apply_env(hint, dict(section or {}), env, f"{name}_")  # type: ignore[arg-type]
+                if nested or section is not None:
+                    data[f.name] = nested
+            continue
+        var = ENV_PREFIX + name.upper()
+        if var in env:
+            raw = env[var]
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError:
+                value = raw
+            data[f.name] = value
+    return data
+
+
+def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(source, prefix.rstrip(".") or "(file)", "must be a mapping")
+    known = {f.name for f, _ in _fields(cls)}
+    for key in data:
+        if key not in known:
+            hint = f"; known keys: {', '.join(sorted(known))}"
+            raise ConfigError(source, f"{prefix}{key}", f"unknown key{hint}")
+    values: dict[str, Any] = {}
+    for f, hint in _fields(cls):
+        if f.name not in data:
+            continue
+        key = f"{prefix}{f.name}"
+        value = _convert(hint, data[f.name], source, key)
+        check = f.metadata.get("check")
+        if check is not None and value is not None:
+            predicate, message = check
+            if not predicate(value):
+                raise ConfigError(source, key, f"{message}, got {data[f.name]!r}")
+        values[f.name] = value
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, source, key)
+    if dataclasses.is_dataclass(hint):
+        if value is None:
+            return hint()  # type: ignore[operator]
+        return _build(hint, value, source, f"{key}.")  # type: ignore[arg-type]
+    if origin is Literal:
+        if value not in args:
+            choices = " | ".join(str(a) for a in args)
+            raise ConfigError(source, key, f"must be one of {choices}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(source, key, f"must be a list, got {value!r}")
+        (item,) = args
+        return [_convert(item, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is ByteSize:
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            raise ConfigError(source, key, str(exc)) from None
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(source, key, f"must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(source, key, f"must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(source, key, f"must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(source, key, f"must be a string, got {value!r}")
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a schema bug, not input
+
+
+def config_as_dict(config: Config, *, mask_secrets: bool = True) -> dict[str, Any]:
+    """The effective configuration as plain data, sizes in units, secrets masked."""
+
+    def render(obj: Any, name: str = "") -> Any:
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return {f.name: render(getattr(obj, f.name), f.name)
+                    for f in dataclasses.fields(obj) if f.name != "source"}
+        if isinstance(obj, list):
+            return [render(v, name) for v in obj]
+        if isinstance(obj, ByteSize):
+            return format_size(obj)
+        if mask_secrets and isinstance(obj, str) and "://" in obj:
+            return _USERINFO_RE.sub("***@", obj)
+        return obj
+
+    result: dict[str, Any] = render(config)
+    return result

@@ -1,0 +1,47 @@
+"""Prometheus metrics, owned by the app (one registry per app, so tests can run several).
+
+No label ever carries an asset name or a token.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("s3proxy_requests_total", "HTTP requests answered",
+                                ["method", "status"], registry=r)
+        self.request_duration = Histogram(
+            "s3proxy_request_duration_seconds", "Time from request to the last byte sent",
+            ["method"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.response_bytes = Counter("s3proxy_response_bytes", "Body bytes sent to clients",
+                                      registry=r)
+        self.inflight = Gauge("s3proxy_inflight_requests", "Requests being answered",
+                              registry=r)
+        self.auth_failures = Counter("s3proxy_auth_failures_total", "Rejected requests",
+                                     ["reason"], registry=r)
+        self.upstream_requests = Counter(
+            "s3proxy_upstream_requests_total", "S3 requests by operation and outcome",
+            ["op", "outcome"], registry=r)
+        self.upstream_duration = Histogram(
+            "s3proxy_upstream_request_duration_seconds",
+            "Time until S3 answered (headers for a GET)", ["op"],
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.upstream_bytes = Counter("s3proxy_upstream_bytes", "Body bytes read from S3",
+                                      registry=r)
+        for reason in ("missing", "invalid", "expired", "forbidden"):
+            self.auth_failures.labels(reason=reason)
+        for op in ("head", "get"):
+            for outcome in ("ok", "not_found", "changed", "error"):
+                self.upstream_requests.labels(op=op, outcome=outcome)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

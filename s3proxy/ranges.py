@@ -1,0 +1,227 @@
+"""Range and conditional request logic (RFC 9110 sections 13 and 14), no I/O.
+
+Everything here is a plain function of header values and object metadata so it can be
+tested directly and with hypothesis.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import format_datetime, parsedate_to_datetime
+from typing import Iterable, Literal, Mapping
+
+_RANGE_SPEC_RE = re.compile(r"^([0-9]*)[ \t]*-[ \t]*([0-9]*)$")
+_ETAG_RE = re.compile(r'\s*(W/)?("[\x21\x23-\x7e\x80-\xff]*")\s*(?:,|$)')
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """An inclusive, satisfiable byte range of an object."""
+
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+    def content_range(self, size: int) -> str:
+        return f"bytes {self.start}-{self.end}/{size}"
+
+
+class RangeNotSatisfiable(Exception):
+    """No range in the header overlaps the object: answer 416 with bytes */size."""
+
+
+def parse_range_header(header: str, size: int) -> list[ByteRange] | None:
+    """The satisfiable ranges of a Range header against an object of `size` bytes.
+
+    Returns None when the header must be ignored (not the bytes unit, or invalid syntax:
+    RFC 9110 says such a header is ignored and the whole body sent). Raises
+    RangeNotSatisfiable when it is valid but no range overlaps the object.
+    """
+    unit, sep, spec = header.partition("=")
+    if not sep or unit.strip().lower() != "bytes":
+        return None
+    specs = [s.strip(" \t") for s in spec.split(",")]
+    specs = [s for s in specs if s]  # the list rule allows empty elements
+    if not specs:
+        return None
+    parsed: list[tuple[int | None, int | None]] = []
+    for item in specs:
+        match = _RANGE_SPEC_RE.match(item)
+        if match is None:
+            return None
+        first_text, last_text = match.groups()
+        try:
+            first = int(first_text) if first_text else None
+            last = int(last_text) if last_text else None
+        except ValueError:  # more digits than int() accepts: not a range we can honour
+            return None
+        if first is None and last is None:
+            return None
+        if first is not None and last is not None and last < first:
+            return None
+        parsed.append((first, last))
+    ranges: list[ByteRange] = []
+    for first, last in parsed:
+        if first is None:
+            assert last is not None
+            if last == 0 or size == 0:
+                continue  # a zero-length suffix is unsatisfiable
+            ranges.append(ByteRange(max(0, size - last), size - 1))
+        elif first < size:
+            end = size - 1 if last is None else min(last, size - 1)
+            ranges.append(ByteRange(first, end))
+    if not ranges:
+        raise RangeNotSatisfiable()
+    return ranges
+
+
+def ranges_to_serve(ranges: list[ByteRange], max_ranges: int) -> list[ByteRange] | None:
+    """The ranges to answer with, or None to answer 200 with the whole body.
+
+    Too many ranges, or ranges that overlap (a response larger than the object, a known
+    amplification attack), get the whole body instead, as RFC 9110 section 14.2 allows.
+    """
+    if len(ranges) > max_ranges:
+        return None
+    ordered = sorted(ranges, key=lambda r: r.start)
+    for previous, current in zip(ordered, ordered[1:]):
+        if current.start <= previous.end:
+            return None
+    return ranges
+
+
+@dataclass(frozen=True)
+class MultipartPart:
+    header: bytes
+    range: ByteRange
+
+
+@dataclass(frozen=True)
+class MultipartLayout:
+    """The exact bytes around each part of a multipart/byteranges body."""
+
+    content_type: str
+    parts: list[MultipartPart]
+    trailer: bytes
+
+    @property
+    def content_length(self) -> int:
+        return sum(len(p.header) + p.range.length for p in self.parts) + len(self.trailer)
+
+
+def multipart_layout(ranges: list[ByteRange], size: int, part_type: str,
+                     boundary: str) -> MultipartLayout:
+    parts = []
+    for index, byte_range in enumerate(ranges):
+        lead = b"" if index == 0 else b"\r\n"
+        header = (f"--{boundary}\r\nContent-Type: {part_type}\r\n"
+                  f"Content-Range: {byte_range.content_range(size)}\r\n\r\n").encode("latin-1")
+        parts.append(MultipartPart(lead + header, byte_range))
+    trailer = f"\r\n--{boundary}--\r\n".encode("latin-1")
+    return MultipartLayout(f"multipart/byteranges; boundary={boundary}", parts, trailer)
+
+
+# --- conditionals ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EntityTag:
+    weak: bool
+    opaque: str  # with its quotes
+
+
+def parse_etag_list(value: str) -> list[EntityTag] | Literal["*"] | None:
+    """Parse If-Match / If-None-Match; None when malformed (then the header is ignored)."""
+    if value.strip() == "*":
+        return "*"
+    tags: list[EntityTag] = []
+    position = 0
+    while position < len(value):
+        if not value[position:].strip(" \t,"):
+            break
+        match = _ETAG_RE.match(value, position)
+        if match is None:
+            return None
+        tags.append(EntityTag(weak=bool(match.group(1)), opaque=match.group(2)))
+        position = match.end()
+    return tags or None
+
+
+def parse_etag(value: str) -> EntityTag:
+    """The object's own ETag as the upstream gave it (S3 ETags are quoted and strong)."""
+    tags = parse_etag_list(value)
+    if isinstance(tags, list) and len(tags) == 1:
+        return tags[0]
+    return EntityTag(weak=False, opaque=value if value.startswith('"') else f'"{value}"')
+
+
+def parse_http_date(value: str) -> datetime | None:
+    try:
+        parsed = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed is None:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.astimezone(timezone.utc)
+
+
+def format_http_date(moment: datetime) -> str:
+    return format_datetime(moment.astimezone(timezone.utc), usegmt=True)
+
+
+def _strong_match(tags: Iterable[EntityTag], etag: EntityTag) -> bool:
+    return not etag.weak and any(not t.weak and t.opaque == etag.opaque for t in tags)
+
+
+def _weak_match(tags: Iterable[EntityTag], etag: EntityTag) -> bool:
+    return any(t.opaque == etag.opaque for t in tags)
+
+
+def _seconds(moment: datetime) -> datetime:
+    return moment.replace(microsecond=0)
+
+
+def evaluate_preconditions(method: str, headers: Mapping[str, str], etag: str,
+                           last_modified: datetime) -> int | None:
+    """RFC 9110 13.2.2 order: the status to answer with (412 or 304), or None to go on."""
+    tag = parse_etag(etag)
+    modified = _seconds(last_modified)
+    if_match = headers.get("If-Match")
+    if if_match is not None:
+        tags = parse_etag_list(if_match)
+        if tags != "*" and not (tags and _strong_match(tags, tag)):
+            return 412
+    else:
+        since = headers.get("If-Unmodified-Since")
+        date = parse_http_date(since) if since is not None else None
+        if date is not None and modified > date:
+            return 412
+    if_none_match = headers.get("If-None-Match")
+    if if_none_match is not None:
+        tags = parse_etag_list(if_none_match)
+        if tags == "*" or (tags and _weak_match(tags, tag)):
+            return 304 if method in ("GET", "HEAD") else 412
+    elif method in ("GET", "HEAD"):
+        since = headers.get("If-Modified-Since")
+        date = parse_http_date(since) if since is not None else None
+        if date is not None and modified <= date:
+            return 304
+    return None
+
+
+def if_range_matches(value: str, etag: str, last_modified: datetime) -> bool:
+    """Whether an If-Range validator still holds (then the Range applies)."""
+    value = value.strip()
+    if value.startswith('"') or value.startswith("W/"):
+        tags = parse_etag_list(value)
+        return isinstance(tags, list) and len(tags) == 1 and _strong_match(tags, parse_etag(etag))
+    date = parse_http_date(value)
+    return date is not None and date == _seconds(last_modified)
+

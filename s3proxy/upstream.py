@@ -1,0 +1,184 @@
+"""The S3 side: one aiobotocore client per app, HEAD for metadata, ranged GETs for bytes.
+
+Credentials come from botocore's standard chain (env, shared profile, web identity,
+ECS, IMDS) and are refreshed by botocore itself; nothing here copies a key.
+Every botocore failure becomes one of the error types in `errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+)
+
+from .config import S3Config
+from .errors import (
+    AssetNotFound,
+    ObjectChanged,
+    S3ProxyError,
+    UpstreamDenied,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from .metrics import Metrics
+
+# Bytes asked of the upstream body per read: small enough that a client's back-pressure
+# stops S3 reads within a few chunks, large enough to keep syscalls few.
+READ_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    key: str
+    size: int
+    etag: str
+    last_modified: datetime
+    content_type: str | None
+
+
+class S3Upstream:
+    """Owns the aiobotocore client; opened by `start()`, closed by `close()`."""
+
+    def __init__(self, config: S3Config, metrics: Metrics) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._stack = AsyncExitStack()
+        self._client: Any = None
+        self.last_success: float | None = None  # monotonic time of the last S3 answer
+
+    @property
+    def bucket(self) -> str:
+        return self._config.bucket
+
+    async def start(self) -> None:
+        cfg = self._config
+        aio_config = AioConfig(
+            connect_timeout=cfg.connect_timeout_s,
+            read_timeout=cfg.read_timeout_s,
+            retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
+            max_pool_connections=cfg.max_connections,
+            # S3-compatible stores behind an endpoint URL rarely resolve bucket subdomains.
+            s3={"addressing_style": "path" if cfg.endpoint_url else "auto"},
+        )
+        session = get_session()
+        self._client = await self._stack.enter_async_context(
+            session.create_client("s3", region_name=cfg.region, endpoint_url=cfg.endpoint_url,
+                                  config=aio_config))
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+        self._client = None
+
+    async def head(self, key: str) -> ObjectMeta:
+        started = time.monotonic()
+        try:
+            response = await self._client.head_object(Bucket=self._config.bucket, Key=key)
+        except Exception as exc:
+            raise self._failed("head", started, exc) from None
+        self._succeeded("head", started)
+        last_modified = response.get("LastModified") or datetime.now(timezone.utc)
+        return ObjectMeta(
+            key=key,
+            size=int(response["ContentLength"]),
+            etag=response.get("ETag", ""),
+            last_modified=last_modified.astimezone(timezone.utc),
+            content_type=response.get("ContentType"),
+        )
+
+    async def read(self, key: str, start: int, end: int, etag: str) -> AsyncIterator[bytes]:
+        """Stream bytes start..end (inclusive) of the version with `etag`.
+
+        An async generator: closing it (or abandoning it) closes the S3 connection at
+        once rather than draining the rest of the body.
+        """
+        started = time.monotonic()
+        try:
+            response = await self._client.get_object(
+                Bucket=self._config.bucket, Key=key, Range=f"bytes={start}-{end}", IfMatch=etag)
+        except Exception as exc:
+            raise self._failed("get", started, exc) from None
+        self._succeeded("get", started)
+        body = response["Body"]
+        try:
+            remaining = end - start + 1
+            while remaining > 0:
+                try:
+                    chunk = await body.read(min(READ_CHUNK, remaining))
+                except Exception as exc:
+                    raise _classify(exc) from None
+                if not chunk:
+                    raise UpstreamUnavailable("upstream body ended early")
+                remaining -= len(chunk)
+                self._metrics.upstream_bytes.inc(len(chunk))
+                yield chunk
+        finally:
+            body.close()
+
+    async def probe(self, key: str | None) -> None:
+        """Raise unless S3 answers: HEAD of `key`, or a bucket-level check."""
+        if key:
+            await self.head(key)
+            return
+        started = time.monotonic()
+        try:
+            await self._client.head_bucket(Bucket=self._config.bucket)
+        except Exception as exc:
+            self.last_success = None
+            raise _classify(exc) from None
+        self.last_success = time.monotonic()
+        self._metrics.upstream_duration.labels(op="head").observe(time.monotonic() - started)
+
+    def _succeeded(self, op: str, started: float) -> None:
+        now = time.monotonic()
+        self.last_success = now
+        self._metrics.upstream_requests.labels(op=op, outcome="ok").inc()
+        self._metrics.upstream_duration.labels(op=op).observe(now - started)
+
+    def _failed(self, op: str, started: float, exc: BaseException) -> S3ProxyError:
+        error = _classify(exc)
+        outcome = {AssetNotFound: "not_found", ObjectChanged: "changed"}.get(type(error), "error")
+        if outcome != "error":
+            self.last_success = time.monotonic()  # S3 answered; it is reachable
+        self._metrics.upstream_requests.labels(op=op, outcome=outcome).inc()
+        self._metrics.upstream_duration.labels(op=op).observe(time.monotonic() - started)
+        return error
+
+
+def _classify(exc: BaseException) -> S3ProxyError:
+    """Map a botocore/aiohttp failure to our error types, with a message safe to show."""
+    if isinstance(exc, S3ProxyError):
+        return exc
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in ("NoSuchKey", "NotFound", "404") or status == 404 and code != "NoSuchBucket":
+            return AssetNotFound("object not found")
+        if code in ("PreconditionFailed", "412") or status == 412:
+            return ObjectChanged("object changed upstream")
+        if status >= 500 or code in ("SlowDown", "InternalError", "ServiceUnavailable"):
+            return UpstreamUnavailable(f"upstream error {status or code}")
+        return UpstreamDenied(f"upstream refused the request ({code or status})")
+    if isinstance(exc, (ReadTimeoutError, ConnectTimeoutError, asyncio.TimeoutError,
+                        TimeoutError)):
+        return UpstreamTimeout("upstream timed out")
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return UpstreamDenied("no usable AWS credentials")
+    if isinstance(exc, (BotoCoreError, aiohttp.ClientError, OSError)):
+        return UpstreamUnavailable(f"upstream unreachable ({type(exc).__name__})")
+    return UpstreamUnavailable(f"upstream failure ({type(exc).__name__})")
