@@ -389,9 +389,11 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             response = error.response() if _is_media(request) else web.Response(
                 status=error.status, text=error.reason + "\n", headers=error.headers)
         except web.HTTPException as exc:
+            if not _is_media(request):
+                _record(request, exc.status, 0, started, exc.reason)
+                raise
             reason = exc.reason
-            response = (MediaError(exc.status, exc.reason).response() if _is_media(request)
-                        else exc)
+            response = MediaError(exc.status, exc.reason).response()
         except Exception:
             log.exception("unhandled error while answering a request")
             reason = "internal error"
@@ -419,7 +421,8 @@ def _body_bytes(request: web.Request, response: web.StreamResponse) -> int:
 
 
 def _add_media_routes(app: web.Application) -> None:
-    for path in ("/vod/{asset:.+}", "/t/{token}/{asset:.+}"):
+    # (?s): a decoded %0a must reach the name check (400), not fall out of the route (404)
+    for path in ("/vod/{asset:(?s:.+)}", "/t/{token}/{asset:(?s:.+)}"):
         app.router.add_route("*", path, handle_media, expect_handler=expect_handler)
 
 

@@ -1,0 +1,185 @@
+"""Shared fixtures: a real S3 emulator over HTTP (moto server on 127.0.0.1), real JWTs,
+and the proxy on a real aiohttp server on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Iterator
+
+import boto3
+import jwt
+import pytest
+from aiohttp.test_utils import TestServer
+from moto.server import ThreadedMotoServer
+
+from s3proxy.app import Proxy, create_admin_app, create_app
+from s3proxy.config import Config, config_from_dict
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+SECRET_ENV = "S3PROXY_TEST_JWT_SECRET"
+SECRET = "test-secret-0123456789abcdef0123456789"
+
+
+def require_tool(name: str) -> str:
+    """The tool's path; skip locally when it is missing, fail in CI."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (Debian: apt-get install ffmpeg)"
+        if IN_CI:
+            pytest.fail(f"CI=true and {message}")
+        pytest.skip(message)
+    return path
+
+
+@dataclass
+class SeenRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+class _CountingWSGI:
+    """Wraps the emulator's WSGI app and records every request it is asked."""
+
+    def __init__(self, app: Any, seen: list[SeenRequest], lock: threading.Lock) -> None:
+        self._app = app
+        self._seen = seen
+        self._lock = lock
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        headers = {k[5:].replace("_", "-").title(): v for k, v in environ.items()
+                   if k.startswith("HTTP_")}
+        with self._lock:
+            self._seen.append(SeenRequest(environ["REQUEST_METHOD"],
+                                          environ.get("PATH_INFO", ""), headers))
+        return self._app(environ, start_response)
+
+
+@dataclass
+class Emulator:
+    endpoint_url: str
+    seen: list[SeenRequest] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def client(self) -> Any:
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def requests_for(self, bucket: str) -> list[SeenRequest]:
+        with self.lock:
+            return [r for r in self.seen
+                    if r.path == f"/{bucket}" or r.path.startswith(f"/{bucket}/")]
+
+    def object_requests(self, bucket: str) -> list[SeenRequest]:
+        """Requests for objects (not the readiness probe of the bucket itself)."""
+        return [r for r in self.requests_for(bucket) if r.path.startswith(f"/{bucket}/")]
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[Emulator]:
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_EC2_METADATA_DISABLED", "true")):
+        os.environ[name] = value
+    os.environ.pop("AWS_PROFILE", None)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    emulator = Emulator(f"http://{host}:{port}")
+    wsgi = server._server  # the werkzeug server: wrap its app to count requests
+    assert wsgi is not None
+    wsgi.app = _CountingWSGI(wsgi.app, emulator.seen, emulator.lock)
+    yield emulator
+    server.stop()
+
+
+@pytest.fixture
+def bucket(emulator: Emulator) -> str:
+    name = f"t-{uuid.uuid4().hex[:20]}"
+    emulator.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(autouse=True)
+def _jwt_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def make_config(endpoint_url: str, bucket: str, **overrides: Any) -> Config:
+    base = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "admin": {"host": "127.0.0.1", "port": 0},
+        "s3": {"bucket": bucket, "endpoint_url": endpoint_url, "connect_timeout_s": 2,
+               "read_timeout_s": 5, "max_attempts": 2},
+        "auth": {"algorithms": ["HS256"], "keys": [{"kid": "k1", "secret_env": SECRET_ENV}]},
+    }
+    return config_from_dict(deep_merge(base, overrides), source="<test>")
+
+
+def make_token(assets: list[str] | str = "**", *, ttl: int = 600, key: Any = SECRET,
+               algorithm: str = "HS256", kid: str | None = "k1", **claims: Any) -> str:
+    now = int(time.time())
+    payload: dict[str, Any] = {"iat": now, "exp": now + ttl,
+                               "assets": [assets] if isinstance(assets, str) else assets}
+    payload.update(claims)
+    payload = {k: v for k, v in payload.items() if v is not None}
+    headers = {"kid": kid} if kid else {}
+    return jwt.encode(payload, key, algorithm=algorithm, headers=headers)
+
+
+@dataclass
+class RunningProxy:
+    server: TestServer
+    admin: TestServer
+    proxy: Proxy
+    bucket: str
+
+    def url(self, path: str) -> str:
+        # Plain concatenation: yarl's joining would normalise away '..' segments.
+        return f"http://{self.server.host}:{self.server.port}{path}"
+
+    def admin_url(self, path: str) -> str:
+        return f"http://{self.admin.host}:{self.admin.port}{path}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.proxy.metrics.registry.get_sample_value(name, labels or None)
+        return 0.0 if value is None else value
+
+
+StartProxy = Callable[..., Awaitable[RunningProxy]]
+
+
+@pytest.fixture
+async def start_proxy(emulator: Emulator, bucket: str,
+                      aiohttp_server: Any) -> StartProxy:
+    """Start the proxy (main + admin listener) on loopback against the emulator."""
+
+    async def start(config: Config | None = None, **overrides: Any) -> RunningProxy:
+        config = config or make_config(emulator.endpoint_url, bucket, **overrides)
+        proxy = Proxy(config)
+        server = await aiohttp_server(create_app(config, proxy))
+        admin = await aiohttp_server(create_admin_app(proxy))
+        return RunningProxy(server, admin, proxy, config.s3.bucket)
+
+    return start
+
+
+def put_object(emulator: Emulator, bucket: str, key: str, data: bytes,
+               content_type: str | None = None) -> None:
+    extra = {"ContentType": content_type} if content_type else {}
+    emulator.client().put_object(Bucket=bucket, Key=key, Body=data, **extra)
+
