@@ -18,6 +18,7 @@ from typing import Any, Literal
 import jwt
 from cachetools import TLRUCache
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from .config import AuthConfig, ConfigError
 
@@ -119,11 +120,12 @@ class VerificationKey:
 
 
 def _family_of_public_key(key: Any) -> str:
-    name = type(key).__name__.lower()
-    for family, marker in (("rsa", "rsa"), ("ec", "ellipticcurve"), ("okp", "ed25519"),
-                           ("okp", "ed448")):
-        if marker in name:
-            return family
+    if isinstance(key, rsa.RSAPublicKey):
+        return "rsa"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return "ec"
+    if isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        return "okp"
     return "unknown"
 
 

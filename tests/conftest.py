@@ -22,7 +22,7 @@ from s3proxy.config import Config, config_from_dict
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 SECRET_ENV = "S3PROXY_TEST_JWT_SECRET"
-SECRET = "test-secret-0123456789abcdef0123456789"
+SECRET = "test-only-placeholder-secret-" + "0123456789abcdef" * 3
 
 
 def require_tool(name: str) -> str:
@@ -76,8 +76,9 @@ class Emulator:
                     if r.path == f"/{bucket}" or r.path.startswith(f"/{bucket}/")]
 
     def object_requests(self, bucket: str) -> list[SeenRequest]:
-        """Requests for objects (not the readiness probe of the bucket itself)."""
-        return [r for r in self.requests_for(bucket) if r.path.startswith(f"/{bucket}/")]
+        """Reads of objects (not the tests' uploads, nor the readiness probe of the bucket)."""
+        return [r for r in self.requests_for(bucket)
+                if r.path.startswith(f"/{bucket}/") and r.method in ("GET", "HEAD")]
 
 
 @pytest.fixture(scope="session")
@@ -171,8 +172,9 @@ async def start_proxy(emulator: Emulator, bucket: str,
     async def start(config: Config | None = None, **overrides: Any) -> RunningProxy:
         config = config or make_config(emulator.endpoint_url, bucket, **overrides)
         proxy = Proxy(config)
-        server = await aiohttp_server(create_app(config, proxy))
-        admin = await aiohttp_server(create_admin_app(proxy))
+        # access_log=None as in `s3proxy serve`: aiohttp's own access line carries the query
+        server = await aiohttp_server(create_app(config, proxy), access_log=None)
+        admin = await aiohttp_server(create_admin_app(proxy), access_log=None)
         return RunningProxy(server, admin, proxy, config.s3.bucket)
 
     return start
