@@ -64,6 +64,7 @@ class Proxy:
         self.upstream = S3Upstream(config.s3, self.metrics)
         self.store = ObjectStore(self.upstream, config.s3.prefix)
         self.probe_error: str | None = "no probe answered yet"
+        self.probe_ok_at: float | None = None  # monotonic time of the last good probe
         self.inflight = 0
 
     async def start(self) -> None:
@@ -76,9 +77,9 @@ class Proxy:
         try:
             await self.upstream.probe(self.config.s3.probe_key)
         except S3ProxyError as exc:
-            self.probe_error = str(exc)
+            self.probe_error, self.probe_ok_at = str(exc), None
         else:
-            self.probe_error = None
+            self.probe_error, self.probe_ok_at = None, time.monotonic()
 
     async def probe_forever(self) -> None:
         while True:
@@ -87,10 +88,9 @@ class Proxy:
 
     def readiness(self) -> str | None:
         """None when ready, else why not."""
-        last = self.upstream.last_success
-        if last is not None and time.monotonic() - last < READY_WINDOW_S:
+        if self.probe_ok_at is not None and time.monotonic() - self.probe_ok_at < READY_WINDOW_S:
             return None
-        return self.probe_error or "upstream has not answered recently"
+        return self.probe_error or "upstream has not answered a probe recently"
 
 
 PROXY = web.AppKey("proxy", Proxy)
@@ -267,9 +267,17 @@ async def _stream_multipart(request: web.Request, proxy: Proxy, meta: ObjectMeta
                 await response.prepare(request)
             if not await _pump(request, response, part.header + first, chunks):
                 return response
-    await response.write(layout.trailer)
+    await _send(request, response, layout.trailer)
     await response.write_eof()
     return response
+
+
+BODY_BYTES = web.RequestKey("body_bytes", int)  # body bytes written so far
+
+
+async def _send(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
+    await response.write(data)
+    request[BODY_BYTES] = request.get(BODY_BYTES, 0) + len(data)
 
 
 async def _pump(request: web.Request, response: web.StreamResponse, first: bytes,
@@ -281,9 +289,9 @@ async def _pump(request: web.Request, response: web.StreamResponse, first: bytes
     """
     try:
         if first:
-            await response.write(first)
+            await _send(request, response, first)
         async for chunk in chunks:
-            await response.write(chunk)
+            await _send(request, response, chunk)
     except ConnectionError:
         return False  # the client hung up; leaving the block closes the S3 stream
     except S3ProxyError as exc:
@@ -412,7 +420,7 @@ def _body_bytes(request: web.Request, response: web.StreamResponse) -> int:
     if request.method == "HEAD":
         return 0
     if response.prepared:
-        return response.body_length
+        return int(request.get(BODY_BYTES, 0))
     body = response.body if isinstance(response, web.Response) else None
     return len(body) if isinstance(body, (bytes, bytearray)) else 0
 
@@ -449,8 +457,9 @@ def create_app(config: Config, proxy: Proxy | None = None) -> web.Application:
 
 
 def create_admin_app(proxy: Proxy) -> web.Application:
-    """The admin listener: health, readiness, metrics. Shares the main app's Proxy."""
-    app = web.Application(middlewares=[observe])
+    """The admin listener: health, readiness, metrics. Shares the main app's Proxy.
+    Its own requests stay out of the request metrics (scrapes would skew them)."""
+    app = web.Application()
     app[PROXY] = proxy
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)

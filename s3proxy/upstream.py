@@ -59,7 +59,6 @@ class S3Upstream:
         self._metrics = metrics
         self._stack = AsyncExitStack()
         self._client: Any = None
-        self.last_success: float | None = None  # monotonic time of the last S3 answer
 
     @property
     def bucket(self) -> str:
@@ -70,7 +69,7 @@ class S3Upstream:
         aio_config = AioConfig(
             connect_timeout=cfg.connect_timeout_s,
             read_timeout=cfg.read_timeout_s,
-            retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
+            retries={"total_max_attempts": cfg.max_attempts, "mode": "standard"},
             max_pool_connections=cfg.max_connections,
             # S3-compatible stores behind an endpoint URL rarely resolve bucket subdomains.
             s3={"addressing_style": "path" if cfg.endpoint_url else "auto"},
@@ -138,22 +137,17 @@ class S3Upstream:
         try:
             await self._client.head_bucket(Bucket=self._config.bucket)
         except Exception as exc:
-            self.last_success = None
-            raise _classify(exc) from None
-        self.last_success = time.monotonic()
-        self._metrics.upstream_duration.labels(op="head").observe(time.monotonic() - started)
+            raise self._failed("head", started, exc) from None
+        self._succeeded("head", started)
 
     def _succeeded(self, op: str, started: float) -> None:
         now = time.monotonic()
-        self.last_success = now
         self._metrics.upstream_requests.labels(op=op, outcome="ok").inc()
         self._metrics.upstream_duration.labels(op=op).observe(now - started)
 
     def _failed(self, op: str, started: float, exc: BaseException) -> S3ProxyError:
         error = _classify(exc)
         outcome = {AssetNotFound: "not_found", ObjectChanged: "changed"}.get(type(error), "error")
-        if outcome != "error":
-            self.last_success = time.monotonic()  # S3 answered; it is reachable
         self._metrics.upstream_requests.labels(op=op, outcome=outcome).inc()
         self._metrics.upstream_duration.labels(op=op).observe(time.monotonic() - started)
         return error

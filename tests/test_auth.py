@@ -21,8 +21,6 @@ from s3proxy.auth import AssetScope
 from .conftest import SECRET, Emulator, RunningProxy, StartProxy, make_token, put_object
 from .test_http import fetch
 
-pytestmark = pytest.mark.asyncio
-
 WWW = 'Bearer realm="s3proxy", error="invalid_token"'
 
 

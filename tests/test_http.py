@@ -16,8 +16,6 @@ from hypothesis import strategies as st
 
 from .conftest import Emulator, RunningProxy, StartProxy, make_token, put_object
 
-pytestmark = pytest.mark.asyncio
-
 TOKEN = make_token("**", ttl=3600)
 
 

@@ -16,8 +16,6 @@ from .conftest import RunningProxy, StartProxy, make_config, make_token
 from .origin import OriginState, make_origin, pattern
 from .test_http import fetch
 
-pytestmark = pytest.mark.asyncio
-
 TOKEN = make_token("**", ttl=3600)
 
 
@@ -57,7 +55,8 @@ async def test_stalled_upstream_is_504_within_the_read_timeout(
     elapsed = time.monotonic() - started
     assert (status, body) == (504, b"")
     assert headers["X-S3Proxy-Error"] == "upstream timed out"
-    assert elapsed < 1 * 2 + 3, f"took {elapsed:.1f}s"
+    # two attempts of 1 s each, botocore's back-off between them (at most 2 s), slack
+    assert elapsed < 2 * 1 + 2 + 1, f"took {elapsed:.1f}s"
 
 
 async def test_upstream_stalling_mid_body_closes_the_connection(

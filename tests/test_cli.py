@@ -1,0 +1,142 @@
+"""The command line: check-config's exit codes and one-line messages, token minting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jwt
+import pytest
+import yaml
+
+from s3proxy.config import ConfigError, load_config, parse_size
+
+from .conftest import SECRET, SECRET_ENV
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def s3proxy(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "s3proxy", *args], capture_output=True,
+                          text=True, timeout=60, env=full_env)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "s3proxy.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_example_config_is_valid() -> None:
+    result = s3proxy("check-config", str(ROOT / "config" / "s3proxy.yaml"),
+                     env={"S3PROXY_JWT_SECRET": "placeholder-secret"})
+    assert result.returncode == 0, result.stderr
+    effective = yaml.safe_load(result.stdout)
+    assert effective["s3"]["bucket"] == "vod-assets"
+    assert effective["cache"]["block_size"] == "1MiB"
+
+
+def test_check_config_prints_the_effective_config_with_env_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, "s3: {bucket: media}\ncache: {max_bytes: 64MiB}\n")
+    result = s3proxy("check-config", str(path),
+                     env={"S3PROXY_JWT_SECRET": "x", "S3PROXY_CACHE_MAX_BYTES": "2GiB",
+                          "S3PROXY_S3_ENDPOINT_URL": "http://user:pw@minio:9000"})
+    assert result.returncode == 0, result.stderr
+    effective = yaml.safe_load(result.stdout)
+    assert effective["cache"]["max_bytes"] == "2GiB"
+    assert effective["s3"]["endpoint_url"] == "http://***@minio:9000"
+    assert "pw" not in result.stdout
+
+
+@pytest.mark.parametrize("text, env, expected", [
+    ("s3: {bucket: m}\nserver: {port: 99999}\n", {}, "server.port: must be a port number"),
+    ("s3: {bucket: m}\nserver: {prot: 80}\n", {}, "server.prot: unknown key"),
+    ("s3: {bucket: m}\ncache: {max_bytes: lots}\n", {}, "cache.max_bytes: expected a size"),
+    ("s3: {bucket: m}\nhttp: {max_ranges: many}\n", {}, "http.max_ranges: must be an integer"),
+    ("s3: {bucket: m}\nauth: {mode: maybe}\n", {}, "auth.mode: must be one of jwt | none"),
+    ("s3: {bucket: m}\nauth: {algorithms: [none]}\n", {}, "auth.algorithms: must be a non-empty"),
+    ("server: {port: 80}\n", {}, "s3.bucket: is required"),
+    ("s3: {bucket: [m\n", {}, "(file): is not valid YAML"),
+    ("- a\n- b\n", {}, "(file): must be a mapping"),
+    ("s3: {bucket: m}\n", {"S3PROXY_CACHE_BLOCK_SIZE": "12XB"}, "cache.block_size: expected"),
+    ("s3: {bucket: m}\n", {"S3PROXY_JWT_SECRET": ""},
+     "auth.keys[0].secret_env: environment variable S3PROXY_JWT_SECRET is not set"),
+])
+def test_check_config_rejects_bad_files_with_one_line(
+        tmp_path: Path, text: str, env: dict[str, str], expected: str) -> None:
+    path = write(tmp_path, text)
+    result = s3proxy("check-config", str(path), env={"S3PROXY_JWT_SECRET": "x", **env})
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"s3proxy: {path}: ")
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_file_is_one_line(tmp_path: Path) -> None:
+    result = s3proxy("check-config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"s3proxy: {tmp_path / 'nope.yaml'}: (file): can not be "
+                                      "read: No such file or directory")
+
+
+def test_serve_with_a_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "s3: {bucket: m}\ncache: {readahead_blocks: -1}\n")
+    result = s3proxy("serve", "--config", str(path), env={"S3PROXY_JWT_SECRET": "x"})
+    assert result.returncode == 2
+    assert "cache.readahead_blocks: must not be negative" in result.stderr
+
+
+def test_token_command_mints_a_token_the_proxy_accepts(tmp_path: Path) -> None:
+    path = write(tmp_path, "s3: {bucket: m}\nauth: {keys: [{kid: main, secret_env: "
+                 f"{SECRET_ENV}}}]}}\n")
+    result = s3proxy("token", "--config", str(path), "--asset", "movies/**", "--asset", "x.mp4",
+                     "--ttl", "15m", "--sub", "alice", env={SECRET_ENV: SECRET})
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"])
+    assert claims["assets"] == ["movies/**", "x.mp4"]
+    assert claims["exp"] - claims["iat"] == 900
+    assert claims["sub"] == "alice"
+    assert jwt.get_unverified_header(token)["kid"] == "main"
+
+
+def test_token_command_rejects_a_bad_ttl(tmp_path: Path) -> None:
+    result = s3proxy("token", "--asset", "x", "--ttl", "soon")
+    assert result.returncode == 2
+    assert "expected a duration" in result.stderr
+
+
+def test_sizes() -> None:
+    assert parse_size("512MiB") == 512 << 20
+    assert parse_size("4 KiB") == 4096
+    assert parse_size(123) == 123
+    assert parse_size("1gib") == 1 << 30
+    for bad in ("1MB", "-1", "1.5MiB", True, "", None):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_env_overrides_reach_nested_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, "s3: {bucket: m}\n")
+    config = load_config(path, env={"S3PROXY_CACHE_DISK_PATH": "/var/cache/s3proxy",
+                                    "S3PROXY_CACHE_DISK_MAX_BYTES": "10GiB",
+                                    "S3PROXY_AUTH_ALGORITHMS": "[HS256, RS256]",
+                                    "S3PROXY_SERVER_PORT": "9000"})
+    assert config.cache.disk.path == "/var/cache/s3proxy"
+    assert config.cache.disk.max_bytes == 10 << 30
+    assert config.auth.algorithms == ["HS256", "RS256"]
+    assert config.server.port == 9000
+
+
+def test_env_override_with_a_wrong_type_names_the_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "s3: {bucket: m}\n")
+    with pytest.raises(ConfigError) as failure:
+        load_config(path, env={"S3PROXY_SERVER_PORT": "eighty"})
+    assert failure.value.key == "server.port"

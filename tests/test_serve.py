@@ -1,0 +1,121 @@
+"""`s3proxy serve` as a process: JSON access lines without tokens, SIGHUP reload,
+SIGTERM drains the response in flight and exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from .conftest import SECRET, SECRET_ENV, Emulator, make_token, put_object
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Served:
+    def __init__(self, process: subprocess.Popen[str], port: int, admin: int) -> None:
+        self.process, self.port, self.admin = process, port, admin
+        self.lines: list[dict[str, Any]] = []
+
+    def read_until(self, predicate: Any, timeout: float = 20) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        assert self.process.stderr is not None
+        while time.monotonic() < deadline:
+            line = self.process.stderr.readline()
+            if not line:
+                break
+            record = json.loads(line)
+            self.lines.append(record)
+            if predicate(record):
+                return record
+        raise AssertionError(f"not seen; got {self.lines}")
+
+
+@pytest.fixture
+def served(emulator: Emulator, bucket: str, tmp_path: Path) -> Iterator[Served]:
+    port, admin = free_port(), free_port()
+    config = tmp_path / "s3proxy.yaml"
+    config.write_text(json.dumps({
+        "server": {"host": "127.0.0.1", "port": port, "shutdown_timeout_s": 20},
+        "admin": {"host": "127.0.0.1", "port": admin},
+        "s3": {"bucket": bucket, "endpoint_url": emulator.endpoint_url},
+        "auth": {"keys": [{"kid": "k1", "secret_env": SECRET_ENV}]},
+        "log": {"level": "info", "format": "json"},
+    }))
+    env = {**os.environ, SECRET_ENV: SECRET}
+    process = subprocess.Popen([sys.executable, "-m", "s3proxy", "serve", "--config",
+                                str(config)], stderr=subprocess.PIPE, text=True, env=env)
+    served = Served(process, port, admin)
+    try:
+        served.read_until(lambda r: r.get("msg") == "listening")
+        yield served
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def raw_get(port: int, path: str, headers: str = "") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+    return sock
+
+
+def read_response(sock: socket.socket, slow: bool = False) -> tuple[bytes, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+        if slow:
+            time.sleep(0.002)
+    return head, body
+
+
+def test_serve_answers_logs_reloads_and_drains_on_sigterm(
+        served: Served, emulator: Emulator, bucket: str) -> None:
+    data = os.urandom(24 << 20)
+    put_object(emulator, bucket, "movies/big.mp4", data)
+    token = make_token("movies/*")
+
+    head, body = read_response(raw_get(served.port, f"/vod/movies/big.mp4?token={token}",
+                                       "Range: bytes=0-99\r\n"))
+    assert head.startswith(b"HTTP/1.1 206") and body == data[:100]
+    access = served.read_until(lambda r: r.get("logger") == "s3proxy.access")
+    assert access["status"] == 206 and access["path"] == "/vod/movies/big.mp4"
+    assert access["bytes"] == 100
+
+    served.process.send_signal(signal.SIGHUP)
+    served.read_until(lambda r: "SIGHUP" in r.get("msg", ""))
+
+    # A slow reader is mid-body when SIGTERM comes: it still gets every byte.
+    sock = raw_get(served.port, f"/t/{token}/movies/big.mp4")
+    time.sleep(0.3)
+    served.process.send_signal(signal.SIGTERM)
+    head, body = read_response(sock, slow=True)
+    assert head.startswith(b"HTTP/1.1 200") and body == data
+    assert served.process.wait(timeout=30) == 0
+    assert served.process.stderr is not None
+    rest = served.process.stderr.read()
+    assert token.split(".")[2] not in rest and all(
+        token.split(".")[2] not in json.dumps(r) for r in served.lines)
+    assert '"/t/-/movies/big.mp4"' in rest
