@@ -10,8 +10,8 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 

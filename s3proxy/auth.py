@@ -193,7 +193,7 @@ class Revocations:
     subjects: frozenset[str] = frozenset()
 
     @classmethod
-    def load(cls, path: str | None, source: str) -> "Revocations":
+    def load(cls, path: str | None, source: str) -> Revocations:
         if not path:
             return cls()
         text = _read_key_file(source, "auth.revoked_file", path).decode("utf-8", "replace")
@@ -232,7 +232,7 @@ class TokenVerifier:
             maxsize=self.MEMO_SIZE, ttu=self._memo_until, timer=clock)
 
     @classmethod
-    def from_config(cls, config: AuthConfig, source: str) -> "TokenVerifier":
+    def from_config(cls, config: AuthConfig, source: str) -> TokenVerifier:
         keys = load_verification_keys(config, source) if config.mode == "jwt" else []
         return cls(config, keys, Revocations.load(config.revoked_file, source))
 
@@ -293,7 +293,7 @@ class TokenVerifier:
         for key in candidates:
             try:
                 claims = jwt.decode(
-                    token, key.material, algorithms=[algorithm], options=options,
+                    token, key.material, algorithms=[algorithm], options=options,  # type: ignore[arg-type]
                     audience=config.audience, issuer=config.issuer, leeway=config.leeway_s)
             except jwt.ExpiredSignatureError:
                 raise AuthFailure("expired", "token expired") from None

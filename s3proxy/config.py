@@ -12,9 +12,10 @@ import os
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 
@@ -213,8 +214,7 @@ def load_config(path: str | os.PathLike[str] | None = None,
         if not isinstance(data, dict):
             raise ConfigError(source, "(file)", "must be a mapping of sections at the top level")
     data = _apply_env(Config, dict(data), env, "")
-    config = _build(Config, data, source, "")
-    config = dataclasses.replace(config, source=source)
+    config: Config = dataclasses.replace(_build(Config, data, source, ""), source=source)
     if not config.s3.bucket:
         raise ConfigError(source, "s3.bucket", "is required")
     return config
@@ -222,8 +222,8 @@ def load_config(path: str | os.PathLike[str] | None = None,
 
 def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     """Build a validated Config from a plain mapping (tests, demo); no environment."""
-    config = _build(Config, dict(data), source, "")
-    return dataclasses.replace(config, source=source)
+    config: Config = dataclasses.replace(_build(Config, dict(data), source, ""), source=source)
+    return config
 
 
 def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:

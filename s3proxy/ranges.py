@@ -7,10 +7,11 @@ tested directly and with hypothesis.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
-from typing import Iterable, Literal, Mapping
+from typing import Literal
 
 _RANGE_SPEC_RE = re.compile(r"^([0-9]*)[ \t]*-[ \t]*([0-9]*)$")
 _ETAG_RE = re.compile(r'\s*(W/)?("[\x21\x23-\x7e\x80-\xff]*")\s*(?:,|$)')
@@ -168,12 +169,12 @@ def parse_http_date(value: str) -> datetime | None:
     if parsed is None:
         return None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
 
 
 def format_http_date(moment: datetime) -> str:
-    return format_datetime(moment.astimezone(timezone.utc), usegmt=True)
+    return format_datetime(moment.astimezone(UTC), usegmt=True)
 
 
 def _strong_match(tags: Iterable[EntityTag], etag: EntityTag) -> bool:

@@ -6,8 +6,8 @@ touching them.
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import AsyncIterator
 
 from .assets import object_key
 from .upstream import ObjectMeta, S3Upstream
@@ -22,7 +22,8 @@ class ObjectStore:
         """Size, ETag, Last-Modified and type of the asset's current version."""
         return await self._upstream.head(object_key(self._prefix, asset))
 
-    async def open(self, meta: ObjectMeta, start: int, end: int) -> AsyncIterator[bytes]:
+    async def open(self, meta: ObjectMeta, start: int, end: int
+                   ) -> AsyncGenerator[bytes, None]:
         """Bytes start..end (inclusive) of exactly the version `meta` describes.
 
         Raises ObjectChanged (before or during the stream) when that version is gone.

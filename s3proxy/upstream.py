@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncGenerator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 from aiobotocore.config import AioConfig
@@ -90,16 +91,17 @@ class S3Upstream:
         except Exception as exc:
             raise self._failed("head", started, exc) from None
         self._succeeded("head", started)
-        last_modified = response.get("LastModified") or datetime.now(timezone.utc)
+        last_modified = response.get("LastModified") or datetime.now(UTC)
         return ObjectMeta(
             key=key,
             size=int(response["ContentLength"]),
             etag=response.get("ETag", ""),
-            last_modified=last_modified.astimezone(timezone.utc),
+            last_modified=last_modified.astimezone(UTC),
             content_type=response.get("ContentType"),
         )
 
-    async def read(self, key: str, start: int, end: int, etag: str) -> AsyncIterator[bytes]:
+    async def read(self, key: str, start: int, end: int, etag: str
+                   ) -> AsyncGenerator[bytes, None]:
         """Stream bytes start..end (inclusive) of the version with `etag`.
 
         An async generator: closing it (or abandoning it) closes the S3 connection at

@@ -8,8 +8,9 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any
 
 import boto3
 import jwt

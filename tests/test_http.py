@@ -20,7 +20,7 @@ TOKEN = make_token("**", ttl=3600)
 
 
 async def fetch(url: str, method: str = "GET", **headers: str
-                ) -> tuple[int, "aiohttp.typedefs.LooseHeaders", bytes]:
+                ) -> tuple[int, aiohttp.typedefs.LooseHeaders, bytes]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         # encoded=True: send the path exactly as written (no client-side normalising)
         async with session.request(method, yarl.URL(url, encoded=True),
