@@ -51,6 +51,7 @@ PROBE_INTERVAL_S = 5.0
 READY_WINDOW_S = 3 * PROBE_INTERVAL_S
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Chunk = bytes | bytearray | memoryview
 
 
 class Proxy:
@@ -62,15 +63,17 @@ class Proxy:
         self.metrics = metrics or Metrics()
         self.verifier = verifier or TokenVerifier.from_config(config.auth, config.source)
         self.upstream = S3Upstream(config.s3, self.metrics)
-        self.store = ObjectStore(self.upstream, config.s3.prefix)
+        self.store = ObjectStore(self.upstream, config.s3.prefix, config.cache, self.metrics)
         self.probe_error: str | None = "no probe answered yet"
         self.probe_ok_at: float | None = None  # monotonic time of the last good probe
         self.inflight = 0
 
     async def start(self) -> None:
         await self.upstream.start()
+        await self.store.start()
 
     async def close(self) -> None:
+        await self.store.close()
         await self.upstream.close()
 
     async def probe_once(self) -> None:
@@ -228,7 +231,7 @@ def _requested_ranges(proxy: Proxy, request: web.Request,
     return ranges_to_serve(ranges, proxy.config.http.max_ranges)
 
 
-async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes:
+async def _first_chunk(chunks: AsyncIterator[Chunk]) -> Chunk:
     """Start the upstream read before any header goes out, so a failure to start is a
     clean error status rather than a truncated 2xx."""
     try:
@@ -275,13 +278,13 @@ async def _stream_multipart(request: web.Request, proxy: Proxy, meta: ObjectMeta
 BODY_BYTES = web.RequestKey("body_bytes", int)  # body bytes written so far
 
 
-async def _send(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
+async def _send(request: web.Request, response: web.StreamResponse, data: Chunk) -> None:
     await response.write(data)
     request[BODY_BYTES] = request.get(BODY_BYTES, 0) + len(data)
 
 
-async def _pump(request: web.Request, response: web.StreamResponse, first: bytes,
-                chunks: AsyncIterator[bytes]) -> bool:
+async def _pump(request: web.Request, response: web.StreamResponse, first: Chunk,
+                chunks: AsyncIterator[Chunk]) -> bool:
     """Copy chunks to the client with back-pressure. False when the body was cut short.
 
     Once the status line is out it can not change: on an upstream failure (or a new

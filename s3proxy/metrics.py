@@ -37,6 +37,31 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=r)
         self.upstream_bytes = Counter("s3proxy_upstream_bytes", "Body bytes read from S3",
                                       registry=r)
+        self.cache_hits = Counter("s3proxy_cache_hits_total", "Blocks found in a cache tier",
+                                  ["tier"], registry=r)
+        self.cache_misses = Counter("s3proxy_cache_misses_total",
+                                    "Blocks not found in a cache tier", ["tier"], registry=r)
+        self.cache_evictions = Counter("s3proxy_cache_evictions_total",
+                                       "Blocks evicted from a cache tier", ["tier"], registry=r)
+        self.cache_bytes = Gauge("s3proxy_cache_bytes", "Block bytes held by a cache tier",
+                                 ["tier"], registry=r)
+        self.cache_max_bytes = Gauge("s3proxy_cache_max_bytes", "Bound of a cache tier",
+                                     ["tier"], registry=r)
+        self.cache_corrupt_blocks = Counter(
+            "s3proxy_cache_corrupt_blocks_total",
+            "Block files discarded for a wrong length or checksum (then refetched)",
+            ["tier"], registry=r)
+        self.coalesced_waits = Counter(
+            "s3proxy_coalesced_waits_total",
+            "Block reads that joined a fetch already in flight", registry=r)
+        self.readahead_blocks = Counter("s3proxy_readahead_blocks_total",
+                                        "Blocks fetched ahead of a sequential reader",
+                                        registry=r)
+        for tier in ("memory", "disk"):
+            for family in (self.cache_hits, self.cache_misses, self.cache_evictions,
+                           self.cache_bytes, self.cache_max_bytes):
+                family.labels(tier=tier)
+        self.cache_corrupt_blocks.labels(tier="disk")
         for reason in ("missing", "invalid", "expired", "forbidden"):
             self.auth_failures.labels(reason=reason)
         for op in ("head", "get"):

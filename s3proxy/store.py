@@ -1,36 +1,344 @@
-"""The seam between the HTTP handlers and S3: object metadata and byte streams.
+"""The seam between the HTTP handlers and S3: object metadata and byte streams, served
+from the block cache where possible.
 
-Handlers only ever call `stat` and `open`; the block cache slots in here without
-touching them.
+Handlers only ever call `stat` and `open`. Behind them:
+- metadata is cached for `cache.metadata_ttl_s` (missing objects too), and concurrent
+  look-ups of one key share one HEAD;
+- bytes come in aligned blocks keyed by (bucket, key, ETag, index): from memory, then the
+  disk tier, else from one ranged GET per run of missing blocks (`RunFetch`), which every
+  concurrent reader of those blocks shares and which streams to them as it arrives;
+- a reader moving sequentially gets the next `cache.readahead_blocks` blocks fetched in
+  the background (at most `cache.readahead_max_inflight` such fetches at once);
+- a fetch nobody reads any more (the client hung up) is cancelled, unless it is
+  read-ahead, so an open-ended range never pulls the rest of the object.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Coroutine
 from contextlib import aclosing
+from typing import Any
+
+from cachetools import LRUCache, TTLCache
 
 from .assets import object_key
+from .cache import Block, BlockKey, MemoryTier, block_bounds, block_span
+from .config import CacheConfig
+from .disk import DiskTier
+from .errors import AssetNotFound, ObjectChanged, S3ProxyError, UpstreamUnavailable
+from .metrics import Metrics
 from .upstream import ObjectMeta, S3Upstream
+
+log = logging.getLogger("s3proxy.store")
+
+Version = tuple[str, str, str]
+
+
+class RunFetch:
+    """One upstream GET for blocks first..last of one object version.
+
+    Bytes are cut into blocks as they arrive; each finished block goes to the cache.
+    Readers follow along through `read`, so the first bytes reach a client as soon as S3
+    sends them.
+    """
+
+    def __init__(self, store: ObjectStore, meta: ObjectMeta, first: int, last: int,
+                 background: bool) -> None:
+        self._store = store
+        self.meta = meta
+        self.first, self.last = first, last
+        self.background = background
+        size, bs = meta.size, store.block_size
+        self.expected = {i: block_bounds(i, bs, size)[1] - i * bs + 1 for i in range(first, last + 1)}
+        # each block is filled in place and, once full, cached as is (no copy)
+        self.blocks = {i: bytearray(n) for i, n in self.expected.items()}
+        self.filled = dict.fromkeys(self.expected, 0)
+        self.error: S3ProxyError | None = None
+        self.done = False
+        self.readers = 0
+        self._progress = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def key(self, index: int) -> BlockKey:
+        return BlockKey(self._store.bucket, self.meta.key, self.meta.etag, index)
+
+    def _notify(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    async def run(self) -> None:
+        bs = self._store.block_size
+        start = self.first * bs
+        end = block_bounds(self.last, bs, self.meta.size)[1]
+        index = self.first
+        try:
+            upstream = self._store.upstream
+            async with aclosing(upstream.read(self.meta.key, start, end, self.meta.etag)) as chunks:
+                async for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        filled = self.filled[index]
+                        take = min(len(view), self.expected[index] - filled)
+                        self.blocks[index][filled:filled + take] = view[:take]
+                        self.filled[index] = filled + take
+                        view = view[take:]
+                        if self.filled[index] == self.expected[index]:
+                            self._store._block_arrived(self.key(index), self.blocks[index])
+                            index += 1
+                    self._notify()
+        except ObjectChanged as exc:
+            self.error = exc
+            self._store.version_changed(self.meta)
+        except S3ProxyError as exc:
+            self.error = exc
+        except asyncio.CancelledError:
+            self.error = UpstreamUnavailable("fetch abandoned")
+            raise
+        except Exception as exc:  # never leave readers waiting on a fetch that died
+            log.exception("block fetch failed")
+            self.error = UpstreamUnavailable(f"fetch failed ({type(exc).__name__})")
+        finally:
+            self.done = True
+            self._store._fetch_finished(self)
+            self._notify()
+
+    def attach(self) -> None:
+        self.readers += 1
+
+    def detach(self) -> None:
+        self.readers -= 1
+        if self.readers == 0 and not self.background and not self.done and self.task:
+            self.task.cancel()  # the client hung up: stop pulling bytes nobody will read
+
+    async def read(self, index: int, lo: int, hi: int) -> AsyncGenerator[bytes | memoryview, None]:
+        """Bytes lo..hi (inclusive, block-relative) of block `index`, as they arrive."""
+        offset = lo
+        block = self.blocks[index]
+        while offset <= hi:
+            available = self.filled[index]
+            if available > offset:
+                stop = min(available, hi + 1)
+                # bytes below `filled` are final: share them rather than copy
+                yield memoryview(block)[offset:stop]
+                offset = stop
+                continue
+            if self.error is not None:
+                raise type(self.error)(str(self.error))
+            if self.done:
+                raise UpstreamUnavailable("upstream body ended early")
+            await self._progress.wait()
 
 
 class ObjectStore:
-    def __init__(self, upstream: S3Upstream, prefix: str) -> None:
-        self._upstream = upstream
+    def __init__(self, upstream: S3Upstream, prefix: str, cache: CacheConfig,
+                 metrics: Metrics) -> None:
+        self.upstream = upstream
+        self.bucket = upstream.bucket
         self._prefix = prefix
+        self._config = cache
+        self._metrics = metrics
+        self.block_size = int(cache.block_size)
+        self._meta: TTLCache[str, ObjectMeta | AssetNotFound] = TTLCache(
+            maxsize=65536, ttl=cache.metadata_ttl_s)
+        self._etags: LRUCache[str, str] = LRUCache(maxsize=65536)  # last ETag seen per key
+        self._heads: dict[str, asyncio.Task[ObjectMeta]] = {}
+        self.disk = (DiskTier(cache.disk.path, int(cache.disk.max_bytes), metrics)
+                     if cache.disk.path and cache.disk.max_bytes > 0 else None)
+        self.memory = MemoryTier(int(cache.max_bytes), on_evict=self._evicted)
+        self._fetches: dict[BlockKey, RunFetch] = {}
+        self._readahead_inflight = 0
+        self._last_read: LRUCache[Version, int] = LRUCache(maxsize=4096)
+        self._background: set[asyncio.Task[None]] = set()
+        metrics.cache_max_bytes.labels(tier="memory").set(cache.max_bytes)
+        metrics.cache_max_bytes.labels(tier="disk").set(self.disk.max_bytes if self.disk else 0)
+
+    async def start(self) -> None:
+        if self.disk is not None:
+            await asyncio.to_thread(self.disk.load_index)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for fetch in {id(f): f for f in self._fetches.values()}.values():
+            if fetch.task is not None:
+                fetch.task.cancel()
+
+    # --- metadata ---------------------------------------------------------------
 
     async def stat(self, asset: str) -> ObjectMeta:
         """Size, ETag, Last-Modified and type of the asset's current version."""
-        return await self._upstream.head(object_key(self._prefix, asset))
+        key = object_key(self._prefix, asset)
+        cached = self._meta.get(key)
+        if isinstance(cached, AssetNotFound):
+            raise AssetNotFound(str(cached))
+        if cached is not None:
+            return cached
+        task = self._heads.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._head(key))
+            self._heads[key] = task
+            task.add_done_callback(lambda t: (self._heads.pop(key, None),
+                                              t.cancelled() or t.exception()))
+        return await asyncio.shield(task)
+
+    async def _head(self, key: str) -> ObjectMeta:
+        try:
+            meta = await self.upstream.head(key)
+        except AssetNotFound as exc:
+            self._meta[key] = exc
+            raise
+        previous = self._etags.get(key)
+        if previous is not None and previous != meta.etag:
+            self._drop_version((self.bucket, key, previous))
+        self._etags[key] = meta.etag
+        self._meta[key] = meta
+        return meta
+
+    def version_changed(self, meta: ObjectMeta) -> None:
+        """S3 said 412 to If-Match: forget the version's metadata and blocks."""
+        cached = self._meta.get(meta.key)
+        if isinstance(cached, ObjectMeta) and cached.etag == meta.etag:
+            del self._meta[meta.key]
+        self._drop_version((self.bucket, meta.key, meta.etag))
+
+    def _drop_version(self, version: Version) -> None:
+        self.memory.drop_version(version)
+        if self.disk is not None:
+            self._spawn(asyncio.to_thread(self.disk.drop_version, version))
+        self._update_gauges()
+
+    # --- bytes ------------------------------------------------------------------
 
     async def open(self, meta: ObjectMeta, start: int, end: int
-                   ) -> AsyncGenerator[bytes, None]:
+                   ) -> AsyncGenerator[Block | memoryview, None]:
         """Bytes start..end (inclusive) of exactly the version `meta` describes.
 
         Raises ObjectChanged (before or during the stream) when that version is gone.
-        Close the iterator to stop: upstream work stops with it.
+        Close the generator to stop: fetches nobody else reads stop with it.
         """
         if end < start:
             return
-        async with aclosing(self._upstream.read(meta.key, start, end, meta.etag)) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        bs = self.block_size
+        version: Version = (self.bucket, meta.key, meta.etag)
+        last_needed = end // bs
+        attached: list[RunFetch] = []
+        try:
+            for index in block_span(start, end, bs):
+                for fetch in [f for f in attached if f.last < index]:
+                    attached.remove(fetch)  # passed it: let its blocks go
+                    fetch.detach()
+                first_byte, last_byte = block_bounds(index, bs, meta.size)
+                lo, hi = max(start, first_byte) - first_byte, min(end, last_byte) - first_byte
+                sequential = index > start // bs or self._last_read.get(version) in (
+                    index - 1, index)
+                self._last_read[version] = index
+                key = BlockKey(self.bucket, meta.key, meta.etag, index)
+                data = self.memory.get(key)
+                if data is not None:
+                    self._metrics.cache_hits.labels(tier="memory").inc()
+                    if sequential:
+                        self._read_ahead(meta, index + 1)
+                    yield memoryview(data)[lo:hi + 1] if (lo, hi + 1) != (0, len(data)) else data
+                    continue
+                self._metrics.cache_misses.labels(tier="memory").inc()
+                data = await self._from_disk(key)
+                if data is not None:
+                    if sequential:
+                        self._read_ahead(meta, index + 1)
+                    yield memoryview(data)[lo:hi + 1]
+                    continue
+                joined = self._fetches.get(key)
+                if joined is not None:
+                    self._metrics.coalesced_waits.inc()
+                    fetch = joined
+                else:
+                    fetch = self._start_fetch(meta, index, min(last_needed,
+                                                               index + self._config.readahead_blocks),
+                                              background=False)
+                if fetch not in attached:
+                    fetch.attach()
+                    attached.append(fetch)
+                if sequential:
+                    self._read_ahead(meta, index + 1)
+                async with aclosing(fetch.read(index, lo, hi)) as pieces:
+                    async for piece in pieces:
+                        yield piece
+        finally:
+            for fetch in attached:
+                fetch.detach()
+
+    async def _from_disk(self, key: BlockKey) -> bytes | None:
+        if self.disk is None:
+            return None
+        data = await self.disk.get(key)
+        if data is None:
+            self._metrics.cache_misses.labels(tier="disk").inc()
+            return None
+        self._metrics.cache_hits.labels(tier="disk").inc()
+        self.memory.put(key, data)
+        self._update_gauges()
+        return data
+
+    def _missing(self, key: BlockKey) -> bool:
+        return (self.memory.get(key) is None and key not in self._fetches
+                and (self.disk is None or not self.disk.contains(key)))
+
+    def _start_fetch(self, meta: ObjectMeta, first: int, last: int,
+                     background: bool) -> RunFetch:
+        """One GET for the run of missing blocks from `first`, up to `last`."""
+        end = first
+        while end < last and self._missing(BlockKey(self.bucket, meta.key, meta.etag, end + 1)):
+            end += 1
+        fetch = RunFetch(self, meta, first, end, background)
+        for index in range(first, end + 1):
+            self._fetches[fetch.key(index)] = fetch
+        if background:
+            self._readahead_inflight += 1
+            self._metrics.readahead_blocks.inc(end - first + 1)
+        fetch.task = asyncio.ensure_future(fetch.run())
+        return fetch
+
+    def _read_ahead(self, meta: ObjectMeta, after: int) -> None:
+        """Fetch the next `readahead_blocks` blocks that nobody has or is fetching."""
+        count = self._config.readahead_blocks
+        if count == 0 or meta.size == 0:
+            return
+        stop = min((meta.size - 1) // self.block_size, after + count - 1)
+        index = after
+        while index <= stop:
+            key = BlockKey(self.bucket, meta.key, meta.etag, index)
+            if not self._missing(key):
+                index += 1
+                continue
+            if self._readahead_inflight >= self._config.readahead_max_inflight:
+                return
+            fetch = self._start_fetch(meta, index, stop, background=True)
+            index = fetch.last + 1
+
+    def _block_arrived(self, key: BlockKey, data: Block) -> None:
+        self._fetches.pop(key, None)
+        self.memory.put(key, data)
+        self._update_gauges()
+
+    def _fetch_finished(self, fetch: RunFetch) -> None:
+        for index in range(fetch.first, fetch.last + 1):
+            if self._fetches.get(fetch.key(index)) is fetch:
+                del self._fetches[fetch.key(index)]
+        if fetch.background:
+            self._readahead_inflight -= 1
+
+    def _evicted(self, key: BlockKey, data: Block) -> None:
+        self._metrics.cache_evictions.labels(tier="memory").inc()
+        if self.disk is not None:
+            self._spawn(self.disk.put(key, data))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _update_gauges(self) -> None:
+        self._metrics.cache_bytes.labels(tier="memory").set(self.memory.used_bytes)

@@ -37,6 +37,7 @@ def pattern(start: int, length: int) -> bytes:
 class OriginState:
     size: int
     behaviour: Behaviour = "ok"
+    chunk_delay_s: float = 0.0  # pause between 64 KiB chunks (a slow, far origin)
     requests: list[tuple[str, str | None]] = field(default_factory=list)
     bytes_sent: int = 0
     hangups: int = 0
@@ -74,6 +75,8 @@ def make_origin(state: OriginState) -> web.Application:
                     await asyncio.sleep(3600)
                 n = min(CHUNK, end - position + 1)
                 await response.write(pattern(position, n))
+                if state.chunk_delay_s:
+                    await asyncio.sleep(state.chunk_delay_s)
                 state.bytes_sent += n
                 position += n
         except (ConnectionError, asyncio.CancelledError):

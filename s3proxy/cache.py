@@ -1,0 +1,82 @@
+"""The memory tier: aligned blocks in an LRU bounded in bytes, and block arithmetic.
+
+A block is identified by (bucket, key, ETag, index), so blocks of two versions of an
+object never mix: a new version simply has other keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from cachetools import LRUCache
+
+
+Block = bytes | bytearray  # a full block; never modified once cached
+
+
+class BlockKey(NamedTuple):
+    bucket: str
+    key: str
+    etag: str
+    block: int
+
+    @property
+    def version(self) -> tuple[str, str, str]:
+        return (self.bucket, self.key, self.etag)
+
+
+def block_span(start: int, end: int, block_size: int) -> range:
+    """Indexes of the blocks that hold bytes start..end (inclusive)."""
+    return range(start // block_size, end // block_size + 1)
+
+
+def block_bounds(index: int, block_size: int, size: int) -> tuple[int, int]:
+    """First and last (inclusive) object offsets of block `index`."""
+    first = index * block_size
+    return first, min(first + block_size, size) - 1
+
+
+class _BytesLRU(LRUCache[BlockKey, Block]):
+    """cachetools' LRU sized by len(); reports what it evicts."""
+
+    def __init__(self, max_bytes: int, on_evict: Callable[[BlockKey, Block], None]) -> None:
+        super().__init__(maxsize=max_bytes, getsizeof=len)
+        self._on_evict = on_evict
+
+    def popitem(self) -> tuple[BlockKey, Block]:
+        key, value = super().popitem()
+        self._on_evict(key, value)
+        return key, value
+
+
+class MemoryTier:
+    """Blocks in memory; never holds more than `max_bytes` of block data."""
+
+    def __init__(self, max_bytes: int,
+                 on_evict: Callable[[BlockKey, Block], None] | None = None) -> None:
+        self.max_bytes = max_bytes
+        self._evicted: Callable[[BlockKey, Block], None] = on_evict or (lambda k, v: None)
+        self._lru = _BytesLRU(max_bytes, self._evicted) if max_bytes > 0 else None
+
+    @property
+    def used_bytes(self) -> int:
+        return int(self._lru.currsize) if self._lru is not None else 0
+
+    def get(self, key: BlockKey) -> Block | None:
+        return self._lru.get(key) if self._lru is not None else None
+
+    def put(self, key: BlockKey, data: Block) -> None:
+        if self._lru is None or len(data) > self.max_bytes:
+            self._evicted(key, data)  # too big to keep here: straight to the next tier
+            return
+        self._lru[key] = data
+
+    def drop_version(self, version: tuple[str, str, str]) -> int:
+        """Forget every block of one object version (it changed upstream)."""
+        if self._lru is None:
+            return 0
+        stale = [k for k in self._lru if k.version == version]
+        for key in stale:
+            del self._lru[key]
+        return len(stale)
