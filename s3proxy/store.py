@@ -255,9 +255,8 @@ class ObjectStore:
                     self._metrics.coalesced_waits.inc()
                     fetch = joined
                 else:
-                    fetch = self._start_fetch(meta, index, min(last_needed,
-                                                               index + self._config.readahead_blocks),
-                                              background=False)
+                    fetch = self._start_fetch(meta, index, self._run_end(
+                        meta, index, last_needed, sequential), background=False)
                 if fetch not in attached:
                     fetch.attach()
                     attached.append(fetch)
@@ -269,6 +268,16 @@ class ObjectStore:
         finally:
             for fetch in attached:
                 fetch.detach()
+
+    def _run_end(self, meta: ObjectMeta, index: int, last_needed: int, sequential: bool) -> int:
+        """Where a client's own GET from block `index` stops: the blocks it asked for, at
+        most `readahead_blocks` past this one. An open-ended read that has not yet shown
+        itself sequential gets this block alone: Mist opens `bytes=N-` at every seek and
+        mostly reads a few KiB before it hangs up."""
+        open_ended = last_needed == (meta.size - 1) // self.block_size
+        if open_ended and not sequential:
+            return index
+        return min(last_needed, index + self._config.readahead_blocks)
 
     async def _from_disk(self, key: BlockKey) -> bytes | None:
         if self.disk is None:

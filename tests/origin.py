@@ -18,7 +18,8 @@ CHUNK = 64 * 1024
 _PATTERN = bytes(i % PERIOD for i in range(PERIOD + CHUNK))
 ETAG = '"0123456789abcdef0123456789abcdef"'
 
-Behaviour = Literal["ok", "stall_headers", "stall_body", "error_500", "denied_403"]
+Behaviour = Literal["ok", "stall_headers", "stall_body", "error_500", "denied_403",
+                    "get_error_500"]
 
 
 def pattern(start: int, length: int) -> bytes:
@@ -40,6 +41,7 @@ class OriginState:
     chunk_delay_s: float = 0.0  # pause between 64 KiB chunks (a slow, far origin)
     requests: list[tuple[str, str | None]] = field(default_factory=list)
     bytes_sent: int = 0
+    gets: int = 0
     hangups: int = 0
     hung_up: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -47,6 +49,8 @@ class OriginState:
 def make_origin(state: OriginState) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
         state.requests.append((request.method, request.headers.get("Range")))
+        if request.method == "GET":
+            state.gets += 1
         if state.behaviour == "stall_headers":
             await asyncio.sleep(3600)
         if state.behaviour == "error_500":
@@ -59,6 +63,8 @@ def make_origin(state: OriginState) -> web.Application:
                    "Accept-Ranges": "bytes", "Content-Type": "video/mp4"}
         if request.method == "HEAD":
             return web.Response(headers={**headers, "Content-Length": str(state.size)})
+        if state.behaviour == "get_error_500":
+            return web.Response(status=500, text="<Error><Code>InternalError</Code></Error>")
         start, end = 0, state.size - 1
         spec = request.headers.get("Range", "")
         if spec.startswith("bytes="):

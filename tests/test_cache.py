@@ -1,0 +1,245 @@
+"""The block cache never serves a wrong byte: eviction pressure, overwrites, coalescing,
+read-ahead, failed fetches and the disk tier, against the emulator and a scriptable
+origin."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from .conftest import Emulator, RunningProxy, StartProxy, make_config, make_token, put_object
+from .origin import OriginState, pattern
+from .test_http import fetch
+from .test_upstream import start_with_origin
+
+TOKEN = make_token("**", ttl=3600)
+KIB = 1024
+
+
+def url(running: RunningProxy, asset: str) -> str:
+    return running.url(f"/t/{TOKEN}/{asset}")
+
+
+def gets_for(emulator: Emulator, bucket: str, key: str) -> int:
+    return sum(1 for r in emulator.requests_for(bucket)
+               if r.method == "GET" and r.path == f"/{bucket}/{key}")
+
+
+async def test_random_ranges_under_eviction_pressure_match_byte_for_byte(
+        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    data = random.Random(1).randbytes(600 * KIB + 7)
+    put_object(emulator, bucket, "pressure.bin", data)
+    running = await start_proxy(cache={"block_size": "16KiB", "max_bytes": "64KiB",
+                                       "readahead_blocks": 2})
+    rng = random.Random(42)
+    limit = asyncio.Semaphore(16)
+    peak = 0.0
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        nonlocal peak
+        start = rng.randrange(len(data))
+        end = min(len(data) - 1, start + rng.randrange(1, 80 * KIB))
+        header = rng.choice([f"bytes={start}-{end}", f"bytes={start}-", f"bytes=-{end - start + 1}"])
+        async with limit, session.get(url(running, "pressure.bin"),
+                                      headers={"Range": header}) as response:
+            body = await response.read()
+        first, _, last = header[6:].partition("-")
+        if first == "":
+            expected = data[-int(last):]
+        else:
+            expected = data[int(first):int(last) + 1] if last else data[int(first):]
+        assert response.status == 206
+        assert body == expected, header
+        peak = max(peak, running.metric("s3proxy_cache_bytes", tier="memory"))
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(one(session) for _ in range(300)))
+    assert running.metric("s3proxy_cache_evictions_total", tier="memory") > 0
+    assert 0 < peak <= running.metric("s3proxy_cache_max_bytes", tier="memory") == 64 * KIB
+
+
+async def test_fifty_cold_requests_for_one_block_make_one_get(
+        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    data = os.urandom(3 << 20)
+    put_object(emulator, bucket, "hot.mp4", data)
+    running = await start_proxy(cache={"readahead_blocks": 0})
+    async with aiohttp.ClientSession() as session:
+        async def one() -> bytes:
+            async with session.get(url(running, "hot.mp4"),
+                                   headers={"Range": "bytes=1048576-1049599"}) as response:
+                assert response.status == 206
+                return await response.read()
+
+        bodies = await asyncio.gather(*(one() for _ in range(50)))
+    assert all(body == data[1 << 20:(1 << 20) + 1024] for body in bodies)
+    assert gets_for(emulator, bucket, "hot.mp4") == 1
+    heads = [r for r in emulator.object_requests(bucket) if r.method == "HEAD"]
+    assert len(heads) == 1, "metadata look-ups are shared too"
+    assert running.metric("s3proxy_coalesced_waits_total") == 49
+
+
+async def test_a_waiter_hanging_up_does_not_cancel_the_fetch_for_the_others(
+        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    state = OriginState(size=8 << 20, chunk_delay_s=0.01)  # 1 MiB takes ~160 ms
+    running = await start_with_origin(aiohttp_server, start_proxy, state,
+                                      cache={"readahead_blocks": 0})
+    reader, writer = await asyncio.open_connection(running.server.host, running.server.port)
+    writer.write(f"GET /t/{TOKEN}/a.mp4 HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1048575\r\n\r\n"
+                 .encode())
+    await writer.drain()
+    await reader.readuntil(b"\r\n\r\n")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url(running, "a.mp4"),
+                               headers={"Range": "bytes=0-1048575"}) as response:
+            writer.transport.abort()  # the first reader leaves
+            body = await response.read()
+    assert body == pattern(0, 1 << 20)
+    assert state.gets == 1 and state.hangups == 0
+
+
+async def test_a_failed_fetch_fails_its_waiters_and_caches_nothing(
+        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    state = OriginState(size=4 << 20, behaviour="get_error_500")
+    running = await start_with_origin(aiohttp_server, start_proxy, state)
+    results = await asyncio.gather(*(fetch(url(running, "a.mp4"), Range="bytes=0-99")
+                                     for _ in range(10)))
+    assert all(status == 502 and body == b"" for status, _, body in results)
+    assert running.metric("s3proxy_cache_bytes", tier="memory") == 0
+    state.behaviour = "ok"
+    status, _, body = await fetch(url(running, "a.mp4"), Range="bytes=0-99")
+    assert (status, body) == (206, pattern(0, 100))
+
+
+async def test_overwrites_never_mix_versions(
+        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    size = 256 * KIB
+    versions = [bytes([v]) * 16 + random.Random(v).randbytes(size - 16) for v in range(4)]
+    put_object(emulator, bucket, "live.mp4", versions[0])
+    running = await start_proxy(cache={"block_size": "16KiB", "max_bytes": "1MiB",
+                                       "metadata_ttl_s": 0, "readahead_blocks": 2})
+    rng = random.Random(7)
+    outcomes = {"whole": 0, "cut": 0}
+
+    async def reader(session: aiohttp.ClientSession) -> None:
+        for _ in range(25):
+            start = rng.randrange(0, size // 2)
+            end = start + rng.randrange(32 * KIB, size // 2)
+            try:
+                async with session.get(url(running, "live.mp4"),
+                                       headers={"Range": f"bytes={start}-{end}"}) as response:
+                    body = await response.read()
+            except aiohttp.ClientPayloadError:
+                outcomes["cut"] += 1  # changed mid-body: the connection was closed
+                continue
+            assert response.status == 206
+            matches = [v for v in versions if v[start:end + 1] == body]
+            assert len(matches) == 1, "a response is wholly one version"
+            outcomes["whole"] += 1
+
+    async def writer() -> None:
+        for version in versions[1:]:
+            await asyncio.sleep(0.15)
+            await asyncio.to_thread(put_object, emulator, bucket, "live.mp4", version)
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(writer(), *(reader(session) for _ in range(6)))
+    assert outcomes["whole"] > 100
+    status, _, body = await fetch(url(running, "live.mp4"))
+    assert (status, body) == (200, versions[-1]), "later reads see the new version"
+
+
+async def test_a_new_etag_from_head_drops_the_old_blocks(
+        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    put_object(emulator, bucket, "v.mp4", b"a" * 100_000)
+    running = await start_proxy(cache={"metadata_ttl_s": 0})
+    assert (await fetch(url(running, "v.mp4")))[2] == b"a" * 100_000
+    assert running.metric("s3proxy_cache_bytes", tier="memory") == 100_000
+    put_object(emulator, bucket, "v.mp4", b"b" * 50_000)
+    assert (await fetch(url(running, "v.mp4")))[2] == b"b" * 50_000
+    assert running.metric("s3proxy_cache_bytes", tier="memory") == 50_000
+
+
+async def test_sequential_reader_gets_read_ahead_and_then_hits(
+        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    data = os.urandom(8 * 64 * KIB)
+    put_object(emulator, bucket, "seq.mp4", data)
+    running = await start_proxy(cache={"block_size": "64KiB", "readahead_blocks": 2})
+    for index in range(8):
+        start = index * 64 * KIB
+        status, _, body = await fetch(url(running, "seq.mp4"),
+                                      Range=f"bytes={start}-{start + 64 * KIB - 1}")
+        assert (status, body) == (206, data[start:start + 64 * KIB])
+        await asyncio.sleep(0.05)  # let the read-ahead land
+    assert running.metric("s3proxy_readahead_blocks_total") >= 6
+    # blocks 2..7 were fetched ahead of the reader: its own requests found them in memory
+    assert running.metric("s3proxy_cache_hits_total", tier="memory") == 6
+    assert gets_for(emulator, bucket, "seq.mp4") <= 8
+
+
+async def test_open_ended_range_stays_within_the_read_ahead_window(
+        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    state = OriginState(size=1 << 30)
+    running = await start_with_origin(aiohttp_server, start_proxy, state,
+                                      cache={"readahead_blocks": 2})
+    reader, writer = await asyncio.open_connection(running.server.host, running.server.port)
+    writer.write(f"GET /t/{TOKEN}/a.mp4 HTTP/1.1\r\nHost: x\r\nRange: bytes=5000000-\r\n\r\n"
+                 .encode())
+    await writer.drain()
+    await reader.readuntil(b"\r\n\r\n")
+    assert await reader.readexactly(16) == pattern(5_000_000, 16)
+    writer.transport.abort()  # Mist read a box header and seeks elsewhere
+    await asyncio.sleep(0.3)
+    # The proxy pushes the first block into loopback socket buffers before it learns of
+    # the hang-up, moves on and fetches up to readahead_blocks past the next block.
+    assert state.bytes_sent <= (1 + 1 + 2) << 20, "the block, the next, its read-ahead"
+    assert state.gets <= 3
+
+
+async def test_disk_tier_survives_restart_and_discards_damaged_blocks(
+        emulator: Emulator, bucket: str, start_proxy: StartProxy, tmp_path: Path) -> None:
+    data = os.urandom(6 * 64 * KIB)
+    put_object(emulator, bucket, "d.mp4", data)
+    cache = {"block_size": "64KiB", "max_bytes": "64KiB", "readahead_blocks": 0,
+             "disk": {"path": str(tmp_path / "blocks"), "max_bytes": "1MiB"}}
+    config = make_config(emulator.endpoint_url, bucket, cache=cache)
+    first = await start_proxy(config)
+    assert (await fetch(url(first, "d.mp4")))[2] == data
+    await asyncio.sleep(0.3)  # evicted blocks are written in the background
+    gets_before = gets_for(emulator, bucket, "d.mp4")
+    files = sorted((tmp_path / "blocks").rglob("*.blk"))
+    assert len(files) == 5, "all but the block still in memory went to disk"
+
+    second = await start_proxy(config)  # a restart: a new process would see the same
+    assert (await fetch(url(second, "d.mp4")))[2] == data
+    assert second.metric("s3proxy_cache_hits_total", tier="disk") == 5
+    assert gets_for(emulator, bucket, "d.mp4") == gets_before + 1  # only the memory block
+
+    raw = bytearray(files[0].read_bytes())
+    raw[100] ^= 0xFF
+    files[0].write_bytes(bytes(raw))                         # corrupted
+    files[1].write_bytes(files[1].read_bytes()[:1000])      # truncated
+    third = await start_proxy(config)
+    assert (await fetch(url(third, "d.mp4")))[2] == data, "damaged blocks are refetched"
+    assert third.metric("s3proxy_cache_corrupt_blocks_total", tier="disk") == 2
+
+
+async def test_disk_tier_stays_within_its_bound(
+        emulator: Emulator, bucket: str, start_proxy: StartProxy, tmp_path: Path) -> None:
+    data = os.urandom(20 * 16 * KIB)
+    put_object(emulator, bucket, "b.mp4", data)
+    running = await start_proxy(cache={
+        "block_size": "16KiB", "max_bytes": "32KiB", "readahead_blocks": 0,
+        "disk": {"path": str(tmp_path / "blocks"), "max_bytes": "100KiB"}})
+    assert (await fetch(url(running, "b.mp4")))[2] == data
+    await asyncio.sleep(0.3)
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "blocks").rglob("*.blk"))
+    assert 0 < on_disk <= 100 * KIB
+    assert running.metric("s3proxy_cache_bytes", tier="disk") == on_disk
+    assert running.metric("s3proxy_cache_evictions_total", tier="disk") > 0
+    assert (await fetch(url(running, "b.mp4")))[2] == data
