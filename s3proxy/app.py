@@ -58,12 +58,14 @@ class Proxy:
     """Everything one running proxy owns; two Proxy objects never share state."""
 
     def __init__(self, config: Config, metrics: Metrics | None = None,
-                 verifier: TokenVerifier | None = None) -> None:
+                 verifier: TokenVerifier | None = None, worker: int = 0,
+                 workers: int = 1) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
         self.verifier = verifier or TokenVerifier.from_config(config.auth, config.source)
         self.upstream = S3Upstream(config.s3, self.metrics)
-        self.store = ObjectStore(self.upstream, config.s3.prefix, config.cache, self.metrics)
+        self.store = ObjectStore(self.upstream, config.s3.prefix, config.cache, self.metrics,
+                                 worker, workers)
         self.probe_error: str | None = "no probe answered yet"
         self.probe_ok_at: float | None = None  # monotonic time of the last good probe
         self.inflight = 0

@@ -42,15 +42,34 @@ def _load(path: str | None) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import run
-
     path = args.config or os.environ.get("S3PROXY_CONFIG")
     config = load_config(path)
-    if config.server.workers != 1:
-        return _fail(f"{config.source}: server.workers: only 1 is supported in this "
-                     f"release, got {config.server.workers}")
+    if config.auth.mode == "jwt":
+        load_verification_keys(config.auth, config.source)  # fail here, once, not per worker
+    if config.server.workers > 1:
+        return _supervise(config, path)
+    from .server import run
+
     configure_logging(config.log.level, config.log.format)
     return asyncio.run(run(config, config_path=path))
+
+
+def _supervise(config: Config, path: str | None) -> int:
+    import shutil
+    import tempfile
+
+    # Must be set before prometheus_client is first imported (by the workers).
+    own_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        own_dir = tempfile.mkdtemp(prefix="s3proxy-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir
+    try:
+        from .server import supervise
+
+        return supervise(config, path)
+    finally:
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

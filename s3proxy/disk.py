@@ -37,8 +37,14 @@ def version_dir(bucket: str, key: str, etag: str) -> str:
 
 
 class DiskTier:
-    def __init__(self, path: str, max_bytes: int, metrics: Metrics) -> None:
-        self.root = Path(path)
+    """With several workers, each writes and evicts only in its own `w<N>` directory
+    (bounded by its share of max_bytes), and reads the others' read-only: files are
+    immutable once renamed, and an unlinked file stays readable while open."""
+
+    def __init__(self, path: str, max_bytes: int, metrics: Metrics, worker: int = 0,
+                 workers: int = 1) -> None:
+        self.root = Path(path) / f"w{worker}"
+        self._peers = [Path(path) / f"w{other}" for other in range(workers) if other != worker]
         self.max_bytes = max_bytes
         self._metrics = metrics
         self._index: OrderedDict[str, int] = OrderedDict()  # relative path -> file size
@@ -93,12 +99,31 @@ class DiskTier:
 
     def _read(self, key: BlockKey) -> bytes | None:
         relative = self.relative(key)
-        full = self.root / relative
+        if relative in self._index:
+            data = self._read_file(self.root, relative, own=True)
+            if data is not None:
+                with self._lock:
+                    if relative in self._index:
+                        self._index.move_to_end(relative)
+                try:
+                    os.utime(self.root / relative)  # keeps LRU order across restarts
+                except OSError:
+                    pass
+                return data
+        for peer in self._peers:
+            data = self._read_file(peer, relative, own=False)
+            if data is not None:
+                return data
+        return None
+
+    def _read_file(self, root: Path, relative: str, own: bool) -> bytes | None:
+        full = root / relative
         try:
             with open(full, "rb") as handle:
                 raw = handle.read()
         except FileNotFoundError:
-            self._forget(relative)
+            if own:
+                self._forget(relative)
             return None
         except OSError as exc:
             log.warning("disk tier read failed", extra={"fields": {"error": exc.strerror}})
@@ -108,18 +133,9 @@ class DiskTier:
             self._metrics.cache_corrupt_blocks.labels(tier="disk").inc()
             log.warning("discarding a corrupt block file", extra={"fields": {"file": relative}})
             _unlink(str(full))
-            self._forget(relative)
+            if own:
+                self._forget(relative)
             return None
-        with self._lock:
-            if relative in self._index:
-                self._index.move_to_end(relative)
-            else:  # written by another worker
-                self._index[relative] = len(raw)
-                self._bytes += len(raw)
-        try:
-            os.utime(full)  # keeps LRU order across restarts
-        except OSError:
-            pass
         return data
 
     def _write(self, key: BlockKey, data: Block) -> None:
@@ -166,7 +182,8 @@ class DiskTier:
             stale = [r for r in self._index if r.startswith(directory + "/")]
             for relative in stale:
                 self._bytes -= self._index.pop(relative)
-        shutil.rmtree(self.root / directory, ignore_errors=True)
+        for root in (self.root, *self._peers):
+            shutil.rmtree(root / directory, ignore_errors=True)
         self._publish()
 
     def _publish(self) -> None:

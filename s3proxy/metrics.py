@@ -5,13 +5,23 @@ No label ever carries an asset name or a token.
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
 class Metrics:
+    """With server.workers > 1 the supervisor sets PROMETHEUS_MULTIPROC_DIR before any
+    worker imports prometheus_client: values then live in files there, and a scrape of
+    any worker reports the whole process group."""
+
     CONTENT_TYPE = CONTENT_TYPE_LATEST
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -25,7 +35,7 @@ class Metrics:
         self.response_bytes = Counter("s3proxy_response_bytes", "Body bytes sent to clients",
                                       registry=r)
         self.inflight = Gauge("s3proxy_inflight_requests", "Requests being answered",
-                              registry=r)
+                              registry=r, multiprocess_mode="livesum")
         self.auth_failures = Counter("s3proxy_auth_failures_total", "Rejected requests",
                                      ["reason"], registry=r)
         self.upstream_requests = Counter(
@@ -44,9 +54,9 @@ class Metrics:
         self.cache_evictions = Counter("s3proxy_cache_evictions_total",
                                        "Blocks evicted from a cache tier", ["tier"], registry=r)
         self.cache_bytes = Gauge("s3proxy_cache_bytes", "Block bytes held by a cache tier",
-                                 ["tier"], registry=r)
+                                 ["tier"], registry=r, multiprocess_mode="livesum")
         self.cache_max_bytes = Gauge("s3proxy_cache_max_bytes", "Bound of a cache tier",
-                                     ["tier"], registry=r)
+                                     ["tier"], registry=r, multiprocess_mode="livesum")
         self.cache_corrupt_blocks = Counter(
             "s3proxy_cache_corrupt_blocks_total",
             "Block files discarded for a wrong length or checksum (then refetched)",
@@ -69,4 +79,8 @@ class Metrics:
                 self.upstream_requests.labels(op=op, outcome=outcome)
 
     def exposition(self) -> bytes:
+        if os.environ.get(MULTIPROC_ENV):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
         return generate_latest(self.registry)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,14 +36,17 @@ def _bound(runner: web.AppRunner) -> tuple[str, int]:
 
 async def run(config: Config, *, config_path: str | None = None,
               on_started: OnStarted | None = None,
-              stop: asyncio.Event | None = None) -> int:
+              stop: asyncio.Event | None = None, worker: int = 0, workers: int = 1) -> int:
     """Serve until SIGTERM/SIGINT (or `stop` is set); drain in-flight requests; return 0.
 
     SIGHUP re-reads `config_path` and applies the auth keys, revocations and log level.
+    With several workers, each calls this with its index; the ports are shared
+    (SO_REUSEPORT) and the kernel spreads connections over them.
     """
-    if config.auth.mode == "none":
+    if config.auth.mode == "none" and worker == 0:
         log.warning("auth.mode is none: every request is served without a token check")
-    proxy = Proxy(config)
+    proxy = Proxy(config, worker=worker, workers=workers)
+    shared = workers > 1
     runner = web.AppRunner(create_app(config, proxy), access_log=None, handle_signals=False,
                            shutdown_timeout=config.server.shutdown_timeout_s)
     admin_runner = web.AppRunner(create_admin_app(proxy), access_log=None,
@@ -51,10 +55,12 @@ async def run(config: Config, *, config_path: str | None = None,
     try:
         await admin_runner.setup()
         await web.TCPSite(runner, config.server.host, config.server.port,
-                          backlog=min(config.server.max_connections, 65535)).start()
-        await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
+                          backlog=min(config.server.max_connections, 65535),
+                          reuse_port=shared).start()
+        await web.TCPSite(admin_runner, config.admin.host, config.admin.port,
+                          reuse_port=shared).start()
         listening = Listening(_bound(runner), _bound(admin_runner))
-        log.info("listening", extra={"fields": {
+        log.info("listening", extra={"fields": {"worker": worker,
             "main": f"{listening.main[0]}:{listening.main[1]}",
             "admin": f"{listening.admin[0]}:{listening.admin[1]}",
             "bucket": config.s3.bucket}})
@@ -91,3 +97,71 @@ def _reload(proxy: Proxy, config_path: str | None) -> None:
         return
     set_level(fresh.log.level)
     log.info("SIGHUP: reloaded auth keys, revocations and log level")
+
+
+def supervise(config: Config, config_path: str | None) -> int:
+    """server.workers > 1: fork that many workers sharing the ports, restart any that dies,
+    forward SIGTERM/SIGINT (drain, exit 0) and SIGHUP (reload) to them.
+
+    The caller has set PROMETHEUS_MULTIPROC_DIR and has not imported prometheus_client,
+    so every worker writes its metrics where any of them can report the sum.
+    """
+    import multiprocessing
+    import time
+
+    from prometheus_client import multiprocess
+
+    from .logs import configure_logging
+
+    context = multiprocessing.get_context("fork")  # before any event loop or thread exists
+    workers = config.server.workers
+
+    def start(index: int) -> multiprocessing.process.BaseProcess:
+        process = context.Process(target=_worker_main, args=(config, config_path, index,
+                                                             workers), daemon=False)
+        process.start()
+        return process
+
+    processes = {index: start(index) for index in range(workers)}
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for process in processes.values():
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    configure_logging(config.log.level, config.log.format)
+    log.info("supervising workers", extra={"fields": {"workers": workers}})
+    failures = 0
+    while True:
+        for index, process in list(processes.items()):
+            process.join(timeout=0.2)
+            if process.exitcode is None:
+                continue
+            if process.pid is not None:
+                multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
+            if stopping:
+                del processes[index]
+                continue
+            failures += 1
+            log.error("worker exited; restarting it", extra={"fields": {
+                "worker": index, "exitcode": process.exitcode}})
+            time.sleep(min(5.0, 0.2 * failures))
+            processes[index] = start(index)
+        if stopping and not processes:
+            return 0
+
+
+def _worker_main(config: Config, config_path: str | None, index: int, workers: int) -> None:
+    from .logs import configure_logging
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    configure_logging(config.log.level, config.log.format)
+    os._exit(asyncio.run(run(config, config_path=config_path, worker=index,
+                             workers=workers)))

@@ -133,7 +133,7 @@ class RunFetch:
 
 class ObjectStore:
     def __init__(self, upstream: S3Upstream, prefix: str, cache: CacheConfig,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, worker: int = 0, workers: int = 1) -> None:
         self.upstream = upstream
         self.bucket = upstream.bucket
         self._prefix = prefix
@@ -144,14 +144,16 @@ class ObjectStore:
             maxsize=65536, ttl=cache.metadata_ttl_s)
         self._etags: LRUCache[str, str] = LRUCache(maxsize=65536)  # last ETag seen per key
         self._heads: dict[str, asyncio.Task[ObjectMeta]] = {}
-        self.disk = (DiskTier(cache.disk.path, int(cache.disk.max_bytes), metrics)
+        # With several workers each holds its share, so the bounds hold for the group.
+        self.disk = (DiskTier(cache.disk.path, int(cache.disk.max_bytes) // workers, metrics,
+                              worker, workers)
                      if cache.disk.path and cache.disk.max_bytes > 0 else None)
-        self.memory = MemoryTier(int(cache.max_bytes), on_evict=self._evicted)
+        self.memory = MemoryTier(int(cache.max_bytes) // workers, on_evict=self._evicted)
         self._fetches: dict[BlockKey, RunFetch] = {}
         self._readahead_inflight = 0
         self._last_read: LRUCache[Version, int] = LRUCache(maxsize=4096)
         self._background: set[asyncio.Task[None]] = set()
-        metrics.cache_max_bytes.labels(tier="memory").set(cache.max_bytes)
+        metrics.cache_max_bytes.labels(tier="memory").set(self.memory.max_bytes)
         metrics.cache_max_bytes.labels(tier="disk").set(self.disk.max_bytes if self.disk else 0)
 
     async def start(self) -> None:

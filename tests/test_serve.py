@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,14 +46,22 @@ class Served:
 
 
 @pytest.fixture
-def served(emulator: Emulator, bucket: str, tmp_path: Path) -> Iterator[Served]:
+def workers() -> int:
+    return 1
+
+
+@pytest.fixture
+def served(emulator: Emulator, bucket: str, tmp_path: Path, workers: int) -> Iterator[Served]:
     port, admin = free_port(), free_port()
     config = tmp_path / "s3proxy.yaml"
     config.write_text(json.dumps({
-        "server": {"host": "127.0.0.1", "port": port, "shutdown_timeout_s": 20},
+        "server": {"host": "127.0.0.1", "port": port, "shutdown_timeout_s": 20,
+                   "workers": workers},
         "admin": {"host": "127.0.0.1", "port": admin},
         "s3": {"bucket": bucket, "endpoint_url": emulator.endpoint_url},
         "auth": {"keys": [{"kid": "k1", "secret_env": SECRET_ENV}]},
+        "cache": {"max_bytes": "8MiB", "disk": {"path": str(tmp_path / "blocks"),
+                                                "max_bytes": "64MiB"}},
         "log": {"level": "info", "format": "json"},
     }))
     env = {**os.environ, SECRET_ENV: SECRET}
@@ -60,7 +69,8 @@ def served(emulator: Emulator, bucket: str, tmp_path: Path) -> Iterator[Served]:
                                 str(config)], stderr=subprocess.PIPE, text=True, env=env)
     served = Served(process, port, admin)
     try:
-        served.read_until(lambda r: r.get("msg") == "listening")
+        for _ in range(workers):
+            served.read_until(lambda r: r.get("msg") == "listening")
         yield served
     finally:
         if process.poll() is None:
@@ -120,3 +130,29 @@ def test_serve_answers_logs_reloads_and_drains_on_sigterm(
     assert token.split(".")[2] not in rest and all(
         token.split(".")[2] not in json.dumps(r) for r in served.lines)
     assert '"/t/-/movies/big.mp4"' in rest
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_workers_share_the_port_and_report_metrics_together(
+        served: Served, emulator: Emulator, bucket: str, workers: int) -> None:
+    data = os.urandom(3 << 20)
+    put_object(emulator, bucket, "w.mp4", data)
+    token = make_token("*")
+    pids = set()
+    for _ in range(40):  # new connections: the kernel spreads them over the workers
+        head, body = read_response(raw_get(served.port, f"/t/{token}/w.mp4",
+                                           "Range: bytes=1000-1999\r\nConnection: close\r\n"))
+        assert head.startswith(b"HTTP/1.1 206") and body == data[1000:2000]
+    for record in served.lines:
+        if record.get("msg") == "listening":
+            pids.add(record["worker"])
+    assert pids == {0, 1}
+    with urllib.request.urlopen(f"http://127.0.0.1:{served.admin}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    # whichever worker answered the scrape, it counts the requests of both
+    assert 's3proxy_requests_total{method="GET",status="206"} 40.0' in text
+    max_bytes = [line for line in text.splitlines()
+                 if line.startswith('s3proxy_cache_max_bytes{tier="memory"}')]
+    assert max_bytes == ['s3proxy_cache_max_bytes{tier="memory"} 8.388608e+06']
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(timeout=30) == 0
