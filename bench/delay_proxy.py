@@ -31,7 +31,9 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                 break
             writer.write(data)
             await writer.drain()
-        writer.close()
+        # The client is gone: like its kernel answering the origin's next segment with a
+        # reset, abort the origin side instead of leaving it half-open and filling buffers.
+        writer.transport.abort()
 
     try:
         await asyncio.gather(pump_in(), pump_out())
@@ -39,13 +41,14 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         writer.close()
 
 
-async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                source: asyncio.StreamWriter) -> None:
     try:
         while data := await reader.read(262144):
             writer.write(data)
             await writer.drain()
     except ConnectionError:
-        pass
+        source.transport.abort()  # the client reset: so does the path back to the origin
     finally:
         writer.close()
 
@@ -60,7 +63,7 @@ async def main(listen: str, target: str, delay_ms: float) -> None:
             client_w.close()
             return
         await asyncio.gather(_pipe(client_r, origin_w, delay_ms / 1000),
-                             _copy(origin_r, client_w), return_exceptions=True)
+                             _copy(origin_r, client_w, origin_w), return_exceptions=True)
 
     host, port = listen.rsplit(":", 1)
     server = await asyncio.start_server(handle, host, int(port))

@@ -11,6 +11,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 from contextlib import aclosing
 
 from aiohttp import web
@@ -51,6 +52,13 @@ PROBE_INTERVAL_S = 5.0
 READY_WINDOW_S = 3 * PROBE_INTERVAL_S
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# How the listeners run the apps (serve, demo and tests alike): aiohttp's own access log
+# would print query strings (tokens), and a handler is cancelled when its client hangs up,
+# so waiting for S3 on behalf of a client that is gone stops at once (Mist hangs up at
+# every seek).
+RUNNER_OPTIONS: dict[str, Any] = {"access_log": None, "handler_cancellation": True}
+CLIENT_CLOSED = 499  # as nginx logs a request whose client went away
 Chunk = bytes | bytearray | memoryview
 
 
@@ -407,6 +415,11 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                 raise
             reason = exc.reason
             response = MediaError(exc.status, exc.reason).response()
+        except asyncio.CancelledError:
+            # The client hung up while we waited (RUNNER_OPTIONS: handler_cancellation).
+            _record(request, CLIENT_CLOSED, int(request.get(BODY_BYTES, 0)), started,
+                    "client closed the connection")
+            raise
         except Exception:
             log.exception("unhandled error while answering a request")
             reason = "internal error"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from .app import Proxy, create_admin_app, create_app
+from .app import RUNNER_OPTIONS, Proxy, create_admin_app, create_app
 from .config import Config, ConfigError, load_config
 from .logs import set_level
 
@@ -47,10 +47,10 @@ async def run(config: Config, *, config_path: str | None = None,
         log.warning("auth.mode is none: every request is served without a token check")
     proxy = Proxy(config, worker=worker, workers=workers)
     shared = workers > 1
-    runner = web.AppRunner(create_app(config, proxy), access_log=None, handle_signals=False,
-                           shutdown_timeout=config.server.shutdown_timeout_s)
-    admin_runner = web.AppRunner(create_admin_app(proxy), access_log=None,
-                                 handle_signals=False, shutdown_timeout=1.0)
+    runner = web.AppRunner(create_app(config, proxy), handle_signals=False,
+                           shutdown_timeout=config.server.shutdown_timeout_s, **RUNNER_OPTIONS)
+    admin_runner = web.AppRunner(create_admin_app(proxy), handle_signals=False,
+                                 shutdown_timeout=1.0, **RUNNER_OPTIONS)
     await runner.setup()
     try:
         await admin_runner.setup()

@@ -35,6 +35,11 @@ log = logging.getLogger("s3proxy.store")
 
 Version = tuple[str, str, str]
 
+# What a cold, not (yet) sequential open-ended read gets straight from S3 before its
+# block is fetched: enough for Mist's box-header reads, small enough to waste little
+# when the client hangs up at once.
+PROBE_BYTES = 64 * 1024
+
 
 class RunFetch:
     """One upstream GET for blocks first..last of one object version.
@@ -234,8 +239,7 @@ class ObjectStore:
                     fetch.detach()
                 first_byte, last_byte = block_bounds(index, bs, meta.size)
                 lo, hi = max(start, first_byte) - first_byte, min(end, last_byte) - first_byte
-                sequential = index > start // bs or self._last_read.get(version) in (
-                    index - 1, index)
+                sequential = index > start // bs or self._last_read.get(version) == index - 1
                 self._last_read[version] = index
                 key = BlockKey(self.bucket, meta.key, meta.etag, index)
                 data = self.memory.get(key)
@@ -253,6 +257,18 @@ class ObjectStore:
                     yield memoryview(data)[lo:hi + 1]
                     continue
                 joined = self._fetches.get(key)
+                if (joined is None and not sequential and self._open_ended(meta, last_needed)
+                        and hi - lo + 1 > PROBE_BYTES):
+                    # A cold seek (Mist reads a box header and hangs up): stream a small
+                    # probe straight from S3 first; the block follows only if the client
+                    # keeps reading.
+                    stop = lo + PROBE_BYTES - 1
+                    async with aclosing(self.upstream.read(
+                            meta.key, first_byte + lo, first_byte + stop, meta.etag)) as probe:
+                        async for chunk in probe:
+                            yield chunk
+                    lo = stop + 1
+                    joined = self._fetches.get(key)
                 if joined is not None:
                     self._metrics.coalesced_waits.inc()
                     fetch = joined
@@ -271,13 +287,15 @@ class ObjectStore:
             for fetch in attached:
                 fetch.detach()
 
+    def _open_ended(self, meta: ObjectMeta, last_needed: int) -> bool:
+        return last_needed == (meta.size - 1) // self.block_size
+
     def _run_end(self, meta: ObjectMeta, index: int, last_needed: int, sequential: bool) -> int:
         """Where a client's own GET from block `index` stops: the blocks it asked for, at
         most `readahead_blocks` past this one. An open-ended read that has not yet shown
         itself sequential gets this block alone: Mist opens `bytes=N-` at every seek and
         mostly reads a few KiB before it hangs up."""
-        open_ended = last_needed == (meta.size - 1) // self.block_size
-        if open_ended and not sequential:
+        if self._open_ended(meta, last_needed) and not sequential:
             return index
         return min(last_needed, index + self._config.readahead_blocks)
 

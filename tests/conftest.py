@@ -18,7 +18,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from moto.server import ThreadedMotoServer
 
-from s3proxy.app import Proxy, create_admin_app, create_app
+from s3proxy.app import RUNNER_OPTIONS, Proxy, create_admin_app, create_app
 from s3proxy.config import Config, config_from_dict
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -173,9 +173,12 @@ async def start_proxy(emulator: Emulator, bucket: str,
     async def start(config: Config | None = None, **overrides: Any) -> RunningProxy:
         config = config or make_config(emulator.endpoint_url, bucket, **overrides)
         proxy = Proxy(config)
-        # access_log=None as in `s3proxy serve`: aiohttp's own access line carries the query
-        server = await aiohttp_server(create_app(config, proxy), access_log=None)
-        admin = await aiohttp_server(create_admin_app(proxy), access_log=None)
+        # As `s3proxy serve` runs them (RUNNER_OPTIONS); TestServer always sets
+        # handler_cancellation=True itself.
+        options = {k: v for k, v in RUNNER_OPTIONS.items() if k != "handler_cancellation"}
+        assert RUNNER_OPTIONS["handler_cancellation"] is True
+        server = await aiohttp_server(create_app(config, proxy), **options)
+        admin = await aiohttp_server(create_admin_app(proxy), **options)
         return RunningProxy(server, admin, proxy, config.s3.bucket)
 
     return start
