@@ -288,9 +288,17 @@ async def _stream_multipart(request: web.Request, proxy: Proxy, meta: ObjectMeta
 BODY_BYTES = web.RequestKey("body_bytes", int)  # body bytes written so far
 
 
+# Largest slice handed to the transport at once: what the socket does not take at once
+# is copied into the transport's buffer, so this bounds the memory each slow client pins.
+WRITE_SLICE = 128 * 1024
+
+
 async def _send(request: web.Request, response: web.StreamResponse, data: Chunk) -> None:
-    await response.write(data)
-    request[BODY_BYTES] = request.get(BODY_BYTES, 0) + len(data)
+    view = memoryview(data)
+    for offset in range(0, len(view), WRITE_SLICE):
+        piece = view[offset:offset + WRITE_SLICE]
+        await response.write(piece)
+        request[BODY_BYTES] = request.get(BODY_BYTES, 0) + len(piece)
 
 
 async def _pump(request: web.Request, response: web.StreamResponse, first: Chunk,
@@ -417,6 +425,11 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             response = MediaError(exc.status, exc.reason).response()
         except asyncio.CancelledError:
             # The client hung up while we waited (RUNNER_OPTIONS: handler_cancellation).
+            _record(request, CLIENT_CLOSED, int(request.get(BODY_BYTES, 0)), started,
+                    "client closed the connection")
+            raise
+        except ConnectionError:
+            # ... or just before the status line went out.
             _record(request, CLIENT_CLOSED, int(request.get(BODY_BYTES, 0)), started,
                     "client closed the connection")
             raise

@@ -155,6 +155,7 @@ class ObjectStore:
                      if cache.disk.path and cache.disk.max_bytes > 0 else None)
         self.memory = MemoryTier(int(cache.max_bytes) // workers, on_evict=self._evicted)
         self._fetches: dict[BlockKey, RunFetch] = {}
+        self._probing: set[BlockKey] = set()
         self._readahead_inflight = 0
         self._last_read: LRUCache[Version, int] = LRUCache(maxsize=4096)
         self._background: set[asyncio.Task[None]] = set()
@@ -258,15 +259,22 @@ class ObjectStore:
                     continue
                 joined = self._fetches.get(key)
                 if (joined is None and not sequential and self._open_ended(meta, last_needed)
-                        and hi - lo + 1 > PROBE_BYTES):
+                        and hi - lo + 1 > PROBE_BYTES and key not in self._probing):
                     # A cold seek (Mist reads a box header and hangs up): stream a small
                     # probe straight from S3 first; the block follows only if the client
                     # keeps reading.
+                    # (one probe per block at a time: concurrent seeks to it share the
+                    # block fetch instead)
                     stop = lo + PROBE_BYTES - 1
-                    async with aclosing(self.upstream.read(
-                            meta.key, first_byte + lo, first_byte + stop, meta.etag)) as probe:
-                        async for chunk in probe:
-                            yield chunk
+                    self._probing.add(key)
+                    try:
+                        async with aclosing(self.upstream.read(
+                                meta.key, first_byte + lo, first_byte + stop,
+                                meta.etag)) as probe:
+                            async for chunk in probe:
+                                yield chunk
+                    finally:
+                        self._probing.discard(key)
                     lo = stop + 1
                     joined = self._fetches.get(key)
                 if joined is not None:

@@ -84,6 +84,23 @@ async def test_fifty_cold_requests_for_one_block_make_one_get(
     assert running.metric("s3proxy_coalesced_waits_total") == 49
 
 
+async def test_many_cold_open_ended_reads_share_one_probe_and_one_block_fetch(
+        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    data = os.urandom(3 << 20)
+    put_object(emulator, bucket, "start.mp4", data)
+    running = await start_proxy(cache={"readahead_blocks": 0})
+    async with aiohttp.ClientSession() as session:
+        async def one() -> bytes:  # Mist at stream start: `bytes=0-`, then a box header
+            async with session.get(url(running, "start.mp4"),
+                                   headers={"Range": "bytes=0-"}) as response:
+                assert response.status == 206
+                return await response.content.readexactly(200_000)
+
+        bodies = await asyncio.gather(*(one() for _ in range(30)))
+    assert all(body == data[:200_000] for body in bodies)
+    assert gets_for(emulator, bucket, "start.mp4") <= 3  # a probe, block 0, block 1
+
+
 async def test_a_waiter_hanging_up_does_not_cancel_the_fetch_for_the_others(
         aiohttp_server: Any, start_proxy: StartProxy) -> None:
     state = OriginState(size=8 << 20, chunk_delay_s=0.01)  # 1 MiB takes ~160 ms
