@@ -16,8 +16,8 @@ from contextlib import aclosing
 
 from aiohttp import web
 
-from .assets import InvalidAssetName, content_type_for, validate_asset_name
-from .auth import AuthFailure, Grant, TokenVerifier
+from .assets import InvalidAssetName, content_type_for, looks_like_dtsh, validate_asset_name
+from .auth import SIDECAR_SUFFIX, AuthFailure, Grant, TokenVerifier
 from .config import Config
 from .errors import (
     AssetNotFound,
@@ -143,19 +143,28 @@ def _asset_from(request: web.Request) -> str:
         raise MediaError(400, str(exc)) from None
 
 
-def _token_from(request: web.Request, query_param: str) -> str | None:
+def _target(request: web.Request, query_param: str) -> tuple[str, str | None]:
+    """The asset asked for and the token presented (path, Bearer header or query).
+
+    Mist appends `.dtsh` to its whole source URL, query included: a query token of the
+    form `<jwt>.dtsh` means the sidecar of the asset, authorised by `<jwt>`.
+    """
+    asset = _asset_from(request)
     if "token" in request.match_info:
-        return request.match_info["token"]
+        return asset, request.match_info["token"]
     authorization = request.headers.get("Authorization", "")
     scheme, _, credentials = authorization.partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
-        return credentials.strip()
-    return request.query.get(query_param)
+        return asset, credentials.strip()
+    token = request.query.get(query_param)
+    if token and token.endswith(SIDECAR_SUFFIX) and not asset.endswith(SIDECAR_SUFFIX):
+        return asset + SIDECAR_SUFFIX, token[: -len(SIDECAR_SUFFIX)]
+    return asset, token
 
 
-def _authorize(proxy: Proxy, request: web.Request, asset: str) -> Grant:
+def _authorize(proxy: Proxy, asset: str, token: str | None) -> Grant:
     try:
-        return proxy.verifier.authorize(_token_from(request, proxy.config.auth.query_param), asset)
+        return proxy.verifier.authorize(token, asset)
     except AuthFailure as failure:
         proxy.metrics.auth_failures.labels(reason=failure.reason).inc()
         headers = {"WWW-Authenticate": WWW_AUTHENTICATE} if failure.status == 401 else {}
@@ -175,10 +184,16 @@ def _entity_headers(meta: ObjectMeta, asset: str) -> dict[str, str]:
 
 async def handle_media(request: web.Request) -> web.StreamResponse:
     proxy = request.app[PROXY]
+    if request.method == "PUT" and proxy.config.sidecars.accept_put:
+        asset, token = _target(request, proxy.config.auth.query_param)
+        if not asset.endswith(SIDECAR_SUFFIX):
+            return refuse_method(request)
+        _authorize(proxy, asset, token)
+        return await _store_sidecar(proxy, request, asset)
     if request.method not in ("GET", "HEAD"):
         return refuse_method(request)
-    asset = _asset_from(request)
-    _authorize(proxy, request, asset)
+    asset, token = _target(request, proxy.config.auth.query_param)
+    _authorize(proxy, asset, token)
     # A version that changes between HEAD and the first GET is looked up once more.
     for attempt in (1, 2):
         meta = await _stat(proxy, asset)
@@ -334,14 +349,64 @@ def refuse_method(request: web.Request) -> web.Response:
     return response
 
 
+def _sidecar_put_allowed(proxy: Proxy, request: web.Request) -> None:
+    """Everything a sidecar PUT must pass before its body is read (MediaError if not)."""
+    asset, token = _target(request, proxy.config.auth.query_param)
+    if not asset.endswith(SIDECAR_SUFFIX):
+        raise MediaError(405, "method not allowed", {"Allow": ALLOW})
+    _authorize(proxy, asset, token)
+    length = request.content_length
+    if length is not None and length > proxy.config.sidecars.max_bytes:
+        raise MediaError(413, "sidecar larger than sidecars.max_bytes")
+
+
 async def expect_handler(request: web.Request) -> web.StreamResponse | None:
-    """Answer `Expect: 100-continue` with the 405 itself, so no body is ever sent."""
+    """Answer `Expect: 100-continue` with the refusal itself, so no refused body is ever
+    sent; a sidecar PUT that passes every check gets its `100 Continue`."""
     if request.method in ("GET", "HEAD"):
         return None  # no body to wait for: the final answer serves as the go-ahead
+    proxy = request.app[PROXY]
     started = time.perf_counter()
+    if request.method == "PUT" and proxy.config.sidecars.accept_put:
+        try:
+            _sidecar_put_allowed(proxy, request)
+        except MediaError as error:
+            response = error.response()
+            response.force_close()
+            _record(request, error.status, 0, started, error.reason)
+            return response
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        return None
     response = refuse_method(request)
     _record(request, response.status, 0, started, "method not allowed")
     return response
+
+
+async def _store_sidecar(proxy: Proxy, request: web.Request, asset: str) -> web.Response:
+    """A checked `.dtsh` upload, stored at `{prefix}{asset}` (a key ending in .dtsh)."""
+    limit = proxy.config.sidecars.max_bytes
+    try:
+        _sidecar_put_allowed(proxy, request)
+    except MediaError as error:
+        response = error.response()
+        response.force_close()
+        return response
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            response = MediaError(413, "sidecar larger than sidecars.max_bytes").response()
+            response.force_close()
+            return response
+    if not looks_like_dtsh(bytes(body)):
+        raise MediaError(400, "body is not a DTSH header")
+    try:
+        await proxy.store.put_sidecar(asset, bytes(body))
+    except S3ProxyError as exc:
+        raise MediaError(_status_for(exc), str(exc)) from None
+    return web.Response(status=204)
 
 
 # --- admin ------------------------------------------------------------------------

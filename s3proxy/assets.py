@@ -50,6 +50,16 @@ def validate_asset_name(name: str) -> str:
     return name
 
 
+DTSH_MAGIC = b"DTSC"  # Mist's DTSC header magic, followed by a big-endian payload length
+
+
+def looks_like_dtsh(data: bytes) -> bool:
+    """A Mist stream header: the DTSC magic, then a length that fits the data."""
+    if len(data) < 8 or data[:4] != DTSH_MAGIC:
+        return False
+    return 8 + int.from_bytes(data[4:8], "big") <= len(data)
+
+
 def object_key(prefix: str, asset: str) -> str:
     return f"{prefix}{asset}"
 

@@ -205,6 +205,17 @@ class ObjectStore:
         self._meta[key] = meta
         return meta
 
+    async def put_sidecar(self, asset: str, data: bytes) -> None:
+        """Store a `.dtsh` sidecar (never anything else) and forget what was known of it."""
+        key = object_key(self._prefix, asset)
+        if not key.endswith(".dtsh"):
+            raise ValueError("only .dtsh sidecars are ever written")
+        await self.upstream.put(key, data, "application/octet-stream")
+        self._meta.pop(key, None)
+        previous = self._etags.pop(key, None)
+        if previous is not None:
+            self._drop_version((self.bucket, key, previous))
+
     def version_changed(self, meta: ObjectMeta) -> None:
         """S3 said 412 to If-Match: forget the version's metadata and blocks."""
         cached = self._meta.get(meta.key)

@@ -134,6 +134,15 @@ class S3Upstream:
         finally:
             body.close()
 
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        started = time.monotonic()
+        try:
+            await self._client.put_object(Bucket=self._config.bucket, Key=key, Body=data,
+                                          ContentType=content_type)
+        except Exception as exc:
+            raise self._failed("put", started, exc) from None
+        self._succeeded("put", started)
+
     async def probe(self, key: str | None) -> None:
         """Raise unless S3 answers: HEAD of `key`, or a bucket-level check."""
         if key:
