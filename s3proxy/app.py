@@ -423,6 +423,24 @@ async def handle_readyz(request: web.Request) -> web.Response:
     return web.Response(status=503, text=f"not ready: {reason}\n")
 
 
+async def handle_warm(request: web.Request) -> web.Response:
+    """POST /warm/{asset}: metadata, sidecar and the first cache.warm_bytes into the cache,
+    so the first viewer's start-up reads are hits."""
+    proxy = request.app[PROXY]
+    try:
+        asset = validate_asset_name(request.match_info["asset"])
+    except InvalidAssetName as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    started = time.perf_counter()
+    try:
+        result = await proxy.store.warm(asset, int(proxy.config.cache.warm_bytes))
+    except S3ProxyError as exc:
+        return web.json_response({"asset": asset, "error": str(exc)},
+                                 status=_status_for(exc))
+    result["seconds"] = round(time.perf_counter() - started, 4)
+    return web.json_response(result)
+
+
 async def handle_metrics(request: web.Request) -> web.Response:
     proxy = request.app[PROXY]
     return web.Response(body=proxy.metrics.exposition(),
@@ -560,4 +578,5 @@ def create_admin_app(proxy: Proxy) -> web.Application:
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
     app.router.add_get("/metrics", handle_metrics)
+    app.router.add_post("/warm/{asset:(?s:.+)}", handle_warm)
     return app

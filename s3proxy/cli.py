@@ -98,6 +98,33 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_warm(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    config = _load(args.config)
+    host = "127.0.0.1" if config.admin.host in ("0.0.0.0", "::", "") else config.admin.host
+    url = f"http://{host}:{config.admin.port}/warm/{urllib.parse.quote(args.name)}"
+    request = urllib.request.Request(url, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            print(json.dumps(json.loads(response.read()), indent=2))
+            return 0
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            detail = exc.reason
+        print(f"s3proxy: warm {args.name}: {exc.code} {detail}", file=sys.stderr)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"s3proxy: warm: no proxy answering at {host}:{config.admin.port} ({reason})",
+              file=sys.stderr)
+    return 1
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     if config.auth.mode == "jwt":
@@ -139,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--sub", help="subject claim (revocable with sub:<id>)")
     token.add_argument("--jti", help="token id claim (revocable with jti:<id>)")
     token.set_defaults(func=cmd_token)
+
+    warm = commands.add_parser("warm", help="ask a running proxy to load an asset's start")
+    warm.add_argument("name", help="asset name, as in /vod/<name>")
+    warm.add_argument("--config", help="YAML file (default: $S3PROXY_CONFIG): admin address")
+    warm.add_argument("--timeout", type=float, default=60, help="seconds (default 60)")
+    warm.set_defaults(func=cmd_warm)
 
     check = commands.add_parser("check-config", help="validate and print the effective config")
     check.add_argument("file")

@@ -216,6 +216,29 @@ class ObjectStore:
         if previous is not None:
             self._drop_version((self.bucket, key, previous))
 
+    async def warm(self, asset: str, nbytes: int) -> dict[str, object]:
+        """Load an asset's metadata, its sidecar and its first `nbytes` into the cache."""
+        meta = await self.stat(asset)
+        loaded = 0
+        if meta.size and nbytes:
+            async with aclosing(self.open(meta, 0, min(meta.size, nbytes) - 1,
+                                          probe=False)) as chunks:
+                async for chunk in chunks:
+                    loaded += len(chunk)
+        sidecar: ObjectMeta | None
+        try:
+            sidecar = await self.stat(asset + ".dtsh")
+        except AssetNotFound:
+            sidecar = None  # remembered as missing: Mist's look-up costs nothing now
+        if sidecar is not None and sidecar.size:
+            async with aclosing(self.open(sidecar, 0, sidecar.size - 1, probe=False)) as chunks:
+                async for _ in chunks:
+                    pass
+        return {"asset": asset, "size": meta.size, "etag": meta.etag, "warmed_bytes": loaded,
+                "blocks": -(-loaded // self.block_size),
+                "sidecar": sidecar is not None,
+                "sidecar_bytes": sidecar.size if sidecar is not None else 0}
+
     def version_changed(self, meta: ObjectMeta) -> None:
         """S3 said 412 to If-Match: forget the version's metadata and blocks."""
         cached = self._meta.get(meta.key)
@@ -231,12 +254,13 @@ class ObjectStore:
 
     # --- bytes ------------------------------------------------------------------
 
-    async def open(self, meta: ObjectMeta, start: int, end: int
+    async def open(self, meta: ObjectMeta, start: int, end: int, *, probe: bool = True
                    ) -> AsyncGenerator[Block | memoryview, None]:
         """Bytes start..end (inclusive) of exactly the version `meta` describes.
 
         Raises ObjectChanged (before or during the stream) when that version is gone.
         Close the generator to stop: fetches nobody else reads stop with it.
+        `probe=False` (warm-up) always goes through whole, cached blocks.
         """
         if end < start:
             return
@@ -269,7 +293,8 @@ class ObjectStore:
                     yield memoryview(data)[lo:hi + 1]
                     continue
                 joined = self._fetches.get(key)
-                if (joined is None and not sequential and self._open_ended(meta, last_needed)
+                if (probe and joined is None and not sequential
+                        and self._open_ended(meta, last_needed)
                         and hi - lo + 1 > PROBE_BYTES and key not in self._probing):
                     # A cold seek (Mist reads a box header and hangs up): stream a small
                     # probe straight from S3 first; the block follows only if the client
@@ -281,8 +306,8 @@ class ObjectStore:
                     try:
                         async with aclosing(self.upstream.read(
                                 meta.key, first_byte + lo, first_byte + stop,
-                                meta.etag)) as probe:
-                            async for chunk in probe:
+                                meta.etag)) as probe_bytes:
+                            async for chunk in probe_bytes:
                                 yield chunk
                     finally:
                         self._probing.discard(key)
