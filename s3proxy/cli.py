@@ -98,6 +98,12 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .prepare import run_prepare
+
+    return run_prepare(args.source, args.asset, _load(args.config))
+
+
 def cmd_warm(args: argparse.Namespace) -> int:
     import json
     import urllib.error
@@ -166,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--sub", help="subject claim (revocable with sub:<id>)")
     token.add_argument("--jti", help="token id claim (revocable with jti:<id>)")
     token.set_defaults(func=cmd_token)
+
+    prepare = commands.add_parser(
+        "prepare", help="ingest: remux to a streamable MP4 (index first), .dtsh, upload")
+    prepare.add_argument("source", help="a local file or s3://bucket/key (a raw upload)")
+    prepare.add_argument("--asset", required=True, help="asset name to publish it as")
+    prepare.add_argument("--config", help="YAML file (default: $S3PROXY_CONFIG): bucket, "
+                         "prefix, endpoint")
+    prepare.set_defaults(func=cmd_prepare)
 
     warm = commands.add_parser("warm", help="ask a running proxy to load an asset's start")
     warm.add_argument("name", help="asset name, as in /vod/<name>")

@@ -1,0 +1,317 @@
+"""`s3proxy prepare SOURCE --asset NAME`: the ingest stage.
+
+Probe the input with ffprobe, refuse what is not playable media, remux it without
+re-encoding to an MP4 with the index first (or keep TS/MKV streams that MP4 can not
+hold, as they are), make Mist's `.dtsh` header when a Mist input binary is installed,
+and upload: the sidecar first, the asset last, so the asset's presence means "ready".
+Uploads are single PUTs or multipart uploads, both of which appear at once when
+complete: a failure never leaves half an asset at the ready key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiobotocore.session import get_session
+
+from .assets import InvalidAssetName, object_key, validate_asset_name
+from .config import Config
+
+MIST_LIMIT = 2 << 30  # Mist's Content-Length parsing overflows at 2 GiB
+PART_SIZE = 16 << 20
+SHA_META = "s3proxy-sha256"
+_MIST_INPUTS = {"mp4": "MistInMP4", "mpegts": "MistInTS", "matroska": "MistInMKV"}
+
+
+class PrepareError(Exception):
+    """A refusal: the one line an operator sees (exit 2)."""
+
+
+@dataclass
+class Summary:
+    asset: str
+    bucket: str
+    key: str
+    size: int = 0
+    duration_s: float | None = None
+    container: str = ""
+    codecs: list[str] = field(default_factory=list)
+    index: str = "n/a"  # where an MP4's moov sits: start | end
+    sidecar: str = "skipped"  # uploaded | skipped (why in notes)
+    uploaded: str = ""  # uploaded | unchanged
+    notes: list[str] = field(default_factory=list)
+
+
+def _say(message: str) -> None:
+    print(f"prepare: {message}", file=sys.stderr, flush=True)
+
+
+def _progress(label: str, done: float, total: float) -> None:
+    if total > 0 and sys.stderr.isatty():
+        print(f"\rprepare: {label} {min(100.0, 100 * done / total):5.1f}%", end="",
+              file=sys.stderr, flush=True)
+        if done >= total:
+            print(file=sys.stderr, flush=True)
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise PrepareError(f"{name} is not installed (Debian: apt-get install ffmpeg)")
+    return path
+
+
+def probe(path: Path) -> dict[str, Any]:
+    result = subprocess.run(
+        [_tool("ffprobe"), "-v", "error", "-print_format", "json", "-show_format",
+         "-show_streams", str(path)], capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["unreadable"])[-1]
+        raise PrepareError(f"{path.name} is not a media file ffprobe can read: {reason}")
+    info: dict[str, Any] = json.loads(result.stdout or "{}")
+    kinds = {s.get("codec_type") for s in info.get("streams", [])}
+    if not kinds & {"audio", "video"}:
+        raise PrepareError(f"{path.name} has no audio or video stream")
+    return info
+
+
+def top_level_boxes(path: Path) -> list[tuple[str, int, int]]:
+    """(type, offset, size) of an MP4's top-level boxes."""
+    boxes = []
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        offset = 0
+        while offset + 8 <= size:
+            handle.seek(offset)
+            header = handle.read(16)
+            length = int.from_bytes(header[:4], "big")
+            kind = header[4:8].decode("latin-1")
+            if length == 1:
+                length = int.from_bytes(header[8:16], "big")
+            elif length == 0:
+                length = size - offset
+            if length < 8:
+                break
+            boxes.append((kind, offset, length))
+            offset += length
+    return boxes
+
+
+def _ffmpeg(args: list[str], duration: float | None) -> subprocess.CompletedProcess[str]:
+    """Run ffmpeg with `-progress`, showing it on a terminal."""
+    command = [_tool("ffmpeg"), "-hide_banner", "-nostdin", "-v", "error", "-y",
+               "-progress", "pipe:1", *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    assert process.stdout is not None and process.stderr is not None
+    for line in process.stdout:
+        if line.startswith("out_time_us=") and duration:
+            try:
+                _progress("remux", int(line.split("=", 1)[1]) / 1e6, duration)
+            except ValueError:
+                pass
+    stderr = process.stderr.read()
+    process.wait()
+    return subprocess.CompletedProcess(command, process.returncode, "", stderr)
+
+
+def remux(source: Path, work: Path, info: dict[str, Any], summary: Summary) -> Path:
+    """An MP4 with the index first, or the input itself when MP4 can not hold it."""
+    duration = float(info.get("format", {}).get("duration") or 0) or None
+    target = work / "prepared.mp4"
+    result = _ffmpeg(["-xerror", "-i", str(source), "-map", "0", "-c", "copy",
+                      "-movflags", "+faststart", "-f", "mp4", str(target)], duration)
+    if result.returncode == 0:
+        summary.container = "mp4"
+        return target
+    lines = result.stderr.strip().splitlines() or ["ffmpeg failed"]
+    unsupported = [line for line in lines if "Could not find tag" in line
+                   or "not currently supported in container" in line]
+    reason = unsupported[0] if unsupported else lines[-1]
+    if unsupported:
+        container = info.get("format", {}).get("format_name", "")
+        if "mpegts" in container or "matroska" in container:
+            summary.container = "mpegts" if "mpegts" in container else "matroska"
+            summary.notes.append(f"kept as {summary.container}: its streams can not go "
+                                 f"into MP4 ({reason})")
+            _say(summary.notes[-1])
+            return source
+    raise PrepareError(f"{source.name} could not be remuxed (truncated or damaged?): "
+                       f"{reason}")
+
+
+def verify_complete(path: Path, info: dict[str, Any]) -> None:
+    """Read every packet once: a truncated file fails here, before anything is uploaded."""
+    duration = float(info.get("format", {}).get("duration") or 0) or None
+    result = _ffmpeg(["-xerror", "-i", str(path), "-map", "0", "-c", "copy", "-f", "null",
+                      "-"], duration)
+    damaged = [line for line in result.stderr.splitlines()
+               if "partial file" in line or "Invalid data" in line or "corrupt" in line]
+    if result.returncode != 0 or damaged:
+        reason = (damaged or result.stderr.strip().splitlines() or ["read error"])[-1]
+        raise PrepareError(f"{path.name} is truncated or damaged: {reason}")
+
+
+def make_sidecar(path: Path, container: str, name: str, summary: Summary) -> Path | None:
+    binary = _MIST_INPUTS.get(container)
+    found = shutil.which(binary) if binary else None
+    if found is None:
+        summary.notes.append(f"no .dtsh: {binary or 'a Mist input'} is not on PATH")
+        _say(f"skipped the .dtsh header: {binary or 'a Mist input'} is not on PATH")
+        return None
+    result = subprocess.run([found, "-H", "-s", name, str(path)], capture_output=True,
+                            text=True, timeout=600)
+    sidecar = Path(str(path) + ".dtsh")
+    if result.returncode != 0 or not sidecar.is_file():
+        summary.notes.append(f"no .dtsh: {binary} failed")
+        _say(f"skipped the .dtsh header: {binary} failed: {result.stderr.strip()[-200:]}")
+        return None
+    return sidecar
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+async def _download(client: Any, bucket: str, key: str, target: Path) -> None:
+    try:
+        response = await client.get_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        raise PrepareError(f"can not read s3://{bucket}/{key}: {_s3_reason(exc)}") from None
+    total = int(response.get("ContentLength") or 0)
+    done = 0
+    async with response["Body"] as body:
+        with open(target, "wb") as handle:
+            while chunk := await body.read(1 << 20):
+                handle.write(chunk)
+                done += len(chunk)
+                _progress("download", done, total)
+
+
+def _s3_reason(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", type(exc).__name__))
+    return type(exc).__name__
+
+
+async def _upload(client: Any, bucket: str, key: str, path: Path, content_type: str,
+                  sha: str) -> None:
+    size = path.stat().st_size
+    metadata = {SHA_META: sha}
+    if size <= PART_SIZE:
+        await client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes(),
+                                ContentType=content_type, Metadata=metadata)
+        return
+    upload = await client.create_multipart_upload(Bucket=bucket, Key=key,
+                                                  ContentType=content_type, Metadata=metadata)
+    upload_id = upload["UploadId"]
+    parts = []
+    try:
+        with open(path, "rb") as handle:
+            number = 1
+            while chunk := handle.read(PART_SIZE):
+                part = await client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id,
+                                                PartNumber=number, Body=chunk)
+                parts.append({"ETag": part["ETag"], "PartNumber": number})
+                _progress("upload", min(size, number * PART_SIZE), size)
+                number += 1
+        await client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
+                                               MultipartUpload={"Parts": parts})
+    except BaseException:
+        await client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+        raise
+
+
+async def _existing_sha(client: Any, bucket: str, key: str) -> str | None:
+    try:
+        head = await client.head_object(Bucket=bucket, Key=key)
+    except Exception:
+        return None
+    value = head.get("Metadata", {}).get(SHA_META)
+    return value if isinstance(value, str) else None
+
+
+async def prepare(source: str, asset: str, config: Config) -> Summary:
+    validate_asset_name(asset)
+    bucket = config.s3.bucket
+    key = object_key(config.s3.prefix, asset)
+    summary = Summary(asset=asset, bucket=bucket, key=key)
+    session = get_session()
+    async with session.create_client("s3", region_name=config.s3.region,
+                                     endpoint_url=config.s3.endpoint_url) as client:
+        with tempfile.TemporaryDirectory(prefix="s3proxy-prepare-") as tmp:
+            work = Path(tmp)
+            if source.startswith("s3://"):
+                src_bucket, _, src_key = source[5:].partition("/")
+                if not src_bucket or not src_key:
+                    raise PrepareError(f"{source}: expected s3://bucket/key")
+                local = work / ("source" + Path(src_key).suffix)
+                await _download(client, src_bucket, src_key, local)
+            else:
+                local = Path(source)
+                if not local.is_file():
+                    raise PrepareError(f"{source}: no such file")
+            info = await asyncio.to_thread(probe, local)
+            await asyncio.to_thread(verify_complete, local, info)
+            prepared = await asyncio.to_thread(remux, local, work, info, summary)
+            final_info = await asyncio.to_thread(probe, prepared)
+            streams = final_info.get("streams", [])
+            summary.codecs = [f"{s.get('codec_type')}:{s.get('codec_name')}" for s in streams]
+            duration = final_info.get("format", {}).get("duration")
+            summary.duration_s = round(float(duration), 3) if duration else None
+            summary.size = prepared.stat().st_size
+            if summary.container == "mp4":
+                kinds = [kind for kind, _, _ in top_level_boxes(prepared)]
+                if "moov" in kinds and "mdat" in kinds:
+                    summary.index = "start" if kinds.index("moov") < kinds.index("mdat") else "end"
+            if summary.size >= MIST_LIMIT:
+                summary.notes.append("2 GiB or more: MistServer can not play files this large")
+                _say("warning: " + summary.notes[-1])
+            sidecar = await asyncio.to_thread(make_sidecar, prepared, summary.container,
+                                              asset, summary)
+            sha = await asyncio.to_thread(_sha256, prepared)
+            content_type = {"mp4": "video/mp4", "mpegts": "video/mp2t",
+                            "matroska": "video/x-matroska"}.get(summary.container,
+                                                                "application/octet-stream")
+            try:
+                if sidecar is not None:  # first: the asset's presence means "ready"
+                    await _upload(client, bucket, key + ".dtsh", sidecar,
+                                  "application/octet-stream", await asyncio.to_thread(
+                                      _sha256, sidecar))
+                    summary.sidecar = "uploaded"
+                if await _existing_sha(client, bucket, key) == sha:
+                    summary.uploaded = "unchanged"
+                else:
+                    await _upload(client, bucket, key, prepared, content_type, sha)
+                    summary.uploaded = "uploaded"
+            except PrepareError:
+                raise
+            except Exception as exc:
+                raise PrepareError(f"upload to s3://{bucket}/{key} failed: "
+                                   f"{_s3_reason(exc)}") from None
+    return summary
+
+
+def run_prepare(source: str, asset: str, config: Config) -> int:
+    try:
+        summary = asyncio.run(prepare(source, asset, config))
+    except (PrepareError, InvalidAssetName) as exc:
+        print(f"s3proxy: prepare: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary.__dict__, indent=2))
+    return 0
+
