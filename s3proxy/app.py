@@ -225,7 +225,7 @@ async def _answer(proxy: Proxy, request: web.Request, asset: str,
     if request.method == "HEAD":
         response = web.StreamResponse(status=200, headers=headers)
         response.content_length = meta.size
-        await response.prepare(request)
+        await _begin(request, response)
         await response.write_eof()
         return response
     ranges = _requested_ranges(proxy, request, meta)
@@ -274,7 +274,7 @@ async def _stream(request: web.Request, proxy: Proxy, meta: ObjectMeta, status: 
     response.content_length = max(0, byte_range.length)
     async with aclosing(proxy.store.open(meta, byte_range.start, byte_range.end)) as chunks:
         first = await _first_chunk(chunks)
-        await response.prepare(request)
+        await _begin(request, response)
         if await _pump(request, response, first, chunks):
             await response.write_eof()
     return response
@@ -292,7 +292,7 @@ async def _stream_multipart(request: web.Request, proxy: Proxy, meta: ObjectMeta
         async with aclosing(proxy.store.open(meta, part.range.start, part.range.end)) as chunks:
             first = await _first_chunk(chunks) if index == 0 else b""
             if index == 0:
-                await response.prepare(request)
+                await _begin(request, response)
             if not await _pump(request, response, part.header + first, chunks):
                 return response
     await _send(request, response, layout.trailer)
@@ -301,6 +301,12 @@ async def _stream_multipart(request: web.Request, proxy: Proxy, meta: ObjectMeta
 
 
 BODY_BYTES = web.RequestKey("body_bytes", int)  # body bytes written so far
+STATUS_SENT = web.RequestKey("status_sent", int)  # the status line that went out
+
+
+async def _begin(request: web.Request, response: web.StreamResponse) -> None:
+    await response.prepare(request)
+    request[STATUS_SENT] = response.status
 
 
 # Largest slice handed to the transport at once: what the socket does not take at once
@@ -506,15 +512,11 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                 raise
             reason = exc.reason
             response = MediaError(exc.status, exc.reason).response()
-        except asyncio.CancelledError:
-            # The client hung up while we waited (RUNNER_OPTIONS: handler_cancellation).
-            _record(request, CLIENT_CLOSED, int(request.get(BODY_BYTES, 0)), started,
-                    "client closed the connection")
-            raise
-        except ConnectionError:
-            # ... or just before the status line went out.
-            _record(request, CLIENT_CLOSED, int(request.get(BODY_BYTES, 0)), started,
-                    "client closed the connection")
+        except (asyncio.CancelledError, ConnectionError):
+            # The client hung up while we waited (RUNNER_OPTIONS: handler_cancellation)
+            # or wrote: logged with the status it got, or 499 if none went out (nginx's way).
+            _record(request, request.get(STATUS_SENT, CLIENT_CLOSED),
+                    int(request.get(BODY_BYTES, 0)), started, "client closed the connection")
             raise
         except Exception:
             log.exception("unhandled error while answering a request")
