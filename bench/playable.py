@@ -1,0 +1,112 @@
+"""Time to playable: how long a Mist-like reader (tests/mistlike.py) needs for its start-up
+reads of a prepared (index-first) MP4, with the origin 30 ms away, for assets of 50 MiB,
+500 MiB and 1.5 GiB: s3proxy cold, s3proxy warmed (POST /warm), and the old way
+(download the whole file first).
+
+    apt-get install nginx-light ffmpeg
+    python bench/playable.py            # --sizes 50,500 for a shorter run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from run import BUCKET, MIB, Stack, link  # noqa: E402
+
+from tests.mistlike import mp4_start_up  # noqa: E402
+
+
+def make_asset(stack: Stack, size_mib: int) -> str:
+    """A faststart H.264 MP4 of about `size_mib` MiB: ten seconds encoded at a high rate,
+    then looped (stream copy) to length."""
+    seed = stack.work / "seed.mp4"
+    if not seed.exists():
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
+                        "testsrc2=size=1280x720:rate=25:duration=10", "-f", "lavfi", "-i",
+                        "sine=duration=10", "-c:v", "libx264", "-preset", "ultrafast",
+                        "-b:v", "40M", "-c:a", "aac", "-movflags", "+faststart", str(seed)],
+                       check=True, timeout=300)
+    loops = max(1, round(size_mib * MIB / seed.stat().st_size))
+    name = f"asset{size_mib}.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-stream_loop", str(loops - 1), "-i",
+                    str(seed), "-c", "copy", "-movflags", "+faststart",
+                    str(stack.data / name)], check=True, timeout=1200)
+    (stack.data / name).chmod(0o644)
+    return name
+
+
+async def download_whole(url: str) -> float:
+    started = time.perf_counter()
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        async for _ in response.content.iter_chunked(1 << 20):
+            pass
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="50,500,1536", help="MiB, comma separated")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    for tool in ("nginx", "ffmpeg"):
+        if shutil.which(tool) is None:
+            print(f"needs {tool}: apt-get install nginx-light ffmpeg", file=sys.stderr)
+            return 2
+    tmp = Path(tempfile.mkdtemp(prefix="s3proxy-playable-"))
+    lines = ["time to playable, origin 30 ms away (median of "
+             f"{args.runs}): seconds until the Mist-like start-up reads are done"]
+    lines.append(f"  {'asset':>10} {'s3proxy cold':>13} {'s3proxy warm':>13} "
+                 f"{'download first':>15}")
+    stack = Stack(tmp)
+    try:
+        from run import make_data
+
+        make_data(stack, quick=True)
+        stack.start_origin()
+        proxy = stack.start_s3proxy("s3proxy-playable", delayed=True, max_bytes="256MiB")
+        for size in (int(s) for s in args.sizes.split(",")):
+            name = make_asset(stack, size)
+            actual = (stack.data / name).stat().st_size
+            cold, warm, whole = [], [], []
+            for run in range(args.runs):
+                key = link(stack, name, f"cold-{run}-{name}")
+                source = proxy.path(key)
+                cold.append(asyncio.run(mp4_start_up("127.0.0.1", proxy.port, source)).seconds)
+                key = link(stack, name, f"warm-{run}-{name}")
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{proxy.admin}/warm/{key}", method="POST")
+                urllib.request.urlopen(request, timeout=120).read()
+                warm.append(asyncio.run(mp4_start_up("127.0.0.1", proxy.port,
+                                                     proxy.path(key))).seconds)
+                whole.append(asyncio.run(download_whole(
+                    f"http://127.0.0.1:{stack.delayed_port}/{BUCKET}/{name}")))
+            lines.append(f"  {actual / MIB:>7.0f} MiB {statistics.median(cold):>12.3f}s "
+                         f"{statistics.median(warm):>12.3f}s {statistics.median(whole):>14.3f}s")
+            os.unlink(stack.data / name)
+            for path in stack.data.glob(f"*-{name}"):
+                os.unlink(path)
+    finally:
+        stack.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
