@@ -19,14 +19,7 @@ from aiohttp import web
 from .assets import InvalidAssetName, content_type_for, looks_like_dtsh, validate_asset_name
 from .auth import SIDECAR_SUFFIX, AuthFailure, Grant, TokenVerifier
 from .config import Config
-from .errors import (
-    AssetNotFound,
-    ObjectChanged,
-    S3ProxyError,
-    UpstreamDenied,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
+from .errors import AssetNotFound, ObjectChanged, S3ProxyError, UpstreamTimeout
 from .logs import ACCESS_LOGGER
 from .metrics import Metrics
 from .ranges import (
@@ -124,13 +117,12 @@ class MediaError(Exception):
 
 
 def _status_for(error: S3ProxyError) -> int:
+    """The one place upstream errors become HTTP statuses."""
     if isinstance(error, AssetNotFound):
         return 404
     if isinstance(error, UpstreamTimeout):
         return 504
-    if isinstance(error, (UpstreamDenied, UpstreamUnavailable, ObjectChanged)):
-        return 502
-    return 502
+    return 502  # UpstreamDenied, UpstreamUnavailable, ObjectChanged (twice over)
 
 
 # --- the media handler ------------------------------------------------------------

@@ -39,6 +39,7 @@ Version = tuple[str, str, str]
 # block is fetched: enough for Mist's box-header reads, small enough to waste little
 # when the client hangs up at once.
 PROBE_BYTES = 64 * 1024
+MAX_PENDING_DISK_WRITES = 16
 
 
 class RunFetch:
@@ -156,6 +157,7 @@ class ObjectStore:
         self.memory = MemoryTier(int(cache.max_bytes) // workers, on_evict=self._evicted)
         self._fetches: dict[BlockKey, RunFetch] = {}
         self._probing: set[BlockKey] = set()
+        self._disk_writes = 0
         self._readahead_inflight = 0
         self._last_read: LRUCache[Version, int] = LRUCache(maxsize=4096)
         self._background: set[asyncio.Task[None]] = set()
@@ -185,12 +187,18 @@ class ObjectStore:
         if cached is not None:
             return cached
         task = self._heads.get(key)
-        if task is None:
+        if task is None:  # the first asker does the HEAD; the others wait for it
             task = asyncio.ensure_future(self._head(key))
             self._heads[key] = task
-            task.add_done_callback(lambda t: (self._heads.pop(key, None),
-                                              t.cancelled() or t.exception()))
+            task.add_done_callback(self._head_done)
         return await asyncio.shield(task)
+
+    def _head_done(self, task: asyncio.Task[ObjectMeta]) -> None:
+        for key, pending in list(self._heads.items()):
+            if pending is task:
+                del self._heads[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter may have gone
 
     async def _head(self, key: str) -> ObjectMeta:
         try:
@@ -405,8 +413,17 @@ class ObjectStore:
 
     def _evicted(self, key: BlockKey, data: Block) -> None:
         self._metrics.cache_evictions.labels(tier="memory").inc()
-        if self.disk is not None:
-            self._spawn(self.disk.put(key, data))
+        # A disk slower than the eviction rate must not pile blocks up in memory.
+        if self.disk is not None and self._disk_writes < MAX_PENDING_DISK_WRITES:
+            self._disk_writes += 1
+            self._spawn(self._write_to_disk(key, data))
+
+    async def _write_to_disk(self, key: BlockKey, data: Block) -> None:
+        assert self.disk is not None
+        try:
+            await self.disk.put(key, data)
+        finally:
+            self._disk_writes -= 1
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coroutine)
