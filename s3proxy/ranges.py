@@ -81,6 +81,22 @@ def parse_range_header(header: str, size: int) -> list[ByteRange] | None:
     return ranges
 
 
+def first_offset(header: str) -> int | None:
+    """Where the first range of a `bytes=a-b` header starts (None: no such range; an
+    open-ended `a-` or a suffix `-n` gives None too)."""
+    unit, sep, spec = header.partition("=")
+    if not sep or unit.strip().lower() != "bytes":
+        return None
+    first = spec.split(",", 1)[0].strip(" \t")
+    match = _RANGE_SPEC_RE.match(first)
+    if match is None or not match.group(1) or not match.group(2):
+        return None
+    try:
+        return int(match.group(1))
+    except ValueError:
+        return None
+
+
 def ranges_to_serve(ranges: list[ByteRange], max_ranges: int) -> list[ByteRange] | None:
     """The ranges to answer with, or None to answer 200 with the whole body.
 

@@ -51,8 +51,10 @@ class RunFetch:
     """
 
     def __init__(self, store: ObjectStore, meta: ObjectMeta, first: int, last: int,
-                 background: bool) -> None:
+                 background: bool,
+                 stream: AsyncGenerator[bytes, None] | None = None) -> None:
         self._store = store
+        self._stream = stream  # a GET already under way (see ObjectStore._discover)
         self.meta = meta
         self.first, self.last = first, last
         self.background = background
@@ -80,8 +82,9 @@ class RunFetch:
         end = block_bounds(self.last, bs, self.meta.size)[1]
         index = self.first
         try:
-            upstream = self._store.upstream
-            async with aclosing(upstream.read(self.meta.key, start, end, self.meta.etag)) as chunks:
+            stream = self._stream or self._store.upstream.read(
+                self.meta.key, start, end, self.meta.etag)
+            async with aclosing(stream) as chunks:
                 async for chunk in chunks:
                     view = memoryview(chunk)
                     while view:
@@ -178,8 +181,13 @@ class ObjectStore:
 
     # --- metadata ---------------------------------------------------------------
 
-    async def stat(self, asset: str) -> ObjectMeta:
-        """Size, ETag, Last-Modified and type of the asset's current version."""
+    async def stat(self, asset: str, first_block: int | None = None) -> ObjectMeta:
+        """Size, ETag, Last-Modified and type of the asset's current version.
+
+        `first_block`: the block a GET will start with. When the metadata is not known,
+        that block's GET is sent at once and its answer supplies the metadata: one round
+        trip to S3 instead of a HEAD and then a GET.
+        """
         key = object_key(self._prefix, asset)
         cached = self._meta.get(key)
         if isinstance(cached, AssetNotFound):
@@ -187,8 +195,9 @@ class ObjectStore:
         if cached is not None:
             return cached
         task = self._heads.get(key)
-        if task is None:  # the first asker does the HEAD; the others wait for it
-            task = asyncio.ensure_future(self._head(key))
+        if task is None:  # the first asker does the look-up; the others wait for it
+            task = asyncio.ensure_future(
+                self._head(key) if first_block is None else self._discover(key, first_block))
             self._heads[key] = task
             task.add_done_callback(self._head_done)
         return await asyncio.shield(task)
@@ -206,12 +215,35 @@ class ObjectStore:
         except AssetNotFound as exc:
             self._meta[key] = exc
             raise
-        previous = self._etags.get(key)
-        if previous is not None and previous != meta.etag:
-            self._drop_version((self.bucket, key, previous))
-        self._etags[key] = meta.etag
-        self._meta[key] = meta
+        self._remember(meta)
         return meta
+
+    async def _discover(self, key: str, block: int) -> ObjectMeta:
+        """Metadata from the GET of the block a request starts with; that GET becomes the
+        block's fetch, which the request (and anyone else) then reads."""
+        start = block * self.block_size
+        try:
+            found = await self.upstream.read_unseen(key, start, start + self.block_size - 1)
+        except AssetNotFound as exc:
+            self._meta[key] = exc
+            raise
+        if found is None:  # starts beyond the end: the HEAD says how big it is
+            return await self._head(key)
+        meta, stream = found
+        self._remember(meta)
+        last = min(block, (meta.size - 1) // self.block_size)
+        fetch = RunFetch(self, meta, block, last, background=False, stream=stream)
+        for index in range(block, last + 1):
+            self._fetches[fetch.key(index)] = fetch
+        fetch.task = asyncio.ensure_future(fetch.run())
+        return meta
+
+    def _remember(self, meta: ObjectMeta) -> None:
+        previous = self._etags.get(meta.key)
+        if previous is not None and previous != meta.etag:
+            self._drop_version((self.bucket, meta.key, previous))
+        self._etags[meta.key] = meta.etag
+        self._meta[meta.key] = meta
 
     async def put_sidecar(self, asset: str, data: bytes) -> None:
         """Store a `.dtsh` sidecar (never anything else) and forget what was known of it."""

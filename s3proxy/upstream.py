@@ -118,9 +118,42 @@ class S3Upstream:
         except Exception as exc:
             raise self._failed("get", started, exc) from None
         self._succeeded("get", started)
-        body = response["Body"]
+        async for chunk in self._body(response["Body"], end - start + 1):
+            yield chunk
+
+    async def read_unseen(self, key: str, start: int, end: int
+                          ) -> tuple[ObjectMeta, AsyncGenerator[bytes, None]] | None:
+        """A ranged GET of an object whose metadata is not known yet: the answer carries
+        it (size in Content-Range, ETag, Last-Modified, type), which saves the HEAD and
+        its round trip. None when `start` lies beyond the end (ask with a HEAD then)."""
+        started = time.monotonic()
         try:
-            remaining = end - start + 1
+            response = await self._client.get_object(
+                Bucket=self._config.bucket, Key=key, Range=f"bytes={start}-{end}")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                self._succeeded("get", started)
+                return None
+            raise self._failed("get", started, exc) from None
+        except Exception as exc:
+            raise self._failed("get", started, exc) from None
+        self._succeeded("get", started)
+        length = int(response["ContentLength"])
+        content_range = response.get("ContentRange") or ""
+        size = int(content_range.rpartition("/")[2]) if "/" in content_range else length
+        first = int(content_range.split()[1].split("-")[0]) if content_range else 0
+        meta = ObjectMeta(key=key, size=size, etag=response.get("ETag", ""),
+                          last_modified=(response.get("LastModified")
+                                         or datetime.now(UTC)).astimezone(UTC),
+                          content_type=response.get("ContentType"))
+        if first != start:  # not the range asked for: do not guess, look it up properly
+            response["Body"].close()
+            return None
+        return meta, self._body(response["Body"], length)
+
+    async def _body(self, body: Any, length: int) -> AsyncGenerator[bytes, None]:
+        try:
+            remaining = length
             while remaining > 0:
                 try:
                     chunk = await body.read(min(READ_CHUNK, remaining))

@@ -80,8 +80,9 @@ async def test_fifty_cold_requests_for_one_block_make_one_get(
     assert all(body == data[1 << 20:(1 << 20) + 1024] for body in bodies)
     assert gets_for(emulator, bucket, "hot.mp4") == 1
     heads = [r for r in emulator.object_requests(bucket) if r.method == "HEAD"]
-    assert len(heads) == 1, "metadata look-ups are shared too"
-    assert running.metric("s3proxy_coalesced_waits_total") == 49
+    assert heads == [], "the metadata came with that one GET"
+    # all 50 joined the GET that the first look-up started while learning the metadata
+    assert running.metric("s3proxy_coalesced_waits_total") == 50
 
 
 async def test_many_cold_open_ended_reads_share_one_probe_and_one_block_fetch(
@@ -195,7 +196,8 @@ async def test_sequential_reader_gets_read_ahead_and_then_hits(
         await asyncio.sleep(0.05)  # let the read-ahead land
     assert running.metric("s3proxy_readahead_blocks_total") >= 6
     # blocks 2..7 were fetched ahead of the reader: its own requests found them in memory
-    assert running.metric("s3proxy_cache_hits_total", tier="memory") == 6
+    # (block 0 too, when its GET finished before the first request read it)
+    assert running.metric("s3proxy_cache_hits_total", tier="memory") >= 6
     assert gets_for(emulator, bucket, "seq.mp4") <= 8
 
 
