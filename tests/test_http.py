@@ -211,8 +211,11 @@ async def test_if_range(emulator: Emulator, served: RunningProxy) -> None:
         assert (status, body) == (200, data)
 
 
-async def test_missing_object_is_404_with_empty_body(served: RunningProxy) -> None:
-    status, headers, body = await fetch(vod(served, "nope.mp4"))
+@pytest.mark.parametrize("range_header", [None, "bytes=0-99", "bytes=100-", "bytes=-5"])
+async def test_missing_object_is_404_with_empty_body(
+        served: RunningProxy, range_header: str | None) -> None:
+    extra = {"Range": range_header} if range_header else {}
+    status, headers, body = await fetch(vod(served, "nope.mp4"), **extra)
     assert (status, body) == (404, b"")
     assert headers["X-S3Proxy-Error"] == "object not found"
 

@@ -108,6 +108,20 @@ async def test_put_of_a_sidecar_is_stored_next_to_the_asset(
         == b"MEDIA", "media is never written"
 
 
+async def test_put_with_a_path_token_and_a_length(
+        accepting: RunningProxy, emulator: Emulator, bucket: str) -> None:
+    head = await raw(accepting, f"PUT /t/{TOKEN}/movies/a.mp4.dtsh HTTP/1.1\r\nHost: x\r\n"
+                     f"Content-Length: {len(DTSH)}\r\n\r\n".encode(), DTSH)
+    assert head.startswith(b"HTTP/1.1 204")
+    assert stored_sidecar(emulator, bucket) == DTSH
+
+
+def stored_sidecar(emulator: Emulator, bucket: str) -> bytes:
+    body: bytes = emulator.client().get_object(Bucket=bucket,
+                                               Key="movies/a.mp4.dtsh")["Body"].read()
+    return body
+
+
 async def test_put_refusals_come_before_the_body(
         accepting: RunningProxy, emulator: Emulator, bucket: str) -> None:
     cases = [
