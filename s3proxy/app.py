@@ -11,8 +11,8 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 from contextlib import aclosing
+from typing import Any
 
 from aiohttp import web
 
@@ -310,7 +310,7 @@ async def _begin(request: web.Request, response: web.StreamResponse) -> None:
 
 # Largest slice handed to the transport at once: what the socket does not take at once
 # is copied into the transport's buffer, so this bounds the memory each slow client pins.
-WRITE_SLICE = 128 * 1024
+WRITE_SLICE = 512 * 1024
 
 
 async def _send(request: web.Request, response: web.StreamResponse, data: Chunk) -> None:
