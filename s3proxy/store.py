@@ -257,7 +257,12 @@ class ObjectStore:
             self._drop_version((self.bucket, key, previous))
 
     async def warm(self, asset: str, nbytes: int) -> dict[str, object]:
-        """Load an asset's metadata, its sidecar and its first `nbytes` into the cache."""
+        """Load an asset's metadata, its sidecar and its first `nbytes` into the cache.
+
+        Looks both up afresh: warm-up follows `prepare`, and a "not found" remembered
+        from before the asset was ready must not outlive it."""
+        for name in (asset, asset + ".dtsh"):
+            self._meta.pop(object_key(self._prefix, name), None)
         meta = await self.stat(asset)
         loaded = 0
         if meta.size and nbytes:

@@ -13,6 +13,7 @@ import aiohttp
 
 from .conftest import Emulator, RunningProxy, StartProxy, make_token, put_object
 from .mistlike import mp4_start_up
+from .test_http import fetch
 from .test_sidecars import DTSH
 
 SAMPLE = resources.files("s3proxy").joinpath("data", "sample.mp4").read_bytes()
@@ -77,6 +78,15 @@ async def test_warm_up_turns_start_up_reads_into_hits(
     put_object(emulator, bucket, "movies/sample.mp4", SAMPLE, content_type="video/mp4")
     put_object(emulator, bucket, "movies/sample.mp4.dtsh", DTSH)
     running = await start_proxy()
+    # looked up before it was ready: the 404 is remembered, and warm-up looks again
+    put_object(emulator, bucket, "movies/late.mp4.dtsh", DTSH)
+    assert (await fetch(running.url(f"/t/{TOKEN}/movies/late.mp4")))[0] == 404
+    put_object(emulator, bucket, "movies/late.mp4", SAMPLE)
+    assert (await fetch(running.url(f"/t/{TOKEN}/movies/late.mp4")))[0] == 404
+    async with aiohttp.ClientSession() as session:
+        async with session.post(running.admin_url("/warm/movies/late.mp4")) as response:
+            assert response.status == 200
+    assert (await fetch(running.url(f"/t/{TOKEN}/movies/late.mp4")))[0] == 200
     async with aiohttp.ClientSession() as session:
         async with session.post(running.admin_url("/warm/movies/sample.mp4")) as response:
             assert response.status == 200
