@@ -363,7 +363,7 @@ class ObjectStore:
                     fetch = joined
                 else:
                     fetch = self._start_fetch(meta, index, self._run_end(
-                        meta, index, last_needed, sequential), background=False)
+                        meta, index, last_needed), background=False)
                 if fetch not in attached:
                     fetch.attach()
                     attached.append(fetch)
@@ -379,12 +379,13 @@ class ObjectStore:
     def _open_ended(self, meta: ObjectMeta, last_needed: int) -> bool:
         return last_needed == (meta.size - 1) // self.block_size
 
-    def _run_end(self, meta: ObjectMeta, index: int, last_needed: int, sequential: bool) -> int:
+    def _run_end(self, meta: ObjectMeta, index: int, last_needed: int) -> int:
         """Where a client's own GET from block `index` stops: the blocks it asked for, at
-        most `readahead_blocks` past this one. An open-ended read that has not yet shown
-        itself sequential gets this block alone: Mist opens `bytes=N-` at every seek and
-        mostly reads a few KiB before it hangs up."""
-        if self._open_ended(meta, last_needed) and not sequential:
+        most `readahead_blocks` past this one. An open-ended read gets this block alone
+        (Mist opens `bytes=N-` at every seek and mostly reads a few KiB before it hangs
+        up); if it keeps reading, read-ahead, shared and bounded per process, fetches
+        what follows, so each such reader holds at most one block of its own."""
+        if self._open_ended(meta, last_needed):
             return index
         return min(last_needed, index + self._config.readahead_blocks)
 
