@@ -63,6 +63,10 @@ class MemoryTier:
     def used_bytes(self) -> int:
         return int(self._lru.currsize) if self._lru is not None else 0
 
+    def contains(self, key: BlockKey) -> bool:
+        """Whether the block is here, without counting as a use (LRU order unchanged)."""
+        return self._lru is not None and key in self._lru
+
     def get(self, key: BlockKey) -> Block | None:
         return self._lru.get(key) if self._lru is not None else None
 

@@ -343,9 +343,8 @@ class ObjectStore:
                         and hi - lo + 1 > PROBE_BYTES and key not in self._probing):
                     # A cold seek (Mist reads a box header and hangs up): stream a small
                     # probe straight from S3 first; the block follows only if the client
-                    # keeps reading.
-                    # (one probe per block at a time: concurrent seeks to it share the
-                    # block fetch instead)
+                    # keeps reading. One probe per block at a time: concurrent seeks to
+                    # it share the block fetch instead.
                     stop = lo + PROBE_BYTES - 1
                     self._probing.add(key)
                     try:
@@ -402,7 +401,7 @@ class ObjectStore:
         return data
 
     def _missing(self, key: BlockKey) -> bool:
-        return (self.memory.get(key) is None and key not in self._fetches
+        return (not self.memory.contains(key) and key not in self._fetches
                 and (self.disk is None or not self.disk.contains(key)))
 
     def _start_fetch(self, meta: ObjectMeta, first: int, last: int,
