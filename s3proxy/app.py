@@ -178,11 +178,7 @@ def _entity_headers(meta: ObjectMeta, asset: str) -> dict[str, str]:
 async def handle_media(request: web.Request) -> web.StreamResponse:
     proxy = request.app[PROXY]
     if request.method == "PUT" and proxy.config.sidecars.accept_put:
-        asset, token = _target(request, proxy.config.auth.query_param)
-        if not asset.endswith(SIDECAR_SUFFIX):
-            return refuse_method(request)
-        _authorize(proxy, asset, token)
-        return await _store_sidecar(proxy, request, asset)
+        return await _store_sidecar(proxy, request)
     if request.method not in ("GET", "HEAD"):
         return refuse_method(request)
     asset, token = _target(request, proxy.config.auth.query_param)
@@ -356,8 +352,9 @@ def refuse_method(request: web.Request) -> web.Response:
     return response
 
 
-def _sidecar_put_allowed(proxy: Proxy, request: web.Request) -> None:
-    """Everything a sidecar PUT must pass before its body is read (MediaError if not)."""
+def _sidecar_put_allowed(proxy: Proxy, request: web.Request) -> str:
+    """Everything a sidecar PUT must pass before its body is read (MediaError if not);
+    the sidecar's asset name."""
     asset, token = _target(request, proxy.config.auth.query_param)
     if not asset.endswith(SIDECAR_SUFFIX):
         raise MediaError(405, "method not allowed", {"Allow": ALLOW})
@@ -365,6 +362,7 @@ def _sidecar_put_allowed(proxy: Proxy, request: web.Request) -> None:
     length = request.content_length
     if length is not None and length > proxy.config.sidecars.max_bytes:
         raise MediaError(413, "sidecar larger than sidecars.max_bytes")
+    return asset
 
 
 async def expect_handler(request: web.Request) -> web.StreamResponse | None:
@@ -391,12 +389,12 @@ async def expect_handler(request: web.Request) -> web.StreamResponse | None:
     return response
 
 
-async def _store_sidecar(proxy: Proxy, request: web.Request, asset: str) -> web.Response:
-    """A checked `.dtsh` upload, stored at `{prefix}{asset}` (a key ending in .dtsh)."""
+async def _store_sidecar(proxy: Proxy, request: web.Request) -> web.Response:
+    """A checked `.dtsh` upload, stored at `{prefix}{asset}.dtsh` (never over media)."""
     limit = proxy.config.sidecars.max_bytes
     try:
-        _sidecar_put_allowed(proxy, request)
-    except MediaError as error:
+        asset = _sidecar_put_allowed(proxy, request)
+    except MediaError as error:  # refused before the body: do not read it at all
         response = error.response()
         response.force_close()
         return response
