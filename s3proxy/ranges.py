@@ -7,6 +7,7 @@ tested directly and with hypothesis.
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -106,7 +107,7 @@ def ranges_to_serve(ranges: list[ByteRange], max_ranges: int) -> list[ByteRange]
     if len(ranges) > max_ranges:
         return None
     ordered = sorted(ranges, key=lambda r: r.start)
-    for previous, current in zip(ordered, ordered[1:]):
+    for previous, current in pairwise(ordered):
         if current.start <= previous.end:
             return None
     return ranges

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from .conftest import Emulator, RunningProxy, StartProxy, make_config, make_token, put_object
 from .origin import OriginState, pattern
