@@ -37,12 +37,16 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
+def _config_path(path: str | None) -> str | None:
+    return path or os.environ.get("S3PROXY_CONFIG")
+
+
 def _load(path: str | None) -> Config:
-    return load_config(path or os.environ.get("S3PROXY_CONFIG"))
+    return load_config(_config_path(path))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    path = args.config or os.environ.get("S3PROXY_CONFIG")
+    path = _config_path(args.config)  # kept: SIGHUP re-reads it
     config = load_config(path)
     if config.auth.mode == "jwt":
         load_verification_keys(config.auth, config.source)  # fail here, once, not per worker

@@ -323,19 +323,16 @@ class ObjectStore:
                 sequential = index > start // bs or self._last_read.get(version) == index - 1
                 self._last_read[version] = index
                 key = BlockKey(self.bucket, meta.key, meta.etag, index)
-                data = self.memory.get(key)
+                data: Block | None = self.memory.get(key)
                 if data is not None:
                     self._metrics.cache_hits.labels(tier="memory").inc()
+                else:
+                    self._metrics.cache_misses.labels(tier="memory").inc()
+                    data = await self._from_disk(key)
+                if data is not None:
                     if sequential:
                         self._read_ahead(meta, index + 1)
                     yield memoryview(data)[lo:hi + 1] if (lo, hi + 1) != (0, len(data)) else data
-                    continue
-                self._metrics.cache_misses.labels(tier="memory").inc()
-                data = await self._from_disk(key)
-                if data is not None:
-                    if sequential:
-                        self._read_ahead(meta, index + 1)
-                    yield memoryview(data)[lo:hi + 1]
                     continue
                 joined = self._fetches.get(key)
                 if (probe and joined is None and not sequential

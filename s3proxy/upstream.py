@@ -95,14 +95,7 @@ class S3Upstream:
         except Exception as exc:
             raise self._failed("head", started, exc) from None
         self._succeeded("head", started)
-        last_modified = response.get("LastModified") or datetime.now(UTC)
-        return ObjectMeta(
-            key=key,
-            size=int(response["ContentLength"]),
-            etag=response.get("ETag", ""),
-            last_modified=last_modified.astimezone(UTC),
-            content_type=response.get("ContentType"),
-        )
+        return _meta_from(key, response, int(response["ContentLength"]))
 
     async def read(self, key: str, start: int, end: int, etag: str
                    ) -> AsyncGenerator[bytes, None]:
@@ -142,10 +135,7 @@ class S3Upstream:
         content_range = response.get("ContentRange") or ""
         size = int(content_range.rpartition("/")[2]) if "/" in content_range else length
         first = int(content_range.split()[1].split("-")[0]) if content_range else 0
-        meta = ObjectMeta(key=key, size=size, etag=response.get("ETag", ""),
-                          last_modified=(response.get("LastModified")
-                                         or datetime.now(UTC)).astimezone(UTC),
-                          content_type=response.get("ContentType"))
+        meta = _meta_from(key, response, size)
         if first != start:  # not the range asked for: do not guess, look it up properly
             response["Body"].close()
             return None
@@ -199,6 +189,15 @@ class S3Upstream:
         self._metrics.upstream_requests.labels(op=op, outcome=outcome).inc()
         self._metrics.upstream_duration.labels(op=op).observe(time.monotonic() - started)
         return error
+
+
+def _meta_from(key: str, response: dict[str, Any], size: int) -> ObjectMeta:
+    """Object metadata from a HEAD or GET answer (the size comes from the caller: a
+    ranged GET's Content-Length is the range's, not the object's)."""
+    last_modified = response.get("LastModified") or datetime.now(UTC)
+    return ObjectMeta(key=key, size=size, etag=response.get("ETag", ""),
+                      last_modified=last_modified.astimezone(UTC),
+                      content_type=response.get("ContentType"))
 
 
 def _classify(exc: BaseException) -> S3ProxyError:
