@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator, Coroutine
 from contextlib import aclosing
 from typing import Any
@@ -39,6 +40,12 @@ Version = tuple[str, str, str]
 # block is fetched: enough for Mist's box-header reads, small enough to waste little
 # when the client hangs up at once.
 PROBE_BYTES = 64 * 1024
+# After a probe, upstream work for the rest waits until this long after the probe's
+# first bytes went out. Mist hangs up right after reading a box header; the hang-up
+# cancels the request, and it must land before a block GET is sent: once a GET is on its
+# way, S3 bills whatever it sends, however soon the GET is abandoned. A client that does
+# keep reading has the probe's bytes to work on meanwhile.
+SEEK_GRACE_S = 0.005
 MAX_PENDING_DISK_WRITES = 16
 
 
@@ -159,7 +166,7 @@ class ObjectStore:
                      if cache.disk.path and cache.disk.max_bytes > 0 else None)
         self.memory = MemoryTier(int(cache.max_bytes) // workers, on_evict=self._evicted)
         self._fetches: dict[BlockKey, RunFetch] = {}
-        self._probing: set[BlockKey] = set()
+        self._probed: LRUCache[BlockKey, bool] = LRUCache(maxsize=65536)
         self._disk_writes = 0
         self._readahead_inflight = 0
         self._last_read: LRUCache[Version, int] = LRUCache(maxsize=4096)
@@ -313,6 +320,19 @@ class ObjectStore:
         version: Version = (self.bucket, meta.key, meta.etag)
         last_needed = end // bs
         attached: list[RunFetch] = []
+        # An open-ended read (Mist's, at every seek) goes no further than its first
+        # block, or probe, until SEEK_GRACE_S after its first bytes went out.
+        held = probe and self._open_ended(meta, last_needed)
+        first_out = 0.0  # when this read's first bytes went out
+
+        async def hold() -> None:
+            nonlocal held
+            if held and first_out:
+                held = False
+                delay = first_out + SEEK_GRACE_S - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+
         try:
             for index in block_span(start, end, bs):
                 for fetch in [f for f in attached if f.last < index]:
@@ -323,40 +343,35 @@ class ObjectStore:
                 sequential = index > start // bs or self._last_read.get(version) == index - 1
                 self._last_read[version] = index
                 key = BlockKey(self.bucket, meta.key, meta.etag, index)
-                data: Block | None = self.memory.get(key)
-                if data is not None:
-                    self._metrics.cache_hits.labels(tier="memory").inc()
-                else:
-                    self._metrics.cache_misses.labels(tier="memory").inc()
-                    data = await self._from_disk(key)
+                await hold()
+                data = await self._cached(key)
+                stop = min(hi, lo + PROBE_BYTES - 1)
+                if (data is None and held and not sequential and key not in self._fetches
+                        and key not in self._probed
+                        and (lo, stop) != (0, last_byte - first_byte)):
+                    # A cold seek (Mist reads a box header and hangs up): stream a small
+                    # probe straight from S3 first (at most the rest of the block). A
+                    # block is probed once: the next seek to it (at the same time or
+                    # later) fetches the whole block, so a popular one ends up cached.
+                    async with aclosing(self._probe(meta, key, first_byte + lo,
+                                                    first_byte + stop)) as probe_bytes:
+                        async for chunk in probe_bytes:
+                            first_out = first_out or time.monotonic()
+                            yield chunk
+                    lo = stop + 1
+                    if lo > hi:
+                        continue  # the probe took the rest of the block
+                    await hold()
+                    data = self.memory.get(key)  # another reader's fetch may have landed
                 if data is not None:
                     if sequential:
                         self._read_ahead(meta, index + 1)
+                    first_out = first_out or time.monotonic()
                     yield memoryview(data)[lo:hi + 1] if (lo, hi + 1) != (0, len(data)) else data
                     continue
-                joined = self._fetches.get(key)
-                if (probe and joined is None and not sequential
-                        and self._open_ended(meta, last_needed)
-                        and hi - lo + 1 > PROBE_BYTES and key not in self._probing):
-                    # A cold seek (Mist reads a box header and hangs up): stream a small
-                    # probe straight from S3 first; the block follows only if the client
-                    # keeps reading. One probe per block at a time: concurrent seeks to
-                    # it share the block fetch instead.
-                    stop = lo + PROBE_BYTES - 1
-                    self._probing.add(key)
-                    try:
-                        async with aclosing(self.upstream.read(
-                                meta.key, first_byte + lo, first_byte + stop,
-                                meta.etag)) as probe_bytes:
-                            async for chunk in probe_bytes:
-                                yield chunk
-                    finally:
-                        self._probing.discard(key)
-                    lo = stop + 1
-                    joined = self._fetches.get(key)
-                if joined is not None:
+                fetch = self._fetches.get(key)
+                if fetch is not None:
                     self._metrics.coalesced_waits.inc()
-                    fetch = joined
                 else:
                     fetch = self._start_fetch(meta, index, self._run_end(
                         meta, index, last_needed), background=False)
@@ -367,10 +382,28 @@ class ObjectStore:
                     self._read_ahead(meta, index + 1)
                 async with aclosing(fetch.read(index, lo, hi)) as pieces:
                     async for piece in pieces:
+                        first_out = first_out or time.monotonic()
                         yield piece
         finally:
             for fetch in attached:
                 fetch.detach()
+
+    async def _cached(self, key: BlockKey) -> Block | None:
+        """The block from memory, else from disk (counted per tier), else None."""
+        data: Block | None = self.memory.get(key)
+        if data is not None:
+            self._metrics.cache_hits.labels(tier="memory").inc()
+            return data
+        self._metrics.cache_misses.labels(tier="memory").inc()
+        return await self._from_disk(key)
+
+    async def _probe(self, meta: ObjectMeta, key: BlockKey, first: int, last: int
+                     ) -> AsyncGenerator[bytes, None]:
+        """Bytes first..last straight from S3, not cached; marks the block as probed."""
+        self._probed[key] = True
+        async with aclosing(self.upstream.read(meta.key, first, last, meta.etag)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     def _open_ended(self, meta: ObjectMeta, last_needed: int) -> bool:
         return last_needed == (meta.size - 1) // self.block_size
@@ -466,3 +499,4 @@ class ObjectStore:
 
     def _update_gauges(self) -> None:
         self._metrics.cache_bytes.labels(tier="memory").set(self.memory.used_bytes)
+

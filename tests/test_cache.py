@@ -200,29 +200,63 @@ async def test_sequential_reader_gets_read_ahead_and_then_hits(
     assert gets_for(emulator, bucket, "seq.mp4") <= 8
 
 
-async def test_a_cold_seek_that_reads_a_box_header_costs_little_upstream(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
-    """Mist at a seek: `bytes=N-` on a new connection, 16 bytes read, hang up. The proxy
-    streams a small probe first and stops as soon as the client is gone."""
-    state = OriginState(size=1 << 30, chunk_delay_s=0.01)  # an origin some way off
-    running = await start_with_origin(aiohttp_server, start_proxy, state,
-                                      cache={"readahead_blocks": 2})
-    for offset in (5_000_000, 123_456_789, 0):
-        reader, writer = await asyncio.open_connection(running.server.host,
-                                                       running.server.port)
+async def seek(running: RunningProxy, offset: int, amount: int) -> bytes:
+    """Mist at a seek: `bytes=N-` on a new connection, `amount` bytes read, hang up."""
+    reader, writer = await asyncio.open_connection(running.server.host, running.server.port)
+    try:
         writer.write(f"GET /t/{TOKEN}/a.mp4 HTTP/1.1\r\nHost: x\r\n"
                      f"Range: bytes={offset}-\r\n\r\n".encode())
         await writer.drain()
         head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 206")
-        assert await reader.readexactly(16) == pattern(offset, 16)
+        assert head.startswith(b"HTTP/1.1 206"), head
+        return await reader.readexactly(amount)
+    finally:
         writer.transport.abort()
+
+
+async def test_a_cold_seek_that_reads_a_box_header_costs_only_its_probe(
+        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    """The proxy streams a small probe first; the block would follow only if the client
+    were still there after the seek grace, and Mist hangs up at once."""
+    state = OriginState(size=1 << 30, chunk_delay_s=0.01)  # an origin some way off
+    running = await start_with_origin(aiohttp_server, start_proxy, state,
+                                      cache={"readahead_blocks": 2})
+    mib = 1 << 20
+    # mid-block, 20 KiB before a block's end (the probe takes the rest of it: nothing
+    # may follow into the next block), and the start
+    for offset in (5_000_000, 123 * mib - 20 * KIB, 0):
+        assert await seek(running, offset, 16) == pattern(offset, 16)
+        await asyncio.sleep(0.05)
     await asyncio.sleep(0.3)
-    # per seek: the 64 KiB probe, and at most a chunk or two of a block fetch that was
-    # under way when the hang-up came
-    assert state.bytes_sent <= 3 * (64 + 2 * 64) * KIB, state.bytes_sent
+    assert state.gets == 3, state.requests
+    assert state.bytes_sent <= (64 + 20 + 64) * KIB, state.bytes_sent
+    assert running.metric("s3proxy_cache_bytes", tier="memory") == 0
     # logged with the status that went out, as nginx does (499 only before any)
     assert running.metric("s3proxy_requests_total", method="GET", status="206") == 3
+
+
+async def test_a_second_seek_to_a_probed_block_caches_it(
+        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    state = OriginState(size=64 << 20)
+    running = await start_with_origin(aiohttp_server, start_proxy, state,
+                                      cache={"readahead_blocks": 0})
+    offset = 9_500_000  # in block 9
+    assert await seek(running, offset, 16) == pattern(offset, 16)  # a probe
+    assert await seek(running, offset + 4096, 16) == pattern(offset + 4096, 16)  # block 9
+    await asyncio.sleep(0.2)
+    gets = state.gets
+    assert running.metric("s3proxy_cache_bytes", tier="memory") == 1 << 20
+    assert await seek(running, offset - 50_000, 4096) == pattern(offset - 50_000, 4096)
+    assert state.gets == gets, "the third seek was a hit"
+
+
+async def test_a_cold_seek_that_keeps_reading_streams_on_across_blocks(
+        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    state = OriginState(size=16 << 20)
+    running = await start_with_origin(aiohttp_server, start_proxy, state,
+                                      cache={"readahead_blocks": 2})
+    for offset in (3 * (1 << 20) - 1000, 7_654_321):  # just before a block end, mid-block
+        assert await seek(running, offset, 3 << 20) == pattern(offset, 3 << 20)
 
 
 async def test_disk_tier_survives_restart_and_discards_damaged_blocks(
