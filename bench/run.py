@@ -307,6 +307,7 @@ async def read_range(session: aiohttp.ClientSession, url: str, header: str) -> t
     """(seconds to first byte, body bytes) for one request."""
     started = time.perf_counter()
     async with session.get(url, headers={"Range": header}) as response:
+        assert response.status == 206, f"{url}: {response.status}"
         first = None
         size = 0
         async for chunk in response.content.iter_any():
@@ -333,7 +334,8 @@ async def sequential_player(url: str, size: int, step: int = MIB) -> float:
 
 async def ttfb(url: str) -> float:
     async with aiohttp.ClientSession() as session:
-        first, _ = await read_range(session, url, "bytes=0-1048575")
+        first, size = await read_range(session, url, "bytes=0-1048575")
+        assert size == MIB, f"{url}: {size} bytes"  # an error answer is fast, and wrong
         return first
 
 

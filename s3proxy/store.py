@@ -369,9 +369,10 @@ class ObjectStore:
                     first_out = first_out or time.monotonic()
                     yield memoryview(data)[lo:hi + 1] if (lo, hi + 1) != (0, len(data)) else data
                     continue
-                fetch = self._fetches.get(key)
-                if fetch is not None:
+                joined = self._fetches.get(key)
+                if joined is not None:
                     self._metrics.coalesced_waits.inc()
+                    fetch = joined
                 else:
                     fetch = self._start_fetch(meta, index, self._run_end(
                         meta, index, last_needed), background=False)

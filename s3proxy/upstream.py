@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -26,7 +27,9 @@ from botocore.exceptions import (
     PartialCredentialsError,
     ReadTimeoutError,
 )
+from botocore.utils import parse_timestamp
 
+from . import __version__
 from .config import S3Config
 from .errors import (
     AssetNotFound,
@@ -78,8 +81,15 @@ class S3Upstream:
             response_checksum_validation="when_required",
             # S3-compatible stores behind an endpoint URL rarely resolve bucket subdomains.
             s3={"addressing_style": "path" if cfg.endpoint_url else "auto"},
+            # Named in S3's access logs; and botocore's own User-Agent, rebuilt for every
+            # request, cost ~0.1 ms of each cold read.
+            user_agent=f"s3proxy/{__version__}",
         )
         session = get_session()
+        # Last-Modified is an HTTP date: the standard library parses it several times
+        # faster than botocore's default (dateutil), which stays for anything else.
+        session.get_component("response_parser_factory").set_parser_defaults(
+            timestamp_parser=_parse_timestamp)
         self._client = await self._stack.enter_async_context(
             session.create_client("s3", region_name=cfg.region, endpoint_url=cfg.endpoint_url,
                                   config=aio_config))
@@ -189,6 +199,15 @@ class S3Upstream:
         self._metrics.upstream_requests.labels(op=op, outcome=outcome).inc()
         self._metrics.upstream_duration.labels(op=op).observe(time.monotonic() - started)
         return error
+
+
+def _parse_timestamp(value: str) -> datetime:
+    try:
+        parsed = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        fallback: datetime = parse_timestamp(value)
+        return fallback
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)  # "-0000": still UTC
 
 
 def _meta_from(key: str, response: dict[str, Any], size: int) -> ObjectMeta:

@@ -40,6 +40,7 @@ class OriginState:
     behaviour: Behaviour = "ok"
     chunk_delay_s: float = 0.0  # pause between 64 KiB chunks (a slow, far origin)
     requests: list[tuple[str, str | None]] = field(default_factory=list)
+    user_agents: set[str] = field(default_factory=set)
     bytes_sent: int = 0
     gets: int = 0
     hangups: int = 0
@@ -49,6 +50,7 @@ class OriginState:
 def make_origin(state: OriginState) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
         state.requests.append((request.method, request.headers.get("Range")))
+        state.user_agents.add(request.headers.get("User-Agent", ""))
         if request.method == "GET":
             state.gets += 1
         if state.behaviour == "stall_headers":

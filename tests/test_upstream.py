@@ -12,6 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from s3proxy import __version__
+
 from .conftest import RunningProxy, StartProxy, make_config, make_token
 from .origin import OriginState, make_origin, pattern
 from .test_http import fetch
@@ -31,6 +33,19 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def test_s3_sees_our_user_agent_and_its_dates_come_back_unchanged(
+        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    state = OriginState(size=4096)
+    running = await start_with_origin(aiohttp_server, start_proxy, state)
+    async with aiohttp.ClientSession() as session:
+        for method in ("HEAD", "GET"):  # the date from a HEAD, and from a cold GET
+            async with session.request(method, running.url(f"/t/{TOKEN}/fresh-{method}.mp4"),
+                                       headers={"Range": "bytes=0-9"}) as response:
+                assert response.headers["Last-Modified"] == "Mon, 02 Nov 2026 10:00:00 GMT"
+    (agent,) = state.user_agents
+    assert agent.startswith(f"s3proxy/{__version__} "), agent
 
 
 async def test_unreachable_upstream_is_502_quickly(start_proxy: StartProxy) -> None:
