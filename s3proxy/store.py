@@ -10,7 +10,10 @@ Handlers only ever call `stat` and `open`. Behind them:
 - a reader moving sequentially gets the next `cache.readahead_blocks` blocks fetched in
   the background (at most `cache.readahead_max_inflight` such fetches at once);
 - a fetch nobody reads any more (the client hung up) is cancelled, unless it is
-  read-ahead, so an open-ended range never pulls the rest of the object.
+  read-ahead, so an open-ended range never pulls the rest of the object;
+- an open-ended read (Mist's, at every seek) of a cold block starts with a small probe
+  streamed straight from S3, and goes further only if its client is still there a few
+  milliseconds after its first bytes went out.
 """
 
 from __future__ import annotations
@@ -36,15 +39,17 @@ log = logging.getLogger("s3proxy.store")
 
 Version = tuple[str, str, str]
 
-# What a cold, not (yet) sequential open-ended read gets straight from S3 before its
-# block is fetched: enough for Mist's box-header reads, small enough to waste little
-# when the client hangs up at once.
+# What a cold seek (an open-ended read, not sequential, of a block never probed) gets
+# straight from S3, uncached, instead of its block: at most this much, and never past
+# the block's end. Enough for Mist's box-header reads, little to waste when the client
+# hangs up at once.
 PROBE_BYTES = 64 * 1024
-# After a probe, upstream work for the rest waits until this long after the probe's
-# first bytes went out. Mist hangs up right after reading a box header; the hang-up
-# cancels the request, and it must land before a block GET is sent: once a GET is on its
-# way, S3 bills whatever it sends, however soon the GET is abandoned. A client that does
-# keep reading has the probe's bytes to work on meanwhile.
+# An open-ended read sends no GET past its first block (or probe), read-ahead included,
+# until this long after its first bytes went out. Mist hangs up right after reading a
+# box header; the hang-up cancels the request, and it must land before a GET is sent:
+# once a GET is on its way, S3 bills whatever it sends, however soon it is abandoned
+# (kernel buffers take megabytes a client never reads, so "the client took the bytes"
+# proves nothing). A client that does keep reading has those first bytes meanwhile.
 SEEK_GRACE_S = 0.005
 MAX_PENDING_DISK_WRITES = 16
 
@@ -58,13 +63,14 @@ class RunFetch:
     """
 
     def __init__(self, store: ObjectStore, meta: ObjectMeta, first: int, last: int,
-                 background: bool,
+                 background: bool, keep: bool = False,
                  stream: AsyncGenerator[bytes, None] | None = None) -> None:
         self._store = store
         self._stream = stream  # a GET already under way (see ObjectStore._discover)
         self.meta = meta
         self.first, self.last = first, last
         self.background = background
+        self.keep = background or keep  # finish and cache it even if every reader leaves
         size, bs = meta.size, store.block_size
         self.expected = {i: block_bounds(i, bs, size)[1] - i * bs + 1 for i in range(first, last + 1)}
         # each block is filled in place and, once full, cached as is (no copy)
@@ -125,7 +131,7 @@ class RunFetch:
 
     def detach(self) -> None:
         self.readers -= 1
-        if self.readers == 0 and not self.background and not self.done and self.task:
+        if self.readers == 0 and not self.keep and not self.done and self.task:
             self.task.cancel()  # the client hung up: stop pulling bytes nobody will read
 
     async def read(self, index: int, lo: int, hi: int) -> AsyncGenerator[bytes | memoryview, None]:
@@ -167,6 +173,7 @@ class ObjectStore:
         self.memory = MemoryTier(int(cache.max_bytes) // workers, on_evict=self._evicted)
         self._fetches: dict[BlockKey, RunFetch] = {}
         self._probed: LRUCache[BlockKey, bool] = LRUCache(maxsize=65536)
+        self.seek_grace_s = SEEK_GRACE_S
         self._disk_writes = 0
         self._readahead_inflight = 0
         self._last_read: LRUCache[Version, int] = LRUCache(maxsize=4096)
@@ -320,18 +327,17 @@ class ObjectStore:
         version: Version = (self.bucket, meta.key, meta.etag)
         last_needed = end // bs
         attached: list[RunFetch] = []
-        # An open-ended read (Mist's, at every seek) goes no further than its first
-        # block, or probe, until SEEK_GRACE_S after its first bytes went out.
+        # An open-ended read (Mist's, at every seek) is held: no GET past its first block
+        # or probe until `seek_grace_s` after its first bytes went out (SEEK_GRACE_S).
         held = probe and self._open_ended(meta, last_needed)
         first_out = 0.0  # when this read's first bytes went out
+        probed: BlockKey | None = None
 
-        async def hold() -> None:
+        def released() -> bool:
             nonlocal held
-            if held and first_out:
+            if held and first_out and time.monotonic() >= first_out + self.seek_grace_s:
                 held = False
-                delay = first_out + SEEK_GRACE_S - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+            return not held
 
         try:
             for index in block_span(start, end, bs):
@@ -341,18 +347,16 @@ class ObjectStore:
                 first_byte, last_byte = block_bounds(index, bs, meta.size)
                 lo, hi = max(start, first_byte) - first_byte, min(end, last_byte) - first_byte
                 sequential = index > start // bs or self._last_read.get(version) == index - 1
-                self._last_read[version] = index
                 key = BlockKey(self.bucket, meta.key, meta.etag, index)
-                await hold()
                 data = await self._cached(key)
                 stop = min(hi, lo + PROBE_BYTES - 1)
                 if (data is None and held and not sequential and key not in self._fetches
                         and key not in self._probed
                         and (lo, stop) != (0, last_byte - first_byte)):
-                    # A cold seek (Mist reads a box header and hangs up): stream a small
-                    # probe straight from S3 first (at most the rest of the block). A
-                    # block is probed once: the next seek to it (at the same time or
-                    # later) fetches the whole block, so a popular one ends up cached.
+                    # A cold seek (Mist reads a box header and hangs up): a probe streamed
+                    # straight from S3 first. A block is probed once: the next seek to it
+                    # (at the same time or later) fetches the whole block, to the end
+                    # even if its client leaves, so a popular block ends up cached.
                     async with aclosing(self._probe(meta, key, first_byte + lo,
                                                     first_byte + stop)) as probe_bytes:
                         async for chunk in probe_bytes:
@@ -361,10 +365,17 @@ class ObjectStore:
                     lo = stop + 1
                     if lo > hi:
                         continue  # the probe took the rest of the block
-                    await hold()
+                    probed = key  # the rest of it is this read's, not a second seek's
                     data = self.memory.get(key)  # another reader's fetch may have landed
+                if data is None and key not in self._fetches and held and first_out:
+                    # this read would send a GET: not before the grace is over
+                    await asyncio.sleep(max(0.0, first_out + self.seek_grace_s
+                                            - time.monotonic()))
+                    held = False
+                    data = self.memory.get(key)
+                self._last_read[version] = index
                 if data is not None:
-                    if sequential:
+                    if sequential and released():
                         self._read_ahead(meta, index + 1)
                     first_out = first_out or time.monotonic()
                     yield memoryview(data)[lo:hi + 1] if (lo, hi + 1) != (0, len(data)) else data
@@ -374,12 +385,13 @@ class ObjectStore:
                     self._metrics.coalesced_waits.inc()
                     fetch = joined
                 else:
-                    fetch = self._start_fetch(meta, index, self._run_end(
-                        meta, index, last_needed), background=False)
+                    fetch = self._start_fetch(
+                        meta, index, self._run_end(meta, index, last_needed), background=False,
+                        keep=held and key in self._probed and key != probed)
                 if fetch not in attached:
                     fetch.attach()
                     attached.append(fetch)
-                if sequential:
+                if sequential and released():
                     self._read_ahead(meta, index + 1)
                 async with aclosing(fetch.read(index, lo, hi)) as pieces:
                     async for piece in pieces:
@@ -436,12 +448,12 @@ class ObjectStore:
                 and (self.disk is None or not self.disk.contains(key)))
 
     def _start_fetch(self, meta: ObjectMeta, first: int, last: int,
-                     background: bool) -> RunFetch:
+                     background: bool, keep: bool = False) -> RunFetch:
         """One GET for the run of missing blocks from `first`, up to `last`."""
         end = first
         while end < last and self._missing(BlockKey(self.bucket, meta.key, meta.etag, end + 1)):
             end += 1
-        fetch = RunFetch(self, meta, first, end, background)
+        fetch = RunFetch(self, meta, first, end, background, keep)
         for index in range(first, end + 1):
             self._fetches[fetch.key(index)] = fetch
         if background:

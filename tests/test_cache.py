@@ -221,6 +221,7 @@ async def test_a_cold_seek_that_reads_a_box_header_costs_only_its_probe(
     state = OriginState(size=1 << 30, chunk_delay_s=0.01)  # an origin some way off
     running = await start_with_origin(aiohttp_server, start_proxy, state,
                                       cache={"readahead_blocks": 2})
+    running.proxy.store.seek_grace_s = 0.5  # the hang-up must win even on a loaded machine
     mib = 1 << 20
     # mid-block, 20 KiB before a block's end (the probe takes the rest of it: nothing
     # may follow into the next block), and the start
@@ -237,26 +238,38 @@ async def test_a_cold_seek_that_reads_a_box_header_costs_only_its_probe(
 
 async def test_a_second_seek_to_a_probed_block_caches_it(
         aiohttp_server: Any, start_proxy: StartProxy) -> None:
-    state = OriginState(size=64 << 20)
-    running = await start_with_origin(aiohttp_server, start_proxy, state,
-                                      cache={"readahead_blocks": 0})
-    offset = 9_500_000  # in block 9
-    assert await seek(running, offset, 16) == pattern(offset, 16)  # a probe
-    assert await seek(running, offset + 4096, 16) == pattern(offset + 4096, 16)  # block 9
-    await asyncio.sleep(0.2)
-    gets = state.gets
-    assert running.metric("s3proxy_cache_bytes", tier="memory") == 1 << 20
-    assert await seek(running, offset - 50_000, 4096) == pattern(offset - 50_000, 4096)
-    assert state.gets == gets, "the third seek was a hit"
-
-
-async def test_a_cold_seek_that_keeps_reading_streams_on_across_blocks(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
-    state = OriginState(size=16 << 20)
+    state = OriginState(size=64 << 20, chunk_delay_s=0.01)  # 1 MiB takes ~160 ms
     running = await start_with_origin(aiohttp_server, start_proxy, state,
                                       cache={"readahead_blocks": 2})
-    for offset in (3 * (1 << 20) - 1000, 7_654_321):  # just before a block end, mid-block
-        assert await seek(running, offset, 3 << 20) == pattern(offset, 3 << 20)
+    running.proxy.store.seek_grace_s = 0.5
+    offset = 9_500_000  # in block 9
+    assert await seek(running, offset, 16) == pattern(offset, 16)  # a probe
+    # the second seek fetches block 9, which is finished and cached though its client left
+    assert await seek(running, offset + 4096, 16) == pattern(offset + 4096, 16)
+    for _ in range(100):
+        if running.metric("s3proxy_cache_bytes", tier="memory") == 1 << 20:
+            break
+        await asyncio.sleep(0.02)
+    assert running.metric("s3proxy_cache_bytes", tier="memory") == 1 << 20
+    gets = state.gets
+    assert await seek(running, offset - 50_000, 4096) == pattern(offset - 50_000, 4096)
+    await asyncio.sleep(0.6)  # past the grace: the client left long before
+    assert state.gets == gets, "the third seek was a hit, and fetched nothing more"
+    assert running.metric("s3proxy_readahead_blocks_total") == 0
+
+
+async def test_cold_seeks_that_keep_reading_stream_on_across_blocks(
+        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    state = OriginState(size=16 << 20, chunk_delay_s=0.002)
+    running = await start_with_origin(aiohttp_server, start_proxy, state,
+                                      cache={"readahead_blocks": 2})
+    size = 3 << 20
+    # just before a block's end (the probe takes the rest of it), mid-block, and two at
+    # once (one probes, the other fetches the block; then both share what follows)
+    for offsets in ((3 * (1 << 20) - 1000,), (7_654_321,), (12_345_678, 12_345_678 + 10)):
+        bodies = await asyncio.gather(*(seek(running, offset, size) for offset in offsets))
+        for offset, body in zip(offsets, bodies, strict=True):
+            assert body == pattern(offset, size), offset
 
 
 async def test_disk_tier_survives_restart_and_discards_damaged_blocks(
