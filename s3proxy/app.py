@@ -511,12 +511,18 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                 raise
             reason = exc.reason
             response = MediaError(exc.status, exc.reason).response()
-        except (asyncio.CancelledError, ConnectionError):
+        except (asyncio.CancelledError, ConnectionError) as exc:
             # The client hung up while we waited (RUNNER_OPTIONS: handler_cancellation)
             # or wrote: logged with the status it got, or 499 if none went out (nginx's way).
             _record(request, request.get(STATUS_SENT, CLIENT_CLOSED),
                     int(request.get(BODY_BYTES, 0)), started, "client closed the connection")
-            raise
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            # Not re-raised: aiohttp would log it as an error, with a traceback. Nothing
+            # more goes out on this connection; aiohttp fails to send this, quietly.
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=CLIENT_CLOSED)
         except Exception:
             log.exception("unhandled error while answering a request")
             reason = "internal error"

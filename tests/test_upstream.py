@@ -4,6 +4,7 @@ back-pressure, and a client that hangs up stops the S3 GET at once."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 import tracemalloc
@@ -128,6 +129,27 @@ async def test_client_hangup_closes_the_upstream_get_at_once(
     await asyncio.wait_for(state.hung_up.wait(), 5)
     assert time.monotonic() - hung_up_at < 1.5
     assert state.bytes_sent < 3 << 20, "not even the read-ahead window was pulled"
+
+
+async def test_a_write_to_a_closed_connection_is_logged_as_499_not_as_an_error(
+        aiohttp_server: Any, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A hang-up can land between aiohttp noticing it and the handler's cancellation:
+    the handler's next write then raises ConnectionResetError (emulated here)."""
+    state = OriginState(size=4096)
+    running = await start_with_origin(aiohttp_server, start_proxy, state)
+
+    async def closed(*_args: Any, **_kwargs: Any) -> None:
+        raise ConnectionResetError("Cannot write to closing transport")
+
+    monkeypatch.setattr(running.proxy.store, "stat", closed)
+    caplog.set_level(logging.INFO)
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await fetch(running.url(f"/t/{TOKEN}/a.mp4"))
+    # (aiohttp's client retries an idempotent request once on such a disconnect)
+    assert running.metric("s3proxy_requests_total", method="GET", status="499") >= 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
 
 
 async def test_open_ended_read_holds_only_a_few_mib(
