@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_right
 from collections.abc import AsyncGenerator, Coroutine
 from contextlib import aclosing
 from typing import Any
@@ -59,7 +60,9 @@ class RunFetch:
 
     Bytes are cut into blocks as they arrive; each finished block goes to the cache.
     Readers follow along through `read`, so the first bytes reach a client as soon as S3
-    sends them.
+    sends them: they get the chunks as S3 sent them (no copy, and no block to allocate
+    first, which cost a cold read ~0.3 ms of page faults per MiB), and a block is joined
+    into one piece, for the cache, once whole.
     """
 
     def __init__(self, store: ObjectStore, meta: ObjectMeta, first: int, last: int,
@@ -73,8 +76,9 @@ class RunFetch:
         self.keep = background or keep  # finish and cache it even if every reader leaves
         size, bs = meta.size, store.block_size
         self.expected = {i: block_bounds(i, bs, size)[1] - i * bs + 1 for i in range(first, last + 1)}
-        # each block is filled in place and, once full, cached as is (no copy)
-        self.blocks = {i: bytearray(n) for i, n in self.expected.items()}
+        # per block: the pieces received so far and where each starts in the block
+        self.parts: dict[int, list[memoryview]] = {i: [] for i in self.expected}
+        self.starts: dict[int, list[int]] = {i: [] for i in self.expected}
         self.filled = dict.fromkeys(self.expected, 0)
         self.error: S3ProxyError | None = None
         self.done = False
@@ -103,11 +107,15 @@ class RunFetch:
                     while view:
                         filled = self.filled[index]
                         take = min(len(view), self.expected[index] - filled)
-                        self.blocks[index][filled:filled + take] = view[:take]
+                        self.parts[index].append(view[:take])
+                        self.starts[index].append(filled)
                         self.filled[index] = filled + take
                         view = view[take:]
                         if self.filled[index] == self.expected[index]:
-                            self._store._block_arrived(self.key(index), self.blocks[index])
+                            block = b"".join(self.parts[index])
+                            # readers go on from the block; the chunks can go
+                            self.parts[index], self.starts[index] = [memoryview(block)], [0]
+                            self._store._block_arrived(self.key(index), block)
                             index += 1
                     self._notify()
         except ObjectChanged as exc:
@@ -137,13 +145,13 @@ class RunFetch:
     async def read(self, index: int, lo: int, hi: int) -> AsyncGenerator[bytes | memoryview, None]:
         """Bytes lo..hi (inclusive, block-relative) of block `index`, as they arrive."""
         offset = lo
-        block = self.blocks[index]
         while offset <= hi:
-            available = self.filled[index]
-            if available > offset:
-                stop = min(available, hi + 1)
-                # bytes below `filled` are final: share them rather than copy
-                yield memoryview(block)[offset:stop]
+            if self.filled[index] > offset:
+                # the piece holding `offset` (bytes below `filled` are final: shared)
+                at = bisect_right(self.starts[index], offset) - 1
+                piece, first = self.parts[index][at], self.starts[index][at]
+                stop = min(first + len(piece), hi + 1)
+                yield piece[offset - first:stop - first]
                 offset = stop
                 continue
             if self.error is not None:
