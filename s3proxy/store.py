@@ -141,6 +141,7 @@ class RunFetch:
         self.readers -= 1
         if self.readers == 0 and not self.keep and not self.done and self.task:
             self.task.cancel()  # the client hung up: stop pulling bytes nobody will read
+            self._store._forget(self)  # and let nobody join a fetch on its way out
 
     async def read(self, index: int, lo: int, hi: int) -> AsyncGenerator[bytes | memoryview, None]:
         """Bytes lo..hi (inclusive, block-relative) of block `index`, as they arrive."""
@@ -492,10 +493,13 @@ class ObjectStore:
         self.memory.put(key, data)
         self._update_gauges()
 
-    def _fetch_finished(self, fetch: RunFetch) -> None:
+    def _forget(self, fetch: RunFetch) -> None:
         for index in range(fetch.first, fetch.last + 1):
             if self._fetches.get(fetch.key(index)) is fetch:
                 del self._fetches[fetch.key(index)]
+
+    def _fetch_finished(self, fetch: RunFetch) -> None:
+        self._forget(fetch)
         if fetch.background:
             self._readahead_inflight -= 1
 

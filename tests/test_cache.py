@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,26 @@ async def test_a_waiter_hanging_up_does_not_cancel_the_fetch_for_the_others(
             body = await response.read()
     assert body == pattern(0, 1 << 20)
     assert state.gets == 1 and state.hangups == 0
+
+
+async def test_a_reader_arriving_as_the_last_one_leaves_gets_a_fetch_of_its_own(
+        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    """The last reader of a fetch leaves (its cancellation is under way) and, in the same
+    turn of the event loop, another asks for that block: it must not join the dying
+    fetch and be cut short."""
+    state = OriginState(size=8 << 20, chunk_delay_s=0.01)
+    running = await start_with_origin(aiohttp_server, start_proxy, state,
+                                      cache={"readahead_blocks": 0})
+    store = running.proxy.store
+    meta = await store.stat("a.mp4")
+    leaving = store.open(meta, 0, (1 << 20) - 1)
+    await anext(leaving)
+    await leaving.aclose()  # cancels the GET; nothing awaited since, so it is not gone yet
+    got = bytearray()
+    async with aclosing(store.open(meta, 0, (1 << 20) - 1)) as chunks:
+        async for chunk in chunks:
+            got += chunk
+    assert bytes(got) == pattern(0, 1 << 20)
 
 
 async def test_a_failed_fetch_fails_its_waiters_and_caches_nothing(
