@@ -60,9 +60,9 @@ class RunFetch:
 
     Bytes are cut into blocks as they arrive; each finished block goes to the cache.
     Readers follow along through `read`, so the first bytes reach a client as soon as S3
-    sends them: they get the chunks as S3 sent them (no copy, and no block to allocate
-    first, which cost a cold read ~0.3 ms of page faults per MiB), and a block is joined
-    into one piece, for the cache, once whole.
+    sends them: they get the chunks as S3 sent them until the block is whole, then slices
+    of the block joined from them for the cache (no copy for readers, and no block to
+    allocate before the first byte, which cost a cold read ~0.3 ms of page faults).
     """
 
     def __init__(self, store: ObjectStore, meta: ObjectMeta, first: int, last: int,
@@ -137,11 +137,14 @@ class RunFetch:
     def attach(self) -> None:
         self.readers += 1
 
-    def detach(self) -> None:
+    def detach(self, abandoned: bool = False) -> None:
+        """A reader is done with this fetch. One that got all it asked for leaves the
+        fetch to finish its blocks for the cache; when the last reader left early (its
+        client hung up), the fetch stops pulling bytes nobody will read."""
         self.readers -= 1
-        if self.readers == 0 and not self.keep and not self.done and self.task:
-            self.task.cancel()  # the client hung up: stop pulling bytes nobody will read
-            self._store._forget(self)  # and let nobody join a fetch on its way out
+        if self.readers == 0 and abandoned and not self.keep and not self.done and self.task:
+            self.task.cancel()
+            self._store._forget(self)  # nobody may join a fetch on its way out
 
     async def read(self, index: int, lo: int, hi: int) -> AsyncGenerator[bytes | memoryview, None]:
         """Bytes lo..hi (inclusive, block-relative) of block `index`, as they arrive."""
@@ -341,6 +344,7 @@ class ObjectStore:
         held = probe and self._open_ended(meta, last_needed)
         first_out = 0.0  # when this read's first bytes went out
         probed: BlockKey | None = None
+        completed = False
 
         def released() -> bool:
             nonlocal held
@@ -406,9 +410,10 @@ class ObjectStore:
                     async for piece in pieces:
                         first_out = first_out or time.monotonic()
                         yield piece
+            completed = True
         finally:
             for fetch in attached:
-                fetch.detach()
+                fetch.detach(abandoned=not completed)
 
     async def _cached(self, key: BlockKey) -> Block | None:
         """The block from memory, else from disk (counted per tier), else None."""

@@ -83,6 +83,15 @@ async def test_fifty_cold_requests_for_one_block_make_one_get(
     assert heads == [], "the metadata came with that one GET"
     # all 50 joined the GET that the first look-up started while learning the metadata
     assert running.metric("s3proxy_coalesced_waits_total") == 50
+    # they got all they asked for and left: the GET went on to the block's end, for the
+    # cache, and the rest of the block is a hit
+    for _ in range(100):
+        if running.metric("s3proxy_cache_bytes", tier="memory") == 1 << 20:
+            break
+        await asyncio.sleep(0.02)
+    status, _, body = await fetch(url(running, "hot.mp4"), Range="bytes=2000000-2000999")
+    assert (status, body) == (206, data[2_000_000:2_001_000])
+    assert gets_for(emulator, bucket, "hot.mp4") == 1
 
 
 async def test_many_cold_open_ended_reads_share_one_probe_and_one_block_fetch(
