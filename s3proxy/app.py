@@ -306,8 +306,9 @@ async def _begin(request: web.Request, response: web.StreamResponse) -> None:
 
 # Largest slice handed to the transport at once: what the socket does not take at once
 # is copied into the transport's buffer, so this bounds the memory each slow client pins
-# (bench f, 200 readers: ~146 MiB peak at 128 KiB, ~200 at 256 KiB, ~225 at 512 KiB;
-# hot 1 MiB ranges lose some throughput for it, still above 0.5x nginx).
+# (bench f, 200 readers, when this was chosen: ~146 MiB peak at 128 KiB, ~200 at
+# 256 KiB, ~225 at 512 KiB; hot 1 MiB ranges lose some throughput for it, still above
+# 0.5x nginx).
 WRITE_SLICE = 128 * 1024
 
 

@@ -9,8 +9,9 @@ Handlers only ever call `stat` and `open`. Behind them:
   concurrent reader of those blocks shares and which streams to them as it arrives;
 - a reader moving sequentially gets the next `cache.readahead_blocks` blocks fetched in
   the background (at most `cache.readahead_max_inflight` such fetches at once);
-- a fetch nobody reads any more (the client hung up) is cancelled, unless it is
-  read-ahead, so an open-ended range never pulls the rest of the object;
+- a fetch whose last reader hung up is cancelled (unless it is read-ahead, or a second
+  seek's block), so an open-ended range never pulls the rest of the object; one whose
+  readers got all they asked for finishes its blocks for the cache;
 - an open-ended read (Mist's, at every seek) of a cold block starts with a small probe
   streamed straight from S3, and goes further only if its client is still there a few
   milliseconds after its first bytes went out.
@@ -529,4 +530,3 @@ class ObjectStore:
 
     def _update_gauges(self) -> None:
         self._metrics.cache_bytes.labels(tier="memory").set(self.memory.used_bytes)
-
