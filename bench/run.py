@@ -86,6 +86,16 @@ class Stack:
             except subprocess.TimeoutExpired:
                 process.kill()
 
+    def retire(self, *proxies: Proxy) -> None:
+        """Stop the proxies of a finished case, so that they weigh on no later one."""
+        for proxy in proxies:
+            proxy.process.send_signal(signal.SIGTERM)
+        for proxy in proxies:
+            try:
+                proxy.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proxy.process.kill()
+
     # --- origin ---------------------------------------------------------------
 
     def start_origin(self) -> None:
@@ -519,6 +529,28 @@ def main() -> int:
         with stack_in(tmp) as stack:
             make_data(stack, args.quick)
             stack.start_origin()
+            # latency and egress first, on an otherwise idle machine; then throughput;
+            # each case's proxies are stopped when it is done
+            if cases & {"c", "e"}:
+                ours = stack.start_s3proxy("s3proxy-cold", delayed=False)
+                peer = stack.start_nginx_peer("nginx-cold", delayed=False)
+                if "c" in cases:
+                    lines += case_herd(stack, ours, peer)
+                if "e" in cases:
+                    lines += case_ttfb(stack, ours, peer, 7 if args.quick else 21)
+                stack.retire(ours, peer)
+            if "d" in cases:
+                ours = stack.start_s3proxy("s3proxy-ra", delayed=True, readahead_blocks=2)
+                ours_no_ra = stack.start_s3proxy("s3proxy-nora", delayed=True,
+                                                 readahead_blocks=0)
+                peer = stack.start_nginx_peer("nginx-delayed", delayed=True)
+                lines += case_player(stack, ours, ours_no_ra, peer, 1 if args.quick else 3)
+                stack.retire(ours, ours_no_ra, peer)
+            if "g" in cases:  # an origin 30 ms away, as S3 is: hang-ups race the bytes
+                ours = stack.start_s3proxy("s3proxy-mist", delayed=True)
+                peer = stack.start_nginx_peer("nginx-mist", delayed=True)
+                lines += case_egress(stack, ours, peer, big_size)
+                stack.retire(ours, peer)
             if cases & {"a", "b"}:
                 ours = stack.start_s3proxy("s3proxy-hot", delayed=False, workers=2,
                                            max_bytes="512MiB")
@@ -527,23 +559,7 @@ def main() -> int:
                     lines += case_throughput(stack, ours, peer, MIB, args.seconds, "a")
                 if "b" in cases:
                     lines += case_throughput(stack, ours, peer, 64 * 1024, args.seconds, "b")
-            if cases & {"c", "e"}:
-                ours = stack.start_s3proxy("s3proxy-cold", delayed=False)
-                peer = stack.start_nginx_peer("nginx-cold", delayed=False)
-                if "c" in cases:
-                    lines += case_herd(stack, ours, peer)
-                if "e" in cases:
-                    lines += case_ttfb(stack, ours, peer, 7 if args.quick else 21)
-            if "d" in cases:
-                ours = stack.start_s3proxy("s3proxy-ra", delayed=True, readahead_blocks=2)
-                ours_no_ra = stack.start_s3proxy("s3proxy-nora", delayed=True,
-                                                 readahead_blocks=0)
-                peer = stack.start_nginx_peer("nginx-delayed", delayed=True)
-                lines += case_player(stack, ours, ours_no_ra, peer, 1 if args.quick else 3)
-            if "g" in cases:  # an origin 30 ms away, as S3 is: hang-ups race the bytes
-                ours = stack.start_s3proxy("s3proxy-mist", delayed=True)
-                peer = stack.start_nginx_peer("nginx-mist", delayed=True)
-                lines += case_egress(stack, ours, peer, big_size)
+                stack.retire(ours, peer)
             if "f" in cases:
                 ours = stack.start_s3proxy("s3proxy-rss", delayed=False, max_bytes="64MiB")
                 lines += case_rss(stack, ours, 5 if args.quick else 10)
