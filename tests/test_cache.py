@@ -31,6 +31,29 @@ def gets_for(emulator: Emulator, bucket: str, key: str) -> int:
                if r.method == "GET" and r.path == f"/{bucket}/{key}")
 
 
+async def concurrent_reads(running: RunningProxy, asset: str, header: str, clients: int,
+                           amount: int | None = None) -> list[bytes]:
+    """`clients` GETs of `asset` with one Range header at once, each reading `amount`
+    bytes (None: the whole body)."""
+    async with aiohttp.ClientSession() as session:
+        async def one() -> bytes:
+            async with session.get(url(running, asset), headers={"Range": header}) as response:
+                assert response.status == 206
+                if amount is None:
+                    return await response.read()
+                return await response.content.readexactly(amount)
+
+        return await asyncio.gather(*(one() for _ in range(clients)))
+
+
+async def wait_cached(running: RunningProxy, nbytes: int) -> None:
+    """Until the memory tier holds `nbytes` (a fetch finishes in the background), or 2 s."""
+    for _ in range(100):
+        if running.metric("s3proxy_cache_bytes", tier="memory") == nbytes:
+            return
+        await asyncio.sleep(0.02)
+
+
 async def test_random_ranges_under_eviction_pressure_match_byte_for_byte(
         emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
     data = random.Random(1).randbytes(600 * KIB + 7)
@@ -69,14 +92,7 @@ async def test_fifty_cold_requests_for_one_block_make_one_get(
     data = os.urandom(3 << 20)
     put_object(emulator, bucket, "hot.mp4", data)
     running = await start_proxy(cache={"readahead_blocks": 0})
-    async with aiohttp.ClientSession() as session:
-        async def one() -> bytes:
-            async with session.get(url(running, "hot.mp4"),
-                                   headers={"Range": "bytes=1048576-1049599"}) as response:
-                assert response.status == 206
-                return await response.read()
-
-        bodies = await asyncio.gather(*(one() for _ in range(50)))
+    bodies = await concurrent_reads(running, "hot.mp4", "bytes=1048576-1049599", 50)
     assert all(body == data[1 << 20:(1 << 20) + 1024] for body in bodies)
     assert gets_for(emulator, bucket, "hot.mp4") == 1
     heads = [r for r in emulator.object_requests(bucket) if r.method == "HEAD"]
@@ -85,10 +101,7 @@ async def test_fifty_cold_requests_for_one_block_make_one_get(
     assert running.metric("s3proxy_coalesced_waits_total") == 50
     # they got all they asked for and left: the GET went on to the block's end, for the
     # cache, and the rest of the block is a hit
-    for _ in range(100):
-        if running.metric("s3proxy_cache_bytes", tier="memory") == 1 << 20:
-            break
-        await asyncio.sleep(0.02)
+    await wait_cached(running, 1 << 20)
     status, _, body = await fetch(url(running, "hot.mp4"), Range="bytes=2000000-2000999")
     assert (status, body) == (206, data[2_000_000:2_001_000])
     assert gets_for(emulator, bucket, "hot.mp4") == 1
@@ -99,14 +112,8 @@ async def test_many_cold_open_ended_reads_share_one_probe_and_one_block_fetch(
     data = os.urandom(3 << 20)
     put_object(emulator, bucket, "start.mp4", data)
     running = await start_proxy(cache={"readahead_blocks": 0})
-    async with aiohttp.ClientSession() as session:
-        async def one() -> bytes:  # Mist at stream start: `bytes=0-`, then a box header
-            async with session.get(url(running, "start.mp4"),
-                                   headers={"Range": "bytes=0-"}) as response:
-                assert response.status == 206
-                return await response.content.readexactly(200_000)
-
-        bodies = await asyncio.gather(*(one() for _ in range(30)))
+    # Mist at stream start: `bytes=0-`, then a box header
+    bodies = await concurrent_reads(running, "start.mp4", "bytes=0-", 30, 200_000)
     assert all(body == data[:200_000] for body in bodies)
     assert gets_for(emulator, bucket, "start.mp4") <= 3  # a probe, block 0, block 1
 
@@ -276,10 +283,7 @@ async def test_a_second_seek_to_a_probed_block_caches_it(
     assert await seek(running, offset, 16) == pattern(offset, 16)  # a probe
     # the second seek fetches block 9, which is finished and cached though its client left
     assert await seek(running, offset + 4096, 16) == pattern(offset + 4096, 16)
-    for _ in range(100):
-        if running.metric("s3proxy_cache_bytes", tier="memory") == 1 << 20:
-            break
-        await asyncio.sleep(0.02)
+    await wait_cached(running, 1 << 20)
     assert running.metric("s3proxy_cache_bytes", tier="memory") == 1 << 20
     gets = state.gets
     assert await seek(running, offset - 50_000, 4096) == pattern(offset - 50_000, 4096)

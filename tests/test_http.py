@@ -183,12 +183,18 @@ async def test_multirange_with_one_satisfiable_range_is_a_single_part(
     assert (status, headers["Content-Range"], body) == (206, "bytes 10-19/100", data[10:20])
 
 
-async def test_conditionals(emulator: Emulator, served: RunningProxy) -> None:
+async def validated(emulator: Emulator, served: RunningProxy
+                    ) -> tuple[bytes, str, str, str]:
+    """An uploaded object: its bytes, its URL, and the ETag and Last-Modified a HEAD gave."""
     data = blob(2000)
     put_object(emulator, served.bucket, "c.mp4", data)
     url = vod(served, "c.mp4")
     _, headers, _ = await fetch(url, "HEAD")
-    etag, modified = headers["ETag"], headers["Last-Modified"]
+    return data, url, headers["ETag"], headers["Last-Modified"]
+
+
+async def test_conditionals(emulator: Emulator, served: RunningProxy) -> None:
+    _, url, etag, modified = await validated(emulator, served)
 
     status, h, body = await fetch(url, **{"If-None-Match": etag})
     assert (status, body, h["ETag"]) == (304, b"", etag)
@@ -208,11 +214,7 @@ async def test_conditionals(emulator: Emulator, served: RunningProxy) -> None:
 
 
 async def test_if_range(emulator: Emulator, served: RunningProxy) -> None:
-    data = blob(2000)
-    put_object(emulator, served.bucket, "c.mp4", data)
-    url = vod(served, "c.mp4")
-    _, headers, _ = await fetch(url, "HEAD")
-    etag, modified = headers["ETag"], headers["Last-Modified"]
+    data, url, etag, modified = await validated(emulator, served)
     for validator in (etag, modified):
         status, _, body = await fetch(url, Range="bytes=5-9", **{"If-Range": validator})
         assert (status, body) == (206, data[5:10])
