@@ -10,6 +10,7 @@ import asyncio
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
@@ -33,7 +34,7 @@ from .ranges import (
     parse_range_header,
     ranges_to_serve,
 )
-from .store import ObjectStore
+from .store import ObjectStore, ReadHistory
 from .upstream import ObjectMeta, S3Upstream
 
 log = logging.getLogger("s3proxy.app")
@@ -44,6 +45,9 @@ ALLOW = "GET, HEAD"
 ERROR_HEADER = "X-S3Proxy-Error"
 PROBE_INTERVAL_S = 5.0
 READY_WINDOW_S = 3 * PROBE_INTERVAL_S
+
+CONDITIONALS = ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since",
+                "If-Range")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -61,13 +65,16 @@ class Proxy:
 
     def __init__(self, config: Config, metrics: Metrics | None = None,
                  verifier: TokenVerifier | None = None, worker: int = 0,
-                 workers: int = 1) -> None:
+                 workers: int = 1, shared_dir: str | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
         self.verifier = verifier or TokenVerifier.from_config(config.auth, config.source)
         self.upstream = S3Upstream(config.s3, self.metrics)
         self.store = ObjectStore(self.upstream, config.s3.prefix, config.cache, self.metrics,
-                                 worker, workers)
+                                 worker, workers, shared_dir)
+        # per client connection: what it has read (a reader is sequential by its own reads)
+        self._histories: weakref.WeakKeyDictionary[object, ReadHistory] = (
+            weakref.WeakKeyDictionary())
         self.probe_error: str | None = "no probe answered yet"
         self.probe_ok_at: float | None = None  # monotonic time of the last good probe
         self.inflight = 0
@@ -92,6 +99,16 @@ class Proxy:
         while True:
             await self.probe_once()
             await asyncio.sleep(PROBE_INTERVAL_S)
+
+    def history(self, request: web.Request) -> ReadHistory | None:
+        """The read history of the request's connection (Mist opens one per seek)."""
+        connection = request.transport
+        if connection is None:
+            return None
+        history = self._histories.get(connection)
+        if history is None:
+            history = self._histories[connection] = ReadHistory()
+        return history
 
     def readiness(self) -> str | None:
         """None when ready, else why not."""
@@ -185,9 +202,11 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
     _authorize(proxy, asset, token)
     # A GET of a closed range tells the store which block to fetch while it learns the
     # metadata (one S3 round trip for a cold asset instead of two). Open-ended ranges
-    # (Mist, after its HEAD) go through the probe of a cold seek instead.
+    # (Mist, after its HEAD) go through the probe of a cold seek instead; a conditional
+    # request may need no block at all (304, 412, or If-Range's whole body).
     header = request.headers.get("Range") if request.method == "GET" else None
-    offset = first_offset(header) if header else None
+    conditional = any(name in request.headers for name in CONDITIONALS)
+    offset = first_offset(header) if header and not conditional else None
     first_block = offset // proxy.store.block_size if offset is not None else None
     # A version that changes between the look-up and the first GET is looked up again.
     for attempt in (1, 2):
@@ -267,7 +286,8 @@ async def _stream(request: web.Request, proxy: Proxy, meta: ObjectMeta, status: 
     (byte_range,) = ranges
     response = web.StreamResponse(status=status, headers=headers)
     response.content_length = max(0, byte_range.length)
-    async with aclosing(proxy.store.open(meta, byte_range.start, byte_range.end)) as chunks:
+    async with aclosing(proxy.store.open(meta, byte_range.start, byte_range.end,
+                                         history=proxy.history(request))) as chunks:
         first = await _first_chunk(chunks)
         await _begin(request, response)
         if await _pump(request, response, first, chunks):
@@ -284,7 +304,8 @@ async def _stream_multipart(request: web.Request, proxy: Proxy, meta: ObjectMeta
     response = web.StreamResponse(status=206, headers=headers)
     response.content_length = layout.content_length
     for index, part in enumerate(layout.parts):
-        async with aclosing(proxy.store.open(meta, part.range.start, part.range.end)) as chunks:
+        async with aclosing(proxy.store.open(meta, part.range.start, part.range.end,
+                                             history=proxy.history(request))) as chunks:
             first = await _first_chunk(chunks) if index == 0 else b""
             if index == 0:
                 await _begin(request, response)

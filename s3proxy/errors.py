@@ -25,3 +25,17 @@ class UpstreamUnavailable(S3ProxyError):
 
 class UpstreamTimeout(S3ProxyError):
     """The upstream did not answer within the configured timeouts."""
+
+
+class UpstreamInvalid(ObjectChanged):
+    """An upstream answer that is not what was asked (another ETag or range, a 200 to a
+    ranged GET, a wrong length): none of its bytes is used; handled like a change.
+    `version_gone`: the answer named another version, so the one asked for is gone."""
+
+    def __init__(self, message: str, version_gone: bool = False) -> None:
+        super().__init__(message)
+        self.version_gone = version_gone
+
+
+class RangeBeyondEnd(S3ProxyError):
+    """A ranged GET started past the end of the object (it is smaller than thought)."""

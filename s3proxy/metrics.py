@@ -67,15 +67,20 @@ class Metrics:
         self.readahead_blocks = Counter("s3proxy_readahead_blocks_total",
                                         "Blocks fetched ahead of a sequential reader",
                                         registry=r)
-        for tier in ("memory", "disk"):
+        self.cache_disk_writes_dropped = Counter(
+            "s3proxy_cache_disk_writes_dropped_total",
+            "Blocks not written to the file tier because too many writes were pending",
+            registry=r)
+        for tier in ("memory", "disk", "shared"):
             for family in (self.cache_hits, self.cache_misses, self.cache_evictions,
                            self.cache_bytes, self.cache_max_bytes):
                 family.labels(tier=tier)
         self.cache_corrupt_blocks.labels(tier="disk")
+        self.cache_corrupt_blocks.labels(tier="shared")
         for reason in ("missing", "invalid", "expired", "forbidden"):
             self.auth_failures.labels(reason=reason)
         for op in ("head", "get"):
-            for outcome in ("ok", "not_found", "changed", "error"):
+            for outcome in ("ok", "not_found", "not_modified", "changed", "invalid", "error"):
                 self.upstream_requests.labels(op=op, outcome=outcome)
 
     def exposition(self) -> bytes:

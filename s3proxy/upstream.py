@@ -8,6 +8,8 @@ Every botocore failure becomes one of the error types in `errors`.
 from __future__ import annotations
 
 import asyncio
+import enum
+import re
 import time
 from collections.abc import AsyncGenerator
 from contextlib import AsyncExitStack
@@ -34,8 +36,10 @@ from .config import S3Config
 from .errors import (
     AssetNotFound,
     ObjectChanged,
+    RangeBeyondEnd,
     S3ProxyError,
     UpstreamDenied,
+    UpstreamInvalid,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -53,6 +57,69 @@ class ObjectMeta:
     etag: str
     last_modified: datetime
     content_type: str | None
+
+
+class NotModified(enum.Enum):
+    """S3's 304: the version named in If-None-Match is still the current one."""
+
+    NOT_MODIFIED = "not_modified"
+
+
+NOT_MODIFIED = NotModified.NOT_MODIFIED
+
+
+class Answer:
+    """A GET whose head has arrived. Its outcome is counted once, when it ends:
+    `ok` when the body came whole (or we closed it early), `error` when the body failed,
+    `invalid` when the caller discarded it as not what was asked."""
+
+    def __init__(self, upstream: S3Upstream, status: int, meta: ObjectMeta,
+                 content_range: tuple[int, int, int] | None, length: int, body: Any) -> None:
+        self._upstream = upstream
+        self.status = status
+        self.meta = meta
+        self.content_range = content_range
+        self.length = length
+        self._body = body
+        self._counted = False
+
+    def _end(self, outcome: str) -> None:
+        if not self._counted:
+            self._counted = True
+            self._upstream._count("get", outcome)
+        self._body.close()
+
+    def close(self) -> None:
+        """Not read after all (the reader left first): closed, counted as `ok`."""
+        self._end("ok")
+
+    def discard(self) -> None:
+        """Not what was asked: nothing of it is used; counted as `invalid`."""
+        self._end("invalid")
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        """The body, exactly `length` bytes; UpstreamUnavailable if it ends short or fails.
+        Closing the generator early closes the S3 connection at once."""
+        remaining = self.length
+        outcome = "ok"
+        try:
+            while remaining > 0:
+                try:
+                    chunk = await self._body.read(min(READ_CHUNK, remaining))
+                except Exception as exc:
+                    outcome = "error"
+                    raise _classify(exc) from None
+                if not chunk:
+                    outcome = "error"
+                    raise UpstreamUnavailable("upstream body ended early")
+                if len(chunk) > remaining:  # more than its Content-Length: not trusted
+                    outcome = "invalid"
+                    raise UpstreamInvalid("upstream body longer than its length")
+                remaining -= len(chunk)
+                self._upstream._metrics.upstream_bytes.inc(len(chunk))
+                yield chunk
+        finally:
+            self._end(outcome)
 
 
 class S3Upstream:
@@ -98,74 +165,56 @@ class S3Upstream:
         await self._stack.aclose()
         self._client = None
 
-    async def head(self, key: str) -> ObjectMeta:
+    async def head(self, key: str, if_none_match: str | None = None
+                   ) -> ObjectMeta | NotModified:
+        """The object's metadata; NOT_MODIFIED when `if_none_match` still names it."""
         started = time.monotonic()
+        extra = {"IfNoneMatch": if_none_match} if if_none_match else {}
         try:
-            response = await self._client.head_object(Bucket=self._config.bucket, Key=key)
+            response = await self._client.head_object(Bucket=self._config.bucket, Key=key,
+                                                      **extra)
         except Exception as exc:
+            if _not_modified(exc):
+                self._count("head", "not_modified", started)
+                return NOT_MODIFIED
             raise self._failed("head", started, exc) from None
-        self._succeeded("head", started)
-        return _meta_from(key, response, int(response["ContentLength"]))
+        self._count("head", "ok", started)
+        return meta_from(key, response, int(response["ContentLength"]))
 
-    async def read(self, key: str, start: int, end: int, etag: str
-                   ) -> AsyncGenerator[bytes, None]:
-        """Stream bytes start..end (inclusive) of the version with `etag`.
+    async def get(self, key: str, start: int, end: int, *, if_match: str | None = None,
+                  if_none_match: str | None = None) -> Answer | NotModified:
+        """A GET of bytes start..end (inclusive): its head is in, its body still to come.
 
-        An async generator: closing it (or abandoning it) closes the S3 connection at
-        once rather than draining the rest of the body.
+        Nothing here trusts the answer: the caller checks it against what it asked
+        (`Answer.meta`, `content_range`, `length`) before using a byte. Raises
+        RangeBeyondEnd when S3 says the range starts past the end of the object.
         """
         started = time.monotonic()
+        extra = {}
+        if if_match:
+            extra["IfMatch"] = if_match
+        if if_none_match:
+            extra["IfNoneMatch"] = if_none_match
         try:
             response = await self._client.get_object(
-                Bucket=self._config.bucket, Key=key, Range=f"bytes={start}-{end}", IfMatch=etag)
-        except Exception as exc:
-            raise self._failed("get", started, exc) from None
-        self._succeeded("get", started)
-        async for chunk in self._body(response["Body"], end - start + 1):
-            yield chunk
-
-    async def read_unseen(self, key: str, start: int, end: int
-                          ) -> tuple[ObjectMeta, AsyncGenerator[bytes, None]] | None:
-        """A ranged GET of an object whose metadata is not known yet: the answer carries
-        it (size in Content-Range, ETag, Last-Modified, type), which saves the HEAD and
-        its round trip. None when `start` lies beyond the end (ask with a HEAD then)."""
-        started = time.monotonic()
-        try:
-            response = await self._client.get_object(
-                Bucket=self._config.bucket, Key=key, Range=f"bytes={start}-{end}")
+                Bucket=self._config.bucket, Key=key, Range=f"bytes={start}-{end}", **extra)
         except ClientError as exc:
+            if _not_modified(exc):
+                self._count("get", "not_modified", started)
+                return NOT_MODIFIED
             if exc.response.get("Error", {}).get("Code") == "InvalidRange":
-                self._succeeded("get", started)
-                return None
+                self._count("get", "ok", started)
+                raise RangeBeyondEnd("range starts past the end of the object") from None
             raise self._failed("get", started, exc) from None
         except Exception as exc:
             raise self._failed("get", started, exc) from None
-        self._succeeded("get", started)
-        length = int(response["ContentLength"])
-        content_range = response.get("ContentRange") or ""
-        size = int(content_range.rpartition("/")[2]) if "/" in content_range else length
-        first = int(content_range.split()[1].split("-")[0]) if content_range else 0
-        meta = _meta_from(key, response, size)
-        if first != start:  # not the range asked for: do not guess, look it up properly
-            response["Body"].close()
-            return None
-        return meta, self._body(response["Body"], length)
-
-    async def _body(self, body: Any, length: int) -> AsyncGenerator[bytes, None]:
-        try:
-            remaining = length
-            while remaining > 0:
-                try:
-                    chunk = await body.read(min(READ_CHUNK, remaining))
-                except Exception as exc:
-                    raise _classify(exc) from None
-                if not chunk:
-                    raise UpstreamUnavailable("upstream body ended early")
-                remaining -= len(chunk)
-                self._metrics.upstream_bytes.inc(len(chunk))
-                yield chunk
-        finally:
-            body.close()
+        self._metrics.upstream_duration.labels(op="get").observe(time.monotonic() - started)
+        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        length = int(response.get("ContentLength", -1))
+        content_range = parse_content_range(response.get("ContentRange"))
+        size = content_range[2] if content_range is not None else max(length, 0)
+        return Answer(self, status, meta_from(key, response, size), content_range, length,
+                      response["Body"])
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         started = time.monotonic()
@@ -174,7 +223,7 @@ class S3Upstream:
                                           ContentType=content_type)
         except Exception as exc:
             raise self._failed("put", started, exc) from None
-        self._succeeded("put", started)
+        self._count("put", "ok", started)
 
     async def probe(self, key: str | None) -> None:
         """Raise unless S3 answers: HEAD of `key`, or a bucket-level check."""
@@ -186,19 +235,38 @@ class S3Upstream:
             await self._client.head_bucket(Bucket=self._config.bucket)
         except Exception as exc:
             raise self._failed("head", started, exc) from None
-        self._succeeded("head", started)
+        self._count("head", "ok", started)
 
-    def _succeeded(self, op: str, started: float) -> None:
-        now = time.monotonic()
-        self._metrics.upstream_requests.labels(op=op, outcome="ok").inc()
-        self._metrics.upstream_duration.labels(op=op).observe(now - started)
+    def _count(self, op: str, outcome: str, started: float | None = None) -> None:
+        self._metrics.upstream_requests.labels(op=op, outcome=outcome).inc()
+        if started is not None:
+            self._metrics.upstream_duration.labels(op=op).observe(time.monotonic() - started)
 
     def _failed(self, op: str, started: float, exc: BaseException) -> S3ProxyError:
         error = _classify(exc)
         outcome = {AssetNotFound: "not_found", ObjectChanged: "changed"}.get(type(error), "error")
-        self._metrics.upstream_requests.labels(op=op, outcome=outcome).inc()
-        self._metrics.upstream_duration.labels(op=op).observe(time.monotonic() - started)
+        self._count(op, outcome, started)
         return error
+
+
+_CONTENT_RANGE = re.compile(r"^bytes (\d{1,20})-(\d{1,20})/(\d{1,20})$")
+
+
+def parse_content_range(value: str | None) -> tuple[int, int, int] | None:
+    """`bytes first-last/size` as three numbers; None when absent or not of that form
+    (`*` sizes included: an answer we can not check is not used)."""
+    match = _CONTENT_RANGE.match(value.strip()) if value else None
+    if match is None:
+        return None
+    first, last, size = (int(group) for group in match.groups())
+    return (first, last, size) if first <= last < size else None
+
+
+def _not_modified(exc: BaseException) -> bool:
+    if not isinstance(exc, ClientError):
+        return False
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return bool(status == 304 or exc.response.get("Error", {}).get("Code") == "304")
 
 
 def _parse_timestamp(value: str) -> datetime:
@@ -210,7 +278,7 @@ def _parse_timestamp(value: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)  # "-0000": still UTC
 
 
-def _meta_from(key: str, response: dict[str, Any], size: int) -> ObjectMeta:
+def meta_from(key: str, response: dict[str, Any], size: int) -> ObjectMeta:
     """Object metadata from a HEAD or GET answer (the size comes from the caller: a
     ranged GET's Content-Length is the range's, not the object's)."""
     last_modified = response.get("LastModified") or datetime.now(UTC)

@@ -224,12 +224,14 @@ async def test_sequential_reader_gets_read_ahead_and_then_hits(
     data = os.urandom(8 * 64 * KIB)
     put_object(emulator, bucket, "seq.mp4", data)
     running = await start_proxy(cache={"block_size": "64KiB", "readahead_blocks": 2})
-    for index in range(8):
-        start = index * 64 * KIB
-        status, _, body = await fetch(url(running, "seq.mp4"),
-                                      Range=f"bytes={start}-{start + 64 * KIB - 1}")
-        assert (status, body) == (206, data[start:start + 64 * KIB])
-        await asyncio.sleep(0.05)  # let the read-ahead land
+    async with aiohttp.ClientSession() as session:  # one player, one connection
+        for index in range(8):
+            start = index * 64 * KIB
+            async with session.get(url(running, "seq.mp4"), headers={
+                    "Range": f"bytes={start}-{start + 64 * KIB - 1}"}) as response:
+                assert (response.status, await response.read()) == (
+                    206, data[start:start + 64 * KIB])
+            await asyncio.sleep(0.05)  # let the read-ahead land
     assert running.metric("s3proxy_readahead_blocks_total") >= 6
     # blocks 2..7 were fetched ahead of the reader: its own requests found them in memory
     # (block 0 too, when its GET finished before the first request read it)

@@ -1,46 +1,20 @@
-"""The memory tier: aligned blocks in an LRU bounded in bytes, and block arithmetic.
-
-A block is identified by (bucket, key, ETag, index), so blocks of two versions of an
-object never mix: a new version simply has other keys.
-"""
+"""The memory tier: whole blocks in an LRU bounded in bytes (counted by len, not entries)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 from cachetools import LRUCache
 
+from .blocks import Block, BlockKey, Version
 
-Block = bytes | bytearray  # a full block; never modified once cached
-
-
-class BlockKey(NamedTuple):
-    bucket: str
-    key: str
-    etag: str
-    block: int
-
-    @property
-    def version(self) -> tuple[str, str, str]:
-        return (self.bucket, self.key, self.etag)
-
-
-def block_span(start: int, end: int, block_size: int) -> range:
-    """Indexes of the blocks that hold bytes start..end (inclusive)."""
-    return range(start // block_size, end // block_size + 1)
-
-
-def block_bounds(index: int, block_size: int, size: int) -> tuple[int, int]:
-    """First and last (inclusive) object offsets of block `index`."""
-    first = index * block_size
-    return first, min(first + block_size, size) - 1
+OnEvict = Callable[[BlockKey, Block], None]
 
 
 class _BytesLRU(LRUCache[BlockKey, Block]):
     """cachetools' LRU sized by len(); reports what it evicts."""
 
-    def __init__(self, max_bytes: int, on_evict: Callable[[BlockKey, Block], None]) -> None:
+    def __init__(self, max_bytes: int, on_evict: OnEvict) -> None:
         super().__init__(maxsize=max_bytes, getsizeof=len)
         self._on_evict = on_evict
 
@@ -53,10 +27,9 @@ class _BytesLRU(LRUCache[BlockKey, Block]):
 class MemoryTier:
     """Blocks in memory; never holds more than `max_bytes` of block data."""
 
-    def __init__(self, max_bytes: int,
-                 on_evict: Callable[[BlockKey, Block], None] | None = None) -> None:
+    def __init__(self, max_bytes: int, on_evict: OnEvict | None = None) -> None:
         self.max_bytes = max_bytes
-        self._evicted: Callable[[BlockKey, Block], None] = on_evict or (lambda k, v: None)
+        self._evicted: OnEvict = on_evict or (lambda k, v: None)
         self._lru = _BytesLRU(max_bytes, self._evicted) if max_bytes > 0 else None
 
     @property
@@ -76,7 +49,7 @@ class MemoryTier:
             return
         self._lru[key] = data
 
-    def drop_version(self, version: tuple[str, str, str]) -> int:
+    def drop_version(self, version: Version) -> int:
         """Forget every block of one object version (it changed upstream)."""
         if self._lru is None:
             return 0

@@ -1,0 +1,297 @@
+"""A file tier: blocks kept in files bounded in bytes (LRU), on disk or in shared memory.
+
+Layout: `{root}/w{worker}/{h[:2]}/{h}/{index}.blk`, h = hash of (bucket, key, ETag), so a
+version's blocks sit in one directory, with the version's metadata beside them in
+`meta.json` (a restart revalidates what it holds instead of fetching it again). Each
+block file is a 16-byte header (magic, CRC-32, length) then the block; a file whose
+length or checksum does not match is deleted and counted, never served. Files are
+written under a temporary name and renamed, so a reader (or another worker) never sees
+half a block. The index is rebuilt from the directory at start-up, oldest first.
+
+With several workers each writes, evicts and deletes only in its own `w<N>` directory
+(bounded by its share of the bytes), and reads the others' read-only: files are
+immutable once renamed, and an unlinked file stays readable while open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections import Counter, OrderedDict
+from datetime import datetime
+from pathlib import Path
+
+from ..metrics import Metrics
+from ..upstream import ObjectMeta
+from .blocks import Block, BlockKey, Version
+
+log = logging.getLogger("s3proxy.disk")
+
+MAGIC = b"S3PB"
+HEADER = struct.Struct(">4sIQ")  # magic, crc32, length
+SUFFIX = ".blk"
+META = "meta.json"
+
+
+def version_dir(bucket: str, key: str, etag: str) -> str:
+    digest = hashlib.sha256(f"{bucket}\0{key}\0{etag}".encode()).hexdigest()[:40]
+    return f"{digest[:2]}/{digest}"
+
+
+class FileTier:
+    """`inline`: the files live in memory (tmpfs), so reading one is a copy, not I/O,
+    and is done on the event loop rather than in a thread."""
+
+    def __init__(self, path: str, max_bytes: int, metrics: Metrics, *, bucket: str, tier: str,
+                 worker: int = 0, workers: int = 1, inline: bool = False) -> None:
+        self.bucket = bucket
+        self.root = Path(path) / f"w{worker}"
+        self.peers = [Path(path) / f"w{other}" for other in range(workers) if other != worker]
+        self.max_bytes = max_bytes
+        self.tier = tier
+        self.inline = inline
+        self._metrics = metrics
+        self._index: OrderedDict[str, int] = OrderedDict()  # relative path -> file size
+        self._per_version: Counter[str] = Counter()  # version directory -> blocks held
+        self._bytes = 0
+        self._lock = threading.Lock()  # the index is touched from worker threads
+        self.versions: dict[str, ObjectMeta] = {}  # key -> newest version held (start-up)
+
+    @staticmethod
+    def relative(key: BlockKey) -> str:
+        return f"{version_dir(*key.version)}/{key.block}{SUFFIX}"
+
+    @property
+    def used_bytes(self) -> int:
+        return self._bytes
+
+    def contains(self, key: BlockKey) -> bool:
+        """Whether this worker's own files hold the block (no I/O)."""
+        return self.relative(key) in self._index
+
+    def load_index(self) -> None:
+        """Rebuild the index from the files present (a restart keeps its hits)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        found: list[tuple[float, str, int]] = []
+        metas: list[tuple[float, str, ObjectMeta]] = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                full = os.path.join(dirpath, name)
+                if ".tmp." in name:  # a write cut short by a crash
+                    _unlink(full)
+                    continue
+                try:
+                    stat = os.stat(full)
+                except FileNotFoundError:
+                    continue
+                if name == META:
+                    meta = _read_meta(full, self.bucket)
+                    if meta is not None:
+                        metas.append((stat.st_mtime, os.path.relpath(dirpath, self.root), meta))
+                elif name.endswith(SUFFIX):
+                    found.append((stat.st_mtime, os.path.relpath(full, self.root),
+                                  stat.st_size))
+        found.sort()
+        with self._lock:
+            self._index.clear()
+            self._per_version.clear()
+            self._bytes = 0
+            for _mtime, relative, size in found:
+                self._index[relative] = size
+                self._per_version[os.path.dirname(relative)] += 1
+                self._bytes += size
+        for _mtime, directory, meta in sorted(metas, key=lambda item: item[0]):
+            if self._per_version[directory]:  # newest last: it wins
+                self.versions[meta.key] = meta
+        self._evict_over_bound()
+        self._publish()
+        log.info("cache tier ready", extra={"fields": {
+            "tier": self.tier, "path": str(self.root), "blocks": len(self._index),
+            "bytes": self._bytes}})
+
+    async def get(self, key: BlockKey) -> Block | None:
+        """The block from this worker's files or a peer's; None (no I/O at all) when
+        there are no peers and the index does not hold it."""
+        if not self.peers and not self.contains(key):
+            return None
+        if self.inline:
+            return self.read(key)
+        return await asyncio.to_thread(self.read, key)
+
+    def read(self, key: BlockKey) -> Block | None:
+        relative = self.relative(key)
+        if relative in self._index:
+            data = self._read_file(self.root, relative, own=True)
+            if data is not None:
+                with self._lock:
+                    if relative in self._index:
+                        self._index.move_to_end(relative)
+                if not self.inline:
+                    try:
+                        os.utime(self.root / relative)  # keeps LRU order across restarts
+                    except OSError:
+                        pass
+                return data
+        for peer in self.peers:
+            data = self._read_file(peer, relative, own=False)
+            if data is not None:
+                return data
+        return None
+
+    def _read_file(self, root: Path, relative: str, own: bool) -> Block | None:
+        full = root / relative
+        try:
+            with open(full, "rb") as handle:
+                raw = handle.read()
+        except FileNotFoundError:
+            if own:
+                self._forget(relative)
+            return None
+        except OSError as exc:
+            log.warning("cache tier read failed", extra={"fields": {
+                "tier": self.tier, "error": exc.strerror}})
+            return None
+        data = _decode(raw)
+        if data is None:
+            self._metrics.cache_corrupt_blocks.labels(tier=self.tier).inc()
+            log.warning("discarding a corrupt block file", extra={"fields": {
+                "tier": self.tier, "file": relative}})
+            if own:  # a peer's file is the peer's to delete
+                _unlink(str(full))
+                self._forget(relative)
+            return None
+        return data
+
+    def write(self, key: BlockKey, data: Block, meta: ObjectMeta) -> None:
+        """Write one block (a blocking call: from a thread, or inline for tmpfs). A block
+        already held is not written again."""
+        relative = self.relative(key)
+        if relative in self._index:
+            return
+        full = self.root / relative
+        raw = HEADER.pack(MAGIC, zlib.crc32(data), len(data)) + data
+        if len(raw) > self.max_bytes:
+            return
+        temporary = f"{full}.tmp.{os.getpid()}.{threading.get_ident()}"
+        try:
+            full.parent.mkdir(parents=True, exist_ok=True)
+            meta_file = full.parent / META
+            if not meta_file.exists():
+                _write_meta(meta_file, self.bucket, meta)
+            with open(temporary, "wb") as handle:
+                handle.write(raw)
+            os.replace(temporary, full)
+        except OSError as exc:
+            _unlink(temporary)
+            log.warning("cache tier write failed", extra={"fields": {
+                "tier": self.tier, "error": exc.strerror}})
+            return
+        with self._lock:
+            if relative not in self._index:
+                self._per_version[os.path.dirname(relative)] += 1
+            self._bytes -= self._index.pop(relative, 0)
+            self._index[relative] = len(raw)
+            self._bytes += len(raw)
+        self._evict_over_bound()
+        self._publish()
+
+    def _evict_over_bound(self) -> None:
+        while True:
+            with self._lock:
+                if self._bytes <= self.max_bytes or not self._index:
+                    return
+                relative, size = self._index.popitem(last=False)
+                self._bytes -= size
+                emptied = self._release(relative)
+            _unlink(str(self.root / relative))
+            if emptied:
+                _remove_version_dir(self.root / os.path.dirname(relative))
+            self._metrics.cache_evictions.labels(tier=self.tier).inc()
+
+    def _release(self, relative: str) -> bool:
+        """One block of a version is gone (lock held); True if it was the last one."""
+        directory = os.path.dirname(relative)
+        self._per_version[directory] -= 1
+        if self._per_version[directory] <= 0:
+            del self._per_version[directory]
+            return True
+        return False
+
+    def _forget(self, relative: str) -> None:
+        with self._lock:
+            if relative in self._index:
+                self._bytes -= self._index.pop(relative)
+                self._release(relative)
+        self._publish()
+
+    def drop_version(self, version: Version) -> None:
+        """Delete this worker's files of one version (peers' files are theirs to drop;
+        they are never served for another version, whose blocks have other names)."""
+        directory = version_dir(*version)
+        with self._lock:
+            stale = [r for r in self._index if r.startswith(directory + "/")]
+            for relative in stale:
+                self._bytes -= self._index.pop(relative)
+            self._per_version.pop(directory, None)
+        _remove_version_dir(self.root / directory, everything=True)
+        self._publish()
+
+    def _publish(self) -> None:
+        self._metrics.cache_bytes.labels(tier=self.tier).set(self._bytes)
+
+
+def _write_meta(path: Path, bucket: str, meta: ObjectMeta) -> None:
+    temporary = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump({"bucket": bucket, "key": meta.key, "size": meta.size, "etag": meta.etag,
+                   "last_modified": meta.last_modified.isoformat(),
+                   "content_type": meta.content_type}, handle)
+    os.replace(temporary, path)
+
+
+def _read_meta(path: str, bucket: str) -> ObjectMeta | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+        if raw["bucket"] != bucket:
+            return None
+        return ObjectMeta(key=str(raw["key"]), size=int(raw["size"]), etag=str(raw["etag"]),
+                          last_modified=datetime.fromisoformat(raw["last_modified"]),
+                          content_type=raw.get("content_type"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable: its blocks are simply not revalidated after a restart
+
+
+def _remove_version_dir(directory: Path, everything: bool = False) -> None:
+    try:
+        if everything:
+            for child in directory.iterdir():
+                _unlink(str(child))
+        else:
+            _unlink(str(directory / META))
+        directory.rmdir()
+    except OSError:
+        pass  # not empty (a write landed meanwhile) or already gone
+
+
+def _decode(raw: bytes) -> Block | None:
+    if len(raw) < HEADER.size:
+        return None
+    magic, checksum, length = HEADER.unpack_from(raw)
+    data = raw[HEADER.size:]
+    if magic != MAGIC or length != len(data) or zlib.crc32(data) != checksum:
+        return None
+    return data
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

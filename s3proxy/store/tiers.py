@@ -1,0 +1,132 @@
+"""The cache tiers behind the store: memory, then a file tier (disk, or shared memory
+between workers), with their metrics and the bounded queue of file writes.
+
+- A look-up tries memory, then the file tier; the file tier is asked (in a thread, for
+  disk) only when its index holds the block or peers might.
+- A block read back from the file tier is never written to it again.
+- With `write_through` (several workers), every block fetched goes to the file tier at
+  once, so the other workers find it; otherwise a block goes there when memory evicts it.
+- Writes in flight are bounded: a file tier slower than the eviction rate must not pile
+  blocks up in memory. What is dropped is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from cachetools import LRUCache
+
+from ..metrics import Metrics
+from ..upstream import ObjectMeta
+from .blocks import Block, BlockKey, Version
+from .disk import FileTier
+from .memory import MemoryTier
+
+log = logging.getLogger("s3proxy.store")
+
+MAX_PENDING_WRITES = 16
+
+
+class Tiers:
+    def __init__(self, memory_bytes: int, files: FileTier | None, metrics: Metrics, *,
+                 write_through: bool = False) -> None:
+        self._metrics = metrics
+        self.memory = MemoryTier(memory_bytes, on_evict=self._evicted)
+        self.files = files
+        self._write_through = write_through and files is not None
+        self._on_file: set[BlockKey] = set()  # blocks in memory a file already holds
+        self._versions: LRUCache[Version, ObjectMeta] = LRUCache(maxsize=65536)
+        self._writes: set[asyncio.Future[None]] = set()
+        metrics.cache_max_bytes.labels(tier="memory").set(self.memory.max_bytes)
+        if files is not None:
+            metrics.cache_max_bytes.labels(tier=files.tier).set(files.max_bytes)
+
+    async def start(self) -> None:
+        if self.files is not None:
+            await asyncio.to_thread(self.files.load_index)
+
+    def known_versions(self) -> list[ObjectMeta]:
+        """Versions the file tier held at start-up (to revalidate, not to refetch)."""
+        return list(self.files.versions.values()) if self.files is not None else []
+
+    def has(self, key: BlockKey) -> bool:
+        """Whether a tier holds the block, without using it (LRU order unchanged)."""
+        return self.memory.contains(key) or (self.files is not None
+                                             and self.files.contains(key))
+
+    async def get(self, key: BlockKey) -> Block | None:
+        """The block from memory, else from the file tier (counted per tier), else None."""
+        data = self.memory.get(key)
+        if data is not None:
+            self._metrics.cache_hits.labels(tier="memory").inc()
+            return data
+        self._metrics.cache_misses.labels(tier="memory").inc()
+        if self.files is None:
+            return None
+        data = await self.files.get(key)
+        if data is None:
+            self._metrics.cache_misses.labels(tier=self.files.tier).inc()
+            return None
+        self._metrics.cache_hits.labels(tier=self.files.tier).inc()
+        self._on_file.add(key)
+        self.memory.put(key, data)
+        self._publish()
+        return data
+
+    def put(self, key: BlockKey, data: Block, meta: ObjectMeta) -> None:
+        """A block fetched from upstream."""
+        self._versions[key.version] = meta
+        if self._write_through:
+            self._on_file.add(key)  # written now: not again when memory evicts it
+            self._write(key, data, meta)
+        self.memory.put(key, data)
+        self._publish()
+
+    def _evicted(self, key: BlockKey, data: Block) -> None:
+        self._metrics.cache_evictions.labels(tier="memory").inc()
+        on_file = key in self._on_file
+        self._on_file.discard(key)
+        if self.files is None or on_file or self.files.contains(key):
+            return
+        meta = self._versions.get(key.version)
+        if meta is not None:
+            self._write(key, data, meta)
+
+    def _write(self, key: BlockKey, data: Block, meta: ObjectMeta) -> None:
+        assert self.files is not None
+        if len(self._writes) >= MAX_PENDING_WRITES:
+            self._metrics.cache_disk_writes_dropped.inc()
+            return
+        self._track(asyncio.ensure_future(asyncio.to_thread(self.files.write, key, data, meta)))
+
+    def _track(self, task: asyncio.Future[None]) -> None:
+        self._writes.add(task)
+        task.add_done_callback(self._write_done)
+
+    def _write_done(self, task: asyncio.Future[None]) -> None:
+        self._writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cache tier write failed", exc_info=task.exception())
+        if self.files is not None:
+            self._metrics.cache_bytes.labels(tier=self.files.tier).set(self.files.used_bytes)
+
+    def drop_version(self, version: Version) -> None:
+        """Forget every block of a version that is gone upstream."""
+        self.memory.drop_version(version)
+        self._on_file = {k for k in self._on_file if k.version != version}
+        self._versions.pop(version, None)
+        if self.files is not None:
+            if self.files.inline:
+                self.files.drop_version(version)
+            else:
+                self._track(asyncio.ensure_future(
+                    asyncio.to_thread(self.files.drop_version, version)))
+        self._publish()
+
+    async def close(self) -> None:
+        """Wait for the writes in flight (a thread can not be cancelled anyway)."""
+        await asyncio.gather(*list(self._writes), return_exceptions=True)
+
+    def _publish(self) -> None:
+        self._metrics.cache_bytes.labels(tier="memory").set(self.memory.used_bytes)
