@@ -270,7 +270,7 @@ class ObjectStore:
         bs = self.block_size
         version: Version = (self.bucket, meta.key, meta.etag)
         last_needed = end // bs
-        open_ended = last_needed == last_block(meta.size, bs)
+        open_ended = end == meta.size - 1  # Mist's `bytes=N-`
         # An open-ended read (Mist's, at every seek) is held: no GET past its first block
         # or probe until the seek grace after its first bytes went out.
         progress = _Progress(held=probe and open_ended)
