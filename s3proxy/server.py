@@ -36,7 +36,8 @@ def _bound(runner: web.AppRunner) -> tuple[str, int]:
 
 async def run(config: Config, *, config_path: str | None = None,
               on_started: OnStarted | None = None,
-              stop: asyncio.Event | None = None, worker: int = 0, workers: int = 1) -> int:
+              stop: asyncio.Event | None = None, worker: int = 0, workers: int = 1,
+              shared_dir: str | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or `stop` is set); drain in-flight requests; return 0.
 
     SIGHUP re-reads `config_path` and applies the auth keys, revocations and log level.
@@ -45,7 +46,7 @@ async def run(config: Config, *, config_path: str | None = None,
     """
     if config.auth.mode == "none" and worker == 0:
         log.warning("auth.mode is none: every request is served without a token check")
-    proxy = Proxy(config, worker=worker, workers=workers)
+    proxy = Proxy(config, worker=worker, workers=workers, shared_dir=shared_dir)
     shared = workers > 1
     runner = web.AppRunner(create_app(config, proxy), handle_signals=False,
                            shutdown_timeout=config.server.shutdown_timeout_s, **RUNNER_OPTIONS)
@@ -99,26 +100,76 @@ def _reload(proxy: Proxy, config_path: str | None) -> None:
     log.info("SIGHUP: reloaded auth keys, revocations and log level")
 
 
+SHM = "/dev/shm"
+SHARED_PREFIX = "s3proxy-blocks-"
+
+
+def shared_tier_dir(config: Config) -> str | None:
+    """Where the workers of this supervisor share blocks (several workers, no disk tier):
+    a new directory on tmpfs (/dev/shm) when it has room for the shared tier, else in
+    the temporary directory (page cache, still shared). Directories left by a
+    supervisor that died are removed first."""
+    import shutil
+    import tempfile
+
+    if config.server.workers < 2 or (config.cache.disk.path and config.cache.disk.max_bytes):
+        return None
+    candidates = [root for root in (SHM, tempfile.gettempdir()) if os.path.isdir(root)]
+    for root in candidates:
+        for name in os.listdir(root):
+            owner = name[len(SHARED_PREFIX):].split("-")[0]
+            if name.startswith(SHARED_PREFIX) and owner.isdigit() and not _alive(int(owner)):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    needed = int(config.cache.max_bytes)
+    for root in candidates:
+        try:
+            stats = os.statvfs(root)
+        except OSError:
+            continue
+        if stats.f_bavail * stats.f_frsize >= needed or root != SHM:
+            if root != SHM:
+                log.warning("the workers share blocks through the temporary directory: "
+                            f"{SHM} lacks room for cache.max_bytes (Docker: --shm-size)",
+                            extra={"fields": {"path": root}})
+            return tempfile.mkdtemp(prefix=f"{SHARED_PREFIX}{os.getpid()}-", dir=root)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def supervise(config: Config, config_path: str | None) -> int:
     """server.workers > 1: fork that many workers sharing the ports, restart any that dies,
     forward SIGTERM/SIGINT (drain, exit 0) and SIGHUP (reload) to them.
 
     The caller has set PROMETHEUS_MULTIPROC_DIR and has not imported prometheus_client,
-    so every worker writes its metrics where any of them can report the sum.
+    so every worker writes its metrics where any of them can report the sum. Without a
+    disk tier the workers share blocks through a directory on tmpfs, removed at exit.
     """
     import multiprocessing
+    import shutil
     import time
 
     from prometheus_client import multiprocess
 
     from .logs import configure_logging
 
+    configure_logging(config.log.level, config.log.format)
     context = multiprocessing.get_context("fork")  # before any event loop or thread exists
     workers = config.server.workers
+    shared_dir = shared_tier_dir(config)
 
     def start(index: int) -> multiprocessing.process.BaseProcess:
         process = context.Process(target=_worker_main, args=(config, config_path, index,
-                                                             workers), daemon=False)
+                                                             workers, shared_dir),
+                                  daemon=False)
         process.start()
         return process
 
@@ -135,33 +186,38 @@ def supervise(config: Config, config_path: str | None) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
-    configure_logging(config.log.level, config.log.format)
-    log.info("supervising workers", extra={"fields": {"workers": workers}})
+    log.info("supervising workers", extra={"fields": {"workers": workers,
+                                                      "shared_tier": shared_dir}})
     failures = 0
-    while True:
-        for index, process in list(processes.items()):
-            process.join(timeout=0.2)
-            if process.exitcode is None:
-                continue
-            if process.pid is not None:
-                multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
-            if stopping:
-                del processes[index]
-                continue
-            failures += 1
-            log.error("worker exited; restarting it", extra={"fields": {
-                "worker": index, "exitcode": process.exitcode}})
-            time.sleep(min(5.0, 0.2 * failures))
-            processes[index] = start(index)
-        if stopping and not processes:
-            return 0
+    try:
+        while True:
+            for index, process in list(processes.items()):
+                process.join(timeout=0.2)
+                if process.exitcode is None:
+                    continue
+                if process.pid is not None:
+                    multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
+                if stopping:
+                    del processes[index]
+                    continue
+                failures += 1
+                log.error("worker exited; restarting it", extra={"fields": {
+                    "worker": index, "exitcode": process.exitcode}})
+                time.sleep(min(5.0, 0.2 * failures))
+                processes[index] = start(index)
+            if stopping and not processes:
+                return 0
+    finally:
+        if shared_dir is not None:
+            shutil.rmtree(shared_dir, ignore_errors=True)
 
 
-def _worker_main(config: Config, config_path: str | None, index: int, workers: int) -> None:
+def _worker_main(config: Config, config_path: str | None, index: int, workers: int,
+                 shared_dir: str | None) -> None:
     from .logs import configure_logging
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
     configure_logging(config.log.level, config.log.format)
     os._exit(asyncio.run(run(config, config_path=config_path, worker=index,
-                             workers=workers)))
+                             workers=workers, shared_dir=shared_dir)))

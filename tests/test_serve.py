@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +53,18 @@ def workers() -> int:
     return 1
 
 
-@pytest.fixture
-def served(emulator: Emulator, bucket: str, tmp_path: Path, workers: int) -> Iterator[Served]:
+@contextmanager
+def serve_process(emulator: Emulator, bucket: str, tmp_path: Path, workers: int,
+                  cache: dict[str, Any]) -> Iterator[Served]:
     port, admin = free_port(), free_port()
-    config = tmp_path / "s3proxy.yaml"
+    config = tmp_path / f"s3proxy-{port}.yaml"
     config.write_text(json.dumps({
         "server": {"host": "127.0.0.1", "port": port, "shutdown_timeout_s": 20,
                    "workers": workers},
         "admin": {"host": "127.0.0.1", "port": admin},
         "s3": {"bucket": bucket, "endpoint_url": emulator.endpoint_url},
         "auth": {"keys": [{"kid": "k1", "secret_env": SECRET_ENV}]},
-        "cache": {"max_bytes": "8MiB", "disk": {"path": str(tmp_path / "blocks"),
-                                                "max_bytes": "64MiB"}},
+        "cache": cache,
         "log": {"level": "info", "format": "json"},
     }))
     env = {**os.environ, SECRET_ENV: SECRET}
@@ -76,6 +79,14 @@ def served(emulator: Emulator, bucket: str, tmp_path: Path, workers: int) -> Ite
         if process.poll() is None:
             process.kill()
         process.wait()
+
+
+@pytest.fixture
+def served(emulator: Emulator, bucket: str, tmp_path: Path, workers: int) -> Iterator[Served]:
+    cache = {"max_bytes": "8MiB", "disk": {"path": str(tmp_path / "blocks"),
+                                           "max_bytes": "64MiB"}}
+    with serve_process(emulator, bucket, tmp_path, workers, cache) as served:
+        yield served
 
 
 def raw_get(port: int, path: str, headers: str = "") -> socket.socket:
@@ -156,3 +167,60 @@ def test_workers_share_the_port_and_report_metrics_together(
     assert max_bytes == ['s3proxy_cache_max_bytes{tier="memory"} 8.388608e+06']
     served.process.send_signal(signal.SIGTERM)
     assert served.process.wait(timeout=30) == 0
+
+
+def object_gets(emulator: Emulator, bucket: str, key: str) -> int:
+    return sum(1 for r in emulator.object_requests(bucket)
+               if r.method == "GET" and r.path == f"/{bucket}/{key}")
+
+
+def read_sequence(served: Served, token: str, asset: str, data: bytes) -> None:
+    """Each read on a new connection (as Mist seeks), one after another, each after the
+    fetch before it has landed in the shared tier (a block still in flight at one worker
+    is fetched again by another: the workers share blocks, not fetches)."""
+    for start, end in [(0, 99), (1 << 20, (1 << 20) + 5000), (100, 200_000), (3 << 20, -1),
+                       (2_500_000, 2_600_000), (10, 20), ((1 << 20) + 7, 2 << 20)] * 3:
+        end = len(data) - 1 if end < 0 else end
+        head, body = read_response(raw_get(served.port, f"/t/{token}/{asset}",
+                                           f"Range: bytes={start}-{end}\r\n"
+                                           "Connection: close\r\n"))
+        assert head.startswith(b"HTTP/1.1 206") and body == data[start:end + 1]
+        time.sleep(0.3)
+
+
+@pytest.mark.parametrize("disk", [False, True])
+def test_two_workers_fetch_no_more_than_one_and_warm_up_fills_both(
+        emulator: Emulator, bucket: str, tmp_path: Path, disk: bool) -> None:
+    data = os.urandom(4 << 20)
+    for name in ("one.mp4", "two.mp4", "warm.mp4"):
+        put_object(emulator, bucket, name, data)
+    token = make_token("*")
+    cache: dict[str, Any] = {"max_bytes": "64MiB", "readahead_blocks": 0}
+    if disk:
+        cache["disk"] = {"path": str(tmp_path / "blocks"), "max_bytes": "64MiB"}
+    with serve_process(emulator, bucket, tmp_path, 1, cache) as one:
+        read_sequence(one, token, "one.mp4", data)
+        one.process.send_signal(signal.SIGTERM)
+        assert one.process.wait(timeout=30) == 0
+    if disk:
+        shutil.rmtree(tmp_path / "blocks")
+    with serve_process(emulator, bucket, tmp_path, 2, cache) as two:
+        read_sequence(two, token, "two.mp4", data)
+        assert object_gets(emulator, bucket, "two.mp4") <= object_gets(
+            emulator, bucket, "one.mp4"), "two workers fetch no more than one"
+        request = urllib.request.Request(f"http://127.0.0.1:{two.admin}/warm/warm.mp4",
+                                         method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.loads(response.read())["warmed_bytes"] == 4 << 20
+        gets = object_gets(emulator, bucket, "warm.mp4")
+        for _ in range(20):  # new connections land on either worker: all hits
+            head, body = read_response(raw_get(two.port, f"/t/{token}/warm.mp4",
+                                               "Range: bytes=1048576-2097151\r\n"
+                                               "Connection: close\r\n"))
+            assert head.startswith(b"HTTP/1.1 206") and body == data[1 << 20:2 << 20]
+        assert object_gets(emulator, bucket, "warm.mp4") == gets
+        two.process.send_signal(signal.SIGTERM)
+        assert two.process.wait(timeout=30) == 0
+    leftovers = [n for root in ("/dev/shm", tempfile.gettempdir()) if os.path.isdir(root)
+                 for n in os.listdir(root) if n.startswith(f"s3proxy-blocks-{two.process.pid}-")]
+    assert leftovers == [], "the shared tier is removed at exit"

@@ -1,8 +1,9 @@
 """A file tier: blocks kept in files bounded in bytes (LRU), on disk or in shared memory.
 
 Layout: `{root}/w{worker}/{h[:2]}/{h}/{index}.blk`, h = hash of (bucket, key, ETag), so a
-version's blocks sit in one directory, with the version's metadata beside them in
-`meta.json` (a restart revalidates what it holds instead of fetching it again). Each
+version's blocks sit in one directory; `{root}/w{worker}/keys/{k[:2]}/{k}.json`, k = hash
+of (bucket, key), holds the metadata of the version whose blocks the worker keeps, so a
+restart (or another worker) revalidates what is held instead of fetching it again. Each
 block file is a 16-byte header (magic, CRC-32, length) then the block; a file whose
 length or checksum does not match is deleted and counted, never served. Files are
 written under a temporary name and renamed, so a reader (or another worker) never sees
@@ -36,12 +37,17 @@ log = logging.getLogger("s3proxy.disk")
 MAGIC = b"S3PB"
 HEADER = struct.Struct(">4sIQ")  # magic, crc32, length
 SUFFIX = ".blk"
-META = "meta.json"
+KEYS = "keys"
 
 
 def version_dir(bucket: str, key: str, etag: str) -> str:
     digest = hashlib.sha256(f"{bucket}\0{key}\0{etag}".encode()).hexdigest()[:40]
     return f"{digest[:2]}/{digest}"
+
+
+def key_file(bucket: str, key: str) -> str:
+    digest = hashlib.sha256(f"{bucket}\0{key}".encode()).hexdigest()[:40]
+    return f"{KEYS}/{digest[:2]}/{digest}.json"
 
 
 class FileTier:
@@ -59,9 +65,9 @@ class FileTier:
         self._metrics = metrics
         self._index: OrderedDict[str, int] = OrderedDict()  # relative path -> file size
         self._per_version: Counter[str] = Counter()  # version directory -> blocks held
+        self._key_files: dict[str, Path] = {}  # version directory -> its key's file
         self._bytes = 0
         self._lock = threading.Lock()  # the index is touched from worker threads
-        self.versions: dict[str, ObjectMeta] = {}  # key -> newest version held (start-up)
 
     @staticmethod
     def relative(key: BlockKey) -> str:
@@ -79,25 +85,24 @@ class FileTier:
         """Rebuild the index from the files present (a restart keeps its hits)."""
         self.root.mkdir(parents=True, exist_ok=True)
         found: list[tuple[float, str, int]] = []
-        metas: list[tuple[float, str, ObjectMeta]] = []
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
                 full = os.path.join(dirpath, name)
                 if ".tmp." in name:  # a write cut short by a crash
                     _unlink(full)
                     continue
+                if not name.endswith(SUFFIX):
+                    continue
                 try:
                     stat = os.stat(full)
                 except FileNotFoundError:
                     continue
-                if name == META:
-                    meta = _read_meta(full, self.bucket)
-                    if meta is not None:
-                        metas.append((stat.st_mtime, os.path.relpath(dirpath, self.root), meta))
-                elif name.endswith(SUFFIX):
-                    found.append((stat.st_mtime, os.path.relpath(full, self.root),
-                                  stat.st_size))
+                found.append((stat.st_mtime, os.path.relpath(full, self.root), stat.st_size))
         found.sort()
+        for path in (self.root / KEYS).glob("*/*.json"):
+            meta = _read_meta(path, self.bucket, None)
+            if meta is not None:
+                self._key_files[version_dir(self.bucket, meta.key, meta.etag)] = path
         with self._lock:
             self._index.clear()
             self._per_version.clear()
@@ -106,14 +111,31 @@ class FileTier:
                 self._index[relative] = size
                 self._per_version[os.path.dirname(relative)] += 1
                 self._bytes += size
-        for _mtime, directory, meta in sorted(metas, key=lambda item: item[0]):
-            if self._per_version[directory]:  # newest last: it wins
-                self.versions[meta.key] = meta
         self._evict_over_bound()
         self._publish()
         log.info("cache tier ready", extra={"fields": {
             "tier": self.tier, "path": str(self.root), "blocks": len(self._index),
             "bytes": self._bytes}})
+
+    def find_version(self, key: str) -> ObjectMeta | None:
+        """The version of `key` whose blocks this worker or a peer keeps (the newest
+        written, if they differ); a blocking call."""
+        newest: tuple[float, ObjectMeta] | None = None
+        for root in (self.root, *self.peers):
+            path = root / key_file(self.bucket, key)
+            try:
+                written = path.stat().st_mtime
+            except OSError:
+                continue
+            meta = _read_meta(path, self.bucket, key)
+            if meta is not None and (newest is None or written > newest[0]):
+                newest = (written, meta)
+        return newest[1] if newest is not None else None
+
+    def peer_holds(self, key: BlockKey) -> bool:
+        """Whether a peer's files hold the block (a blocking call)."""
+        relative = self.relative(key)
+        return any((peer / relative).exists() for peer in self.peers)
 
     async def get(self, key: BlockKey) -> Block | None:
         """The block from this worker's files or a peer's; None (no I/O at all) when
@@ -181,9 +203,11 @@ class FileTier:
         temporary = f"{full}.tmp.{os.getpid()}.{threading.get_ident()}"
         try:
             full.parent.mkdir(parents=True, exist_ok=True)
-            meta_file = full.parent / META
-            if not meta_file.exists():
-                _write_meta(meta_file, self.bucket, meta)
+            directory = os.path.dirname(relative)
+            if directory not in self._key_files:  # the version's first block
+                path = self.root / key_file(self.bucket, meta.key)
+                _write_meta(path, self.bucket, meta)
+                self._key_files[directory] = path
             with open(temporary, "wb") as handle:
                 handle.write(raw)
             os.replace(temporary, full)
@@ -211,8 +235,20 @@ class FileTier:
                 emptied = self._release(relative)
             _unlink(str(self.root / relative))
             if emptied:
-                _remove_version_dir(self.root / os.path.dirname(relative))
+                self._version_emptied(os.path.dirname(relative))
             self._metrics.cache_evictions.labels(tier=self.tier).inc()
+
+    def _version_emptied(self, directory: str) -> None:
+        """The last block of a version is gone: its directory and key file go too."""
+        try:
+            (self.root / directory).rmdir()
+        except OSError:
+            pass  # a write landed meanwhile, or already gone
+        path = self._key_files.pop(directory, None)
+        meta = _read_meta(path, self.bucket, None) if path is not None else None
+        if path is not None and meta is not None and version_dir(
+                self.bucket, meta.key, meta.etag) == directory:  # not a newer version's
+            _unlink(str(path))
 
     def _release(self, relative: str) -> bool:
         """One block of a version is gone (lock held); True if it was the last one."""
@@ -239,7 +275,9 @@ class FileTier:
             for relative in stale:
                 self._bytes -= self._index.pop(relative)
             self._per_version.pop(directory, None)
-        _remove_version_dir(self.root / directory, everything=True)
+        for relative in stale:
+            _unlink(str(self.root / relative))
+        self._version_emptied(directory)
         self._publish()
 
     def _publish(self) -> None:
@@ -247,6 +285,7 @@ class FileTier:
 
 
 def _write_meta(path: Path, bucket: str, meta: ObjectMeta) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
     with open(temporary, "w", encoding="utf-8") as handle:
         json.dump({"bucket": bucket, "key": meta.key, "size": meta.size, "etag": meta.etag,
@@ -255,29 +294,17 @@ def _write_meta(path: Path, bucket: str, meta: ObjectMeta) -> None:
     os.replace(temporary, path)
 
 
-def _read_meta(path: str, bucket: str) -> ObjectMeta | None:
+def _read_meta(path: Path, bucket: str, key: str | None) -> ObjectMeta | None:
     try:
         with open(path, encoding="utf-8") as handle:
             raw = json.load(handle)
-        if raw["bucket"] != bucket:
+        if raw["bucket"] != bucket or key is not None and raw["key"] != key:
             return None
         return ObjectMeta(key=str(raw["key"]), size=int(raw["size"]), etag=str(raw["etag"]),
                           last_modified=datetime.fromisoformat(raw["last_modified"]),
                           content_type=raw.get("content_type"))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # unreadable: its blocks are simply not revalidated after a restart
-
-
-def _remove_version_dir(directory: Path, everything: bool = False) -> None:
-    try:
-        if everything:
-            for child in directory.iterdir():
-                _unlink(str(child))
-        else:
-            _unlink(str(directory / META))
-        directory.rmdir()
-    except OSError:
-        pass  # not empty (a write landed meanwhile) or already gone
 
 
 def _decode(raw: bytes) -> Block | None:

@@ -75,12 +75,6 @@ class MetadataCache:
             self._on_replaced(previous)
         self._set(key, None)
 
-    def seed(self, meta: ObjectMeta) -> None:
-        """A version known from elsewhere (the file tier after a restart), to revalidate
-        at first use: expired from the start."""
-        if meta.key not in self._entries:
-            self._entries[meta.key] = _Entry(meta, 0.0, ENTRY_OVERHEAD + len(meta.key))
-
     def forget(self, meta: ObjectMeta) -> None:
         """The version is gone or untrustworthy: forget it if it is still the one known."""
         entry = self._entries.get(meta.key)

@@ -128,8 +128,6 @@ class ObjectStore:
 
     async def start(self) -> None:
         await self.tiers.start()
-        for meta in self.tiers.known_versions():
-            self.meta.seed(meta)
 
     async def close(self) -> None:
         """Stop every look-up and fetch, and wait until they have stopped."""
@@ -158,20 +156,20 @@ class ObjectStore:
         return await self.meta.shared(key, lambda: self._look_up(key, first_block))
 
     async def _look_up(self, key: str, first_block: int | None) -> ObjectMeta:
-        known = self.meta.known(key)
+        known = self.meta.known(key) or await self.tiers.known_version(key)
         if first_block is not None and not (known is not None
-                                            and self._held(known, first_block)):
+                                            and await self._held(known, first_block)):
             meta = await self._discover(key, first_block)
             if meta is not None:
                 return meta
         return await self._head(key, known)
 
-    def _held(self, meta: ObjectMeta, index: int) -> bool:
+    async def _held(self, meta: ObjectMeta, index: int) -> bool:
         """Whether block `index` of that version is cached or being fetched (or lies
         past its end: a HEAD tells more then)."""
         key = BlockKey(self.bucket, meta.key, meta.etag, index)
-        return index > last_block(meta.size, self.block_size) or (
-            self.tiers.has(key) or key in self.fetches)
+        return (index > last_block(meta.size, self.block_size) or key in self.fetches
+                or await self.tiers.holds(key))
 
     async def _head(self, key: str, known: ObjectMeta | None) -> ObjectMeta:
         try:

@@ -46,14 +46,33 @@ class Tiers:
         if self.files is not None:
             await asyncio.to_thread(self.files.load_index)
 
-    def known_versions(self) -> list[ObjectMeta]:
-        """Versions the file tier held at start-up (to revalidate, not to refetch)."""
-        return list(self.files.versions.values()) if self.files is not None else []
+    async def known_version(self, key: str) -> ObjectMeta | None:
+        """The version of `key` whose blocks the file tier keeps (this worker's, from
+        before a restart, or another worker's): to revalidate, not to fetch again."""
+        if self.files is None:
+            return None
+        if self.files.inline:
+            return self.files.find_version(key)
+        return await asyncio.to_thread(self.files.find_version, key)
+
+    async def holds(self, key: BlockKey) -> bool:
+        """Whether a tier of this worker or a peer's file tier holds the block."""
+        if self.has(key):
+            return True
+        if self.files is None or not self.files.peers:
+            return False
+        if self.files.inline:
+            return self.files.peer_holds(key)
+        return await asyncio.to_thread(self.files.peer_holds, key)
 
     def has(self, key: BlockKey) -> bool:
-        """Whether a tier holds the block, without using it (LRU order unchanged)."""
-        return self.memory.contains(key) or (self.files is not None
-                                             and self.files.contains(key))
+        """Whether a tier holds the block, without using it (LRU order unchanged). A
+        peer's shared-memory files count (a lookup there is a stat, not I/O)."""
+        if self.memory.contains(key):
+            return True
+        files = self.files
+        return files is not None and (files.contains(key)
+                                      or files.inline and files.peer_holds(key))
 
     async def get(self, key: BlockKey) -> Block | None:
         """The block from memory, else from the file tier (counted per tier), else None."""
