@@ -3,6 +3,8 @@
 #   docker run -p 8080:8080 -p 9101:9101 -e S3PROXY_S3_BUCKET=my-bucket \
 #     -e S3PROXY_JWT_SECRET=... -e AWS_REGION=... s3proxy
 # Credentials: the standard AWS chain (task role, instance profile, web identity, env).
+# With server.workers > 1 and no disk tier, the workers share blocks on /dev/shm: give
+# the container room for cache.max_bytes there (--shm-size=600m for the default 512MiB).
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \

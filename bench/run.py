@@ -501,6 +501,47 @@ def case_egress(stack: Stack, ours: Proxy, peer: Proxy, size: int) -> list[str]:
                 f"nginx {ub / MIB:.1f}/{sb / MIB:.1f} MiB")]
 
 
+def case_revalidation(stack: Stack, ours: Proxy, ttl_s: float, rounds: int = 10) -> list[str]:
+    """A resident asset read again and again over `rounds` metadata TTLs."""
+    import random
+
+    key = link(stack, "asset64.mp4", "resident.mp4")
+    asyncio.run(sequential_player(ours.url(key), 64 * MIB))  # the first fill
+    time.sleep(0.5)  # its last blocks land
+    gets, got_bytes = stack.origin_stats(key)
+    heads = sum(1 for r in stack.origin_log() if r[0] == "HEAD" and r[1] == f"/{BUCKET}/{key}")
+    rng = random.Random(11)
+
+    async def reads() -> None:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(20):
+                start = rng.randrange(64 * MIB - MIB)
+                await read_range(session, ours.url(key), f"bytes={start}-{start + MIB - 1}")
+
+    for _ in range(rounds):
+        time.sleep(ttl_s * 1.05)
+        asyncio.run(reads())
+    after_gets, after_bytes = stack.origin_stats(key)
+    after_heads = sum(1 for r in stack.origin_log()
+                      if r[0] == "HEAD" and r[1] == f"/{BUCKET}/{key}")
+    return [f"  {'(h) resident 64 MiB over 10 TTLs: upstream bytes':<46} "
+            f"{after_bytes - got_bytes:10d} B       (target 0; {after_gets - gets} GETs, "
+            f"{after_heads - heads} conditional HEADs for {rounds} TTLs x 20 reads)"]
+
+
+def case_workers(stack: Stack, one: Proxy, two: Proxy, size: int) -> list[str]:
+    """The same Mist-like sequence through one worker and through two."""
+    gets = {}
+    for proxy in (one, two):
+        key = link(stack, "big1g.mp4", f"workers-{proxy.name}.mp4")
+        asyncio.run(mist_like(proxy.url(key), size))
+        time.sleep(1.0)
+        gets[proxy.name] = stack.origin_stats(key)
+    (g1, b1), (g2, b2) = gets[one.name], gets[two.name]
+    return [row("(i) Mist-like, 1 GiB, workers 2 vs 1: upstream GETs", g2, g1, "GETs",
+                f"target 1.0; {b2 / MIB:.1f} vs {b1 / MIB:.1f} MiB")]
+
+
 @contextmanager
 def stack_in(tmp: Path) -> Iterator[Stack]:
     stack = Stack(tmp)
@@ -513,7 +554,7 @@ def stack_in(tmp: Path) -> Iterator[Stack]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="a,b,c,d,e,f,g")
+    parser.add_argument("--cases", default="a,b,c,d,e,f,g,h,i")
     parser.add_argument("--seconds", type=int, default=8, help="per wrk run (a, b)")
     parser.add_argument("--quick", action="store_true", help="fewer samples, 256 MiB big file")
     args = parser.parse_args()
@@ -551,6 +592,15 @@ def main() -> int:
                 peer = stack.start_nginx_peer("nginx-mist", delayed=True)
                 lines += case_egress(stack, ours, peer, big_size)
                 stack.retire(ours, peer)
+            if "h" in cases:
+                ours = stack.start_s3proxy("s3proxy-reval", delayed=True, metadata_ttl_s=1)
+                lines += case_revalidation(stack, ours, 1.0)
+                stack.retire(ours)
+            if "i" in cases:
+                one = stack.start_s3proxy("s3proxy-w1", delayed=True)
+                two = stack.start_s3proxy("s3proxy-w2", delayed=True, workers=2)
+                lines += case_workers(stack, one, two, big_size)
+                stack.retire(one, two)
             if cases & {"a", "b"}:
                 ours = stack.start_s3proxy("s3proxy-hot", delayed=False, workers=2,
                                            max_bytes="512MiB")
