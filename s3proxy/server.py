@@ -74,7 +74,10 @@ async def run(config: Config, *, config_path: str | None = None,
             result = on_started(listening)
             if result is not None:
                 await result
+        orphaned = asyncio.ensure_future(_stop_when_orphaned(stop)) if workers > 1 else None
         await stop.wait()
+        if orphaned is not None:
+            orphaned.cancel()
         log.info("stopping: draining in-flight requests",
                  extra={"fields": {"timeout_s": config.server.shutdown_timeout_s}})
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -84,6 +87,16 @@ async def run(config: Config, *, config_path: str | None = None,
         await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+async def _stop_when_orphaned(stop: asyncio.Event) -> None:
+    """A worker whose supervisor died (even by SIGKILL) drains and exits, rather than
+    serving on with nobody to restart or stop it."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    log.warning("the supervisor is gone: stopping")
+    stop.set()
 
 
 def _reload(proxy: Proxy, config_path: str | None) -> None:

@@ -224,3 +224,19 @@ def test_two_workers_fetch_no_more_than_one_and_warm_up_fills_both(
     leftovers = [n for root in ("/dev/shm", tempfile.gettempdir()) if os.path.isdir(root)
                  for n in os.listdir(root) if n.startswith(f"s3proxy-blocks-{two.process.pid}-")]
     assert leftovers == [], "the shared tier is removed at exit"
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_workers_stop_when_the_supervisor_is_killed(served: Served, workers: int) -> None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{served.port}/healthz", timeout=10):
+        pass
+    served.process.kill()  # SIGKILL: no chance to stop its workers
+    served.process.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", served.port), timeout=1).close()
+        except OSError:
+            return  # nobody listens any more: the workers are gone
+        time.sleep(0.2)
+    raise AssertionError("the workers kept serving after their supervisor died")

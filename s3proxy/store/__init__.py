@@ -1,5 +1,6 @@
 """The store: object metadata and bytes, from the cache tiers or from S3 (see `objects`)."""
 
-from .objects import SEEK_GRACE_S, ObjectStore, ReadHistory
+from .objects import ObjectStore
+from .reads import SEEK_GRACE_S, ReadHistory
 
 __all__ = ["SEEK_GRACE_S", "ObjectStore", "ReadHistory"]

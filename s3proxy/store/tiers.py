@@ -17,6 +17,7 @@ import logging
 
 from cachetools import LRUCache
 
+from ..config import CacheConfig
 from ..metrics import Metrics
 from ..upstream import ObjectMeta
 from .blocks import Block, BlockKey, Version
@@ -149,3 +150,31 @@ class Tiers:
 
     def _publish(self) -> None:
         self._metrics.cache_bytes.labels(tier="memory").set(self.memory.used_bytes)
+
+
+# With several workers and no disk tier, each worker keeps this share of
+# cache.max_bytes in its own memory; the rest is the shared tier all of them read.
+SHARED_MEMORY_FRACTION = 4
+
+
+def build_tiers(cache: CacheConfig, metrics: Metrics, bucket: str, worker: int,
+                workers: int, shared_dir: str | None) -> Tiers:
+    """The tiers of one worker; the configured byte bounds hold for the group.
+
+    One worker: memory, then the disk tier if set (written on eviction). Several: the
+    disk tier, or else a tier in shared memory (`shared_dir`, on tmpfs), is written as
+    blocks arrive and read by every worker, so a block fetched by one is a hit for all;
+    each worker's own memory then holds its share (a quarter of it without a disk tier).
+    """
+    total = int(cache.max_bytes)
+    if cache.disk.path and cache.disk.max_bytes > 0:
+        files = FileTier(cache.disk.path, int(cache.disk.max_bytes) // workers, metrics,
+                         bucket=bucket, tier="disk", worker=worker, workers=workers)
+        return Tiers(total // workers, files, metrics, write_through=workers > 1)
+    if workers > 1 and shared_dir:
+        memory = total // (SHARED_MEMORY_FRACTION * workers)
+        files = FileTier(shared_dir, (total - memory * workers) // workers, metrics,
+                         bucket=bucket, tier="shared", worker=worker, workers=workers,
+                         inline=True)
+        return Tiers(memory, files, metrics, write_through=True)
+    return Tiers(total // workers, None, metrics)

@@ -1,0 +1,242 @@
+"""Bytes of one object version, block by block, as `plan` decides: from the tiers, a
+probe, a fetch in flight, or a new fetch; and read-ahead for sequential readers.
+
+The seek grace: an open-ended read sends no GET past its first block (or probe),
+read-ahead included, until `SEEK_GRACE_S` after its first bytes went out. Mist hangs up
+right after reading a box header; the hang-up cancels the request, and it must land
+before a GET is sent: once a GET is on its way, S3 bills whatever it sends, however soon
+it is abandoned (kernel buffers take megabytes a client never reads, so "the client took
+the bytes" proves nothing). A client that does keep reading has those first bytes
+meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import Protocol
+
+from cachetools import LRUCache
+
+from ..config import CacheConfig
+from ..metrics import Metrics
+from ..upstream import ObjectMeta
+from . import plan
+from .blocks import Block, BlockKey, Version, block_bounds, block_span, last_block
+from .fetch import Fetch, FetchTable
+from .tiers import Tiers
+
+SEEK_GRACE_S = 0.005
+
+
+class NewFetch(Protocol):
+    """Makes a (not yet started) fetch of bytes start..end of a version."""
+
+    def __call__(self, meta: ObjectMeta, start: int, end: int, *, keep: bool = False,
+                 background: bool = False) -> Fetch: ...
+
+
+class ReadHistory:
+    """What one client connection has read: the last block per version, for a few
+    versions. A reader is sequential by its own history, never by another client's."""
+
+    SIZE = 8
+
+    def __init__(self) -> None:
+        self._last: OrderedDict[Version, int] = OrderedDict()
+
+    def last(self, version: Version) -> int | None:
+        return self._last.get(version)
+
+    def read(self, version: Version, index: int) -> None:
+        self._last[version] = index
+        self._last.move_to_end(version)
+        while len(self._last) > self.SIZE:
+            self._last.popitem(last=False)
+
+
+class _Progress:
+    """One open read's own state: when its first bytes went out, whether it is held."""
+
+    def __init__(self, held: bool) -> None:
+        self.held = held
+        self.first_out = 0.0
+
+    def sent(self) -> None:
+        if not self.first_out:
+            self.first_out = time.monotonic()
+
+    def grace_left(self, grace_s: float) -> float:
+        return max(0.0, self.first_out + grace_s - time.monotonic())
+
+    def update(self, grace_s: float) -> None:
+        if self.held and self.first_out and self.grace_left(grace_s) == 0.0:
+            self.held = False
+
+
+class Reads:
+    """Carries out the plan for every open read of one store."""
+
+    def __init__(self, bucket: str, cache: CacheConfig, metrics: Metrics, tiers: Tiers,
+                 fetches: FetchTable, new_fetch: NewFetch) -> None:
+        self.bucket = bucket
+        self.block_size = int(cache.block_size)
+        self._config = cache
+        self._metrics = metrics
+        self.tiers = tiers
+        self.fetches = fetches
+        self._new_fetch = new_fetch
+        self._probes: set[Fetch] = set()  # probes in flight (they own no block)
+        self._probed: LRUCache[BlockKey, bool] = LRUCache(maxsize=65536)
+        self._readahead_inflight = 0
+        self.seek_grace_s = SEEK_GRACE_S
+
+    def in_flight(self) -> list[Fetch]:
+        return [*self.fetches.fetches(), *self._probes]
+
+    def fetch_ended(self, fetch: Fetch) -> None:
+        self._probes.discard(fetch)
+        if fetch.background:
+            self._readahead_inflight -= 1
+
+    async def open(self, meta: ObjectMeta, start: int, end: int, *,
+                   history: ReadHistory | None = None, probe: bool = True
+                   ) -> AsyncGenerator[Block | memoryview, None]:
+        """Bytes start..end (inclusive) of exactly the version `meta` describes.
+
+        Raises ObjectChanged (before or during the stream) when that version is gone.
+        Close the generator to stop: fetches nobody else reads stop with it.
+        `history`: the client connection's reads (sequential detection).
+        `probe=False` (warm-up) always goes through whole, cached blocks.
+        """
+        if end < start:
+            return
+        bs = self.block_size
+        version: Version = (self.bucket, meta.key, meta.etag)
+        last_needed = end // bs
+        open_ended = end == meta.size - 1  # Mist's `bytes=N-`
+        # An open-ended read (Mist's, at every seek) is held: no GET past its first block
+        # or probe until the seek grace after its first bytes went out.
+        progress = _Progress(held=probe and open_ended)
+        previous = history.last(version) if history is not None else None
+        state_of = self._state_of(meta)
+        attached: list[Fetch] = []
+        completed = False
+        try:
+            for index in block_span(start, end, bs):
+                for passed in [f for f in attached if f.last < index]:
+                    attached.remove(passed)  # passed it: let its blocks go
+                    passed.detach()
+                first_byte, last_byte = block_bounds(index, bs, meta.size)
+                lo, hi = max(start, first_byte) - first_byte, min(end, last_byte) - first_byte
+                key = BlockKey(self.bucket, meta.key, meta.etag, index)
+                data = await self.tiers.get(key)
+                probed_here = False
+                while lo <= hi:
+                    progress.update(self.seek_grace_s)
+                    reader = plan.Reader(
+                        index=index, lo=lo, hi=hi, block_last=last_byte - first_byte,
+                        open_ended=open_ended,
+                        sequential=plan.is_sequential(index, start // bs, previous),
+                        held=progress.held, sent=bool(progress.first_out),
+                        probed_here=probed_here)
+                    state = plan.BlockState(cached=data is not None,
+                                            fetching=key in self.fetches,
+                                            probed=key in self._probed)
+                    step = plan.next_step(reader, state, state_of,
+                                          self._config.readahead_blocks, last_needed)
+                    if isinstance(step, plan.Probe):
+                        async with aclosing(self._probe(meta, key, lo, step.stop)) as chunks:
+                            async for chunk in chunks:
+                                progress.sent()
+                                yield chunk
+                        lo, probed_here = step.stop + 1, True
+                        data = self.tiers.memory.get(key)  # another's fetch may have landed
+                        continue
+                    if isinstance(step, plan.WaitGrace):
+                        await asyncio.sleep(progress.grace_left(self.seek_grace_s))
+                        progress.held = False
+                        data = self.tiers.memory.get(key)
+                        continue
+                    # the block is read now: it counts for this connection's history
+                    if history is not None:
+                        history.read(version, index)
+                    if isinstance(step, plan.Serve):
+                        assert data is not None
+                        if plan.wants_readahead(reader):
+                            self._read_ahead(meta, index + 1)
+                        progress.sent()
+                        yield (memoryview(data)[lo:hi + 1]
+                               if (lo, hi + 1) != (0, len(data)) else data)
+                        break
+                    fetch = self._fetch_for(meta, key, index, step)
+                    if fetch not in attached:
+                        fetch.attach()
+                        attached.append(fetch)
+                    if plan.wants_readahead(reader):  # after its own fetch has its blocks
+                        self._read_ahead(meta, index + 1)
+                    async with aclosing(fetch.read(index, lo, hi)) as pieces:
+                        async for piece in pieces:
+                            progress.sent()
+                            yield piece
+                    break
+            completed = True
+        finally:
+            for fetch in attached:
+                fetch.detach(abandoned=not completed)
+
+    def _state_of(self, meta: ObjectMeta) -> plan.StateOf:
+        def state_of(index: int) -> plan.BlockState:
+            key = BlockKey(self.bucket, meta.key, meta.etag, index)
+            return plan.BlockState(cached=self.tiers.has(key), fetching=key in self.fetches,
+                                   probed=key in self._probed)
+        return state_of
+
+    def _fetch_for(self, meta: ObjectMeta, key: BlockKey, index: int,
+                   step: plan.Join | plan.StartFetch) -> Fetch:
+        joined = self.fetches.get(key)
+        if joined is not None:
+            self._metrics.coalesced_waits.inc()
+            return joined
+        assert isinstance(step, plan.StartFetch)
+        end = block_bounds(step.last, self.block_size, meta.size)[1]
+        fetch = self._new_fetch(meta, index * self.block_size, end, keep=step.keep)
+        started = fetch.start_in(self.fetches)
+        assert started, "the plan starts a fetch only for blocks nobody is fetching"
+        return fetch
+
+    async def _probe(self, meta: ObjectMeta, key: BlockKey, lo: int, hi: int
+                     ) -> AsyncGenerator[memoryview, None]:
+        """Bytes lo..hi of block `key` straight from S3, not cached; marks it probed."""
+        self._probed[key] = True
+        first_byte = key.block * self.block_size
+        fetch = self._new_fetch(meta, first_byte + lo, first_byte + hi)
+        fetch.start_in(None)  # it covers no whole block: nothing to claim or cache
+        self._probes.add(fetch)
+        fetch.attach()
+        completed = False
+        try:
+            async with aclosing(fetch.read(key.block, lo, hi)) as pieces:
+                async for piece in pieces:
+                    yield piece
+            completed = True
+        finally:
+            fetch.detach(abandoned=not completed)
+
+    def _read_ahead(self, meta: ObjectMeta, after: int) -> None:
+        """Fetch the next `readahead_blocks` blocks that nobody has or is fetching."""
+        count = self._config.readahead_blocks
+        if count == 0 or meta.size == 0:
+            return
+        runs = plan.readahead_runs(after, count, last_block(meta.size, self.block_size),
+                                   self._state_of(meta), self._readahead_inflight,
+                                   self._config.readahead_max_inflight)
+        for first, last in runs:
+            end = block_bounds(last, self.block_size, meta.size)[1]
+            fetch = self._new_fetch(meta, first * self.block_size, end, background=True)
+            if fetch.start_in(self.fetches):
+                self._readahead_inflight += 1
+                self._metrics.readahead_blocks.inc(last - first + 1)
