@@ -114,6 +114,19 @@ def test_an_answer_is_accepted_only_when_it_is_exactly_what_was_asked(
         assert answer_problem(*answer, start, end, meta) is not None, answer
 
 
+def test_the_fetch_table_claims_all_or_nothing_and_only_owners_release() -> None:
+    table = FetchTable()
+    first, overlapping, other = ModelFetch(0, 2, False), ModelFetch(2, 3, False), ModelFetch(
+        5, 5, False)
+    assert table.claim(first)  # type: ignore[arg-type]
+    assert not table.claim(overlapping), "block 2 is first's"  # type: ignore[arg-type]
+    assert BlockKey("b", "k", "e", 3) not in table, "nothing of a refused claim is kept"
+    table.release(other, BlockKey("b", "k", "e", 1))  # type: ignore[arg-type]
+    assert table.get(BlockKey("b", "k", "e", 1)) is first, "only its owner removes it"
+    table.release(first)  # type: ignore[arg-type]
+    assert len(table) == 0
+
+
 # --- a model of the store: the plan's steps applied to a cache and a fetch table ----
 
 BS = 100  # bytes per block in the model

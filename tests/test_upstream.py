@@ -91,6 +91,14 @@ async def test_upstream_stalling_mid_body_closes_the_connection(
     assert 0 < len(received) < 1 << 20
     assert received == pattern(0, len(received)), "a short body, never wrong bytes"
     assert time.monotonic() - started < 5
+    # the stall came after S3's headers: an error, not a success
+    for _ in range(50):
+        if running.metric("s3proxy_upstream_requests_total", op="get", outcome="error"):
+            break
+        await asyncio.sleep(0.02)
+    assert running.metric("s3proxy_upstream_requests_total", op="get", outcome="error") == 1
+    # the one success is the seek's probe (its first 64 KiB), which came whole
+    assert running.metric("s3proxy_upstream_requests_total", op="get", outcome="ok") == 1
 
 
 async def test_upstream_server_error_is_502(aiohttp_server: Any,
