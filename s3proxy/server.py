@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ from aiohttp import web
 from .app import RUNNER_OPTIONS, Proxy, create_admin_app, create_app
 from .config import Config, ConfigError, load_config
 from .logs import set_level
+from .store.tiers import SHM
 
 log = logging.getLogger("s3proxy.server")
 
@@ -113,16 +115,16 @@ def _reload(proxy: Proxy, config_path: str | None) -> None:
     log.info("SIGHUP: reloaded auth keys, revocations and log level")
 
 
-SHM = "/dev/shm"
 SHARED_PREFIX = "s3proxy-blocks-"
+LOCK = ".lock"
 
 
-def shared_tier_dir(config: Config) -> str | None:
-    """Where the workers of this supervisor share blocks (several workers, no disk tier):
-    a new directory on tmpfs (/dev/shm) when it has room for the shared tier, else in
-    the temporary directory (page cache, still shared). Directories left by a
-    supervisor that died are removed first."""
-    import shutil
+def shared_tier_dir(config: Config) -> tuple[str, int] | None:
+    """Where the workers of this supervisor share blocks (several workers, no disk tier),
+    and a descriptor holding its lock: a new directory on tmpfs (/dev/shm) when it has
+    room for cache.max_bytes, else in the temporary directory (page cache, still shared).
+    Directories whose lock nobody holds (their supervisor died) are removed first; the
+    lock, not a process id, tells (other instances may share /dev/shm or /tmp)."""
     import tempfile
 
     if config.server.workers < 2 or (config.cache.disk.path and config.cache.disk.max_bytes):
@@ -130,32 +132,40 @@ def shared_tier_dir(config: Config) -> str | None:
     candidates = [root for root in (SHM, tempfile.gettempdir()) if os.path.isdir(root)]
     for root in candidates:
         for name in os.listdir(root):
-            owner = name[len(SHARED_PREFIX):].split("-")[0]
-            if name.startswith(SHARED_PREFIX) and owner.isdigit() and not _alive(int(owner)):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    needed = int(config.cache.max_bytes)
+            if name.startswith(SHARED_PREFIX):
+                _remove_if_unlocked(os.path.join(root, name))
     for root in candidates:
         try:
             stats = os.statvfs(root)
         except OSError:
             continue
-        if stats.f_bavail * stats.f_frsize >= needed or root != SHM:
-            if root != SHM:
-                log.warning("the workers share blocks through the temporary directory: "
-                            f"{SHM} lacks room for cache.max_bytes (Docker: --shm-size)",
-                            extra={"fields": {"path": root}})
-            return tempfile.mkdtemp(prefix=f"{SHARED_PREFIX}{os.getpid()}-", dir=root)
+        if stats.f_bavail * stats.f_frsize < int(config.cache.max_bytes) and root == SHM:
+            continue
+        if root != SHM:
+            log.warning("the workers share blocks through the temporary directory: "
+                        f"{SHM} lacks room for cache.max_bytes (Docker: --shm-size)",
+                        extra={"fields": {"path": root}})
+        directory = tempfile.mkdtemp(prefix=SHARED_PREFIX, dir=root)
+        lock = os.open(os.path.join(directory, LOCK), os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held until the group is gone
+        return directory, lock
     return None
 
 
-def _alive(pid: int) -> bool:
+def _remove_if_unlocked(directory: str) -> None:
+    import shutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        lock = os.open(os.path.join(directory, LOCK), os.O_RDWR)
+    except OSError:
+        return  # not ours, or being made right now
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return  # a live group holds it
+    finally:
+        os.close(lock)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def supervise(config: Config, config_path: str | None) -> int:
@@ -177,7 +187,8 @@ def supervise(config: Config, config_path: str | None) -> int:
     configure_logging(config.log.level, config.log.format)
     context = multiprocessing.get_context("fork")  # before any event loop or thread exists
     workers = config.server.workers
-    shared_dir = shared_tier_dir(config)
+    shared = shared_tier_dir(config)
+    shared_dir = shared[0] if shared is not None else None
 
     def start(index: int) -> multiprocessing.process.BaseProcess:
         process = context.Process(target=_worker_main, args=(config, config_path, index,
@@ -221,8 +232,9 @@ def supervise(config: Config, config_path: str | None) -> int:
             if stopping and not processes:
                 return 0
     finally:
-        if shared_dir is not None:
-            shutil.rmtree(shared_dir, ignore_errors=True)
+        if shared is not None:
+            shutil.rmtree(shared[0], ignore_errors=True)
+            os.close(shared[1])
 
 
 def _worker_main(config: Config, config_path: str | None, index: int, workers: int,

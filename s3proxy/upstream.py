@@ -173,11 +173,17 @@ class S3Upstream:
         try:
             response = await self._client.head_object(Bucket=self._config.bucket, Key=key,
                                                       **extra)
+        except asyncio.CancelledError:
+            self._count("head", "ok")  # sent, then abandoned by us: counted all the same
+            raise
         except Exception as exc:
             if _not_modified(exc):
                 self._count("head", "not_modified", started)
                 return NOT_MODIFIED
             raise self._failed("head", started, exc) from None
+        if not response.get("ETag"):  # no version to pin blocks to: never cached
+            self._count("head", "invalid", started)
+            raise UpstreamInvalid("upstream answer did not match the request: no ETag")
         self._count("head", "ok", started)
         return meta_from(key, response, int(response["ContentLength"]))
 
@@ -198,6 +204,9 @@ class S3Upstream:
         try:
             response = await self._client.get_object(
                 Bucket=self._config.bucket, Key=key, Range=f"bytes={start}-{end}", **extra)
+        except asyncio.CancelledError:
+            self._count("get", "ok")  # sent, then abandoned by us: counted all the same
+            raise
         except ClientError as exc:
             if _not_modified(exc):
                 self._count("get", "not_modified", started)

@@ -53,6 +53,7 @@ class OriginState:
     chunk_delay_s: float = 0.0  # pause between 64 KiB chunks (a slow, far origin)
     version: int = 0
     honours_if_match: bool = True
+    send_etag: bool = True
     faults: list[Fault] = field(default_factory=list)
     requests: list[tuple[str, str | None]] = field(default_factory=list)
     conditional: list[tuple[str, str]] = field(default_factory=list)  # method, header
@@ -96,6 +97,8 @@ def make_origin(state: OriginState) -> web.Application:
         version = state.version
         headers = {"ETag": etag_of(version), "Last-Modified": "Mon, 02 Nov 2026 10:00:00 GMT",
                    "Accept-Ranges": "bytes", "Content-Type": "video/mp4"}
+        if not state.send_etag:
+            del headers["ETag"]
         if_match = request.headers.get("If-Match")
         if_none_match = request.headers.get("If-None-Match")
         for name, value in (("If-Match", if_match), ("If-None-Match", if_none_match)):

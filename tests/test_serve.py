@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -221,9 +220,28 @@ def test_two_workers_fetch_no_more_than_one_and_warm_up_fills_both(
         assert object_gets(emulator, bucket, "warm.mp4") == gets
         two.process.send_signal(signal.SIGTERM)
         assert two.process.wait(timeout=30) == 0
-    leftovers = [n for root in ("/dev/shm", tempfile.gettempdir()) if os.path.isdir(root)
-                 for n in os.listdir(root) if n.startswith(f"s3proxy-blocks-{two.process.pid}-")]
-    assert leftovers == [], "the shared tier is removed at exit"
+    (supervising,) = [r for r in two.lines if r.get("msg") == "supervising workers"]
+    if disk:
+        assert supervising["shared_tier"] is None
+    else:
+        assert supervising["shared_tier"].startswith("/dev/shm/s3proxy-blocks-")
+        assert not os.path.exists(supervising["shared_tier"]), "removed at exit"
+
+
+def test_a_shared_tier_is_removed_only_when_no_group_holds_its_lock(tmp_path: Path) -> None:
+    import fcntl
+
+    from s3proxy.server import LOCK, _remove_if_unlocked
+
+    live, dead = tmp_path / "s3proxy-blocks-live", tmp_path / "s3proxy-blocks-dead"
+    for directory in (live, dead):
+        directory.mkdir()
+        (directory / LOCK).touch()
+    with open(live / LOCK) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        _remove_if_unlocked(str(live))
+        _remove_if_unlocked(str(dead))
+        assert live.exists() and not dead.exists()
 
 
 @pytest.mark.parametrize("workers", [2])

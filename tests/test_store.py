@@ -266,6 +266,31 @@ async def test_after_a_restart_a_first_block_on_disk_is_revalidated_not_fetched(
     assert outcome(second, "head", "not_modified") == 1
 
 
+async def test_blocks_cut_at_another_block_size_are_never_served(
+        emulator: Emulator, bucket: str, start_proxy: StartProxy, tmp_path: Path) -> None:
+    data = os.urandom(8 * 64 * KIB)
+    put_object(emulator, bucket, "s.mp4", data)
+    first = await start_proxy(disk_config(emulator, bucket, tmp_path))
+    assert (await fetch(url(first, "s.mp4")))[2] == data
+    await wait_files(tmp_path, 7)
+    second = await start_proxy(disk_config(emulator, bucket, tmp_path, block_size="128KiB"))
+    for header in (f"bytes={128 * KIB}-{128 * KIB + 99}", f"bytes=0-{len(data) - 1}"):
+        start, _, end = header[6:].partition("-")
+        status, _, body = await fetch(url(second, "s.mp4"), Range=header)
+        assert (status, body) == (206, data[int(start):int(end) + 1]), header
+
+
+async def test_an_origin_without_etags_is_refused_not_cached(
+        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    state = OriginState(size=MIB, send_etag=False)
+    running = await start_with_origin(aiohttp_server, start_proxy, state)
+    for header in ("bytes=0-99", "bytes=5000-"):
+        status, headers, body = await fetch(url(running, "a.mp4"), Range=header)
+        assert (status, body) == (502, b""), header
+        assert "no ETag" in headers["X-S3Proxy-Error"]
+    assert running.metric("s3proxy_cache_bytes", tier="memory") == 0
+
+
 async def test_blocks_read_back_from_disk_are_not_written_again(
         emulator: Emulator, bucket: str, start_proxy: StartProxy, tmp_path: Path) -> None:
     data = os.urandom(5 * 64 * KIB)
@@ -282,7 +307,8 @@ async def test_blocks_read_back_from_disk_are_not_written_again(
 
 async def test_file_writes_past_the_bound_are_dropped_and_counted(tmp_path: Path) -> None:
     metrics = Metrics()
-    files = FileTier(str(tmp_path), 64 * MIB, metrics, bucket="b", tier="disk")
+    files = FileTier(str(tmp_path), 64 * MIB, metrics, bucket="b", block_size=4096,
+                     tier="disk")
     files.load_index()
     release = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -305,7 +331,8 @@ async def test_file_writes_past_the_bound_are_dropped_and_counted(tmp_path: Path
 
 
 async def test_a_disk_miss_the_index_does_not_hold_costs_no_thread(tmp_path: Path) -> None:
-    files = FileTier(str(tmp_path), MIB, Metrics(), bucket="b", tier="disk")
+    files = FileTier(str(tmp_path), MIB, Metrics(), bucket="b", block_size=4096,
+                     tier="disk")
     files.load_index()
 
     def never(_key: BlockKey) -> None:
@@ -317,15 +344,15 @@ async def test_a_disk_miss_the_index_does_not_hold_costs_no_thread(tmp_path: Pat
 
 def test_a_worker_drops_only_its_own_files(tmp_path: Path) -> None:
     meta = ObjectMeta("k", 8192, '"e"', __import__("datetime").datetime.now(), None)
-    tiers = [FileTier(str(tmp_path), MIB, Metrics(), bucket="b", tier="disk", worker=w,
-                      workers=2) for w in (0, 1)]
+    tiers = [FileTier(str(tmp_path), MIB, Metrics(), bucket="b", block_size=4096,
+                      tier="disk", worker=w, workers=2) for w in (0, 1)]
     key = BlockKey("b", "k", '"e"', 0)
     for tier in tiers:
         tier.load_index()
         tier.write(key, b"x" * 4096, meta)
     tiers[0].drop_version(key.version)
     assert not tiers[0].contains(key) and tiers[0].read(key) == b"x" * 4096, "the peer's"
-    assert tiers[1].contains(key) and (tiers[1].root / FileTier.relative(key)).exists()
+    assert tiers[1].contains(key) and (tiers[1].root / tiers[1].relative(key)).exists()
 
 
 async def test_close_waits_for_the_fetches_and_look_ups_it_cancels(

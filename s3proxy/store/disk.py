@@ -1,6 +1,7 @@
 """A file tier: blocks kept in files bounded in bytes (LRU), on disk or in shared memory.
 
-Layout: `{root}/w{worker}/{h[:2]}/{h}/{index}.blk`, h = hash of (bucket, key, ETag), so a
+Layout: `{root}/w{worker}/{h[:2]}/{h}/{index}.blk`, h = hash of (bucket, key, ETag, block
+size), so a
 version's blocks sit in one directory; `{root}/w{worker}/keys/{k[:2]}/{k}.json`, k = hash
 of (bucket, key), holds the metadata of the version whose blocks the worker keeps, so a
 restart (or another worker) revalidates what is held instead of fetching it again. Each
@@ -21,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import struct
 import threading
 import zlib
@@ -40,8 +42,11 @@ SUFFIX = ".blk"
 KEYS = "keys"
 
 
-def version_dir(bucket: str, key: str, etag: str) -> str:
-    digest = hashlib.sha256(f"{bucket}\0{key}\0{etag}".encode()).hexdigest()[:40]
+def version_dir(bucket: str, key: str, etag: str, block_size: int) -> str:
+    """A version's directory; the block size is part of it, so blocks cut at another
+    size (the setting changed) are never taken for these."""
+    text = f"{bucket}\0{key}\0{etag}\0{block_size}"
+    digest = hashlib.sha256(text.encode()).hexdigest()[:40]
     return f"{digest[:2]}/{digest}"
 
 
@@ -54,9 +59,12 @@ class FileTier:
     """`inline`: the files live in memory (tmpfs), so reading one is a copy, not I/O,
     and is done on the event loop rather than in a thread."""
 
-    def __init__(self, path: str, max_bytes: int, metrics: Metrics, *, bucket: str, tier: str,
-                 worker: int = 0, workers: int = 1, inline: bool = False) -> None:
+    def __init__(self, path: str, max_bytes: int, metrics: Metrics, *, bucket: str,
+                 block_size: int, tier: str, worker: int = 0, workers: int = 1,
+                 inline: bool = False) -> None:
         self.bucket = bucket
+        self.block_size = block_size
+        self._path, self._worker, self._workers = Path(path), worker, workers
         self.root = Path(path) / f"w{worker}"
         self.peers = [Path(path) / f"w{other}" for other in range(workers) if other != worker]
         self.max_bytes = max_bytes
@@ -69,9 +77,11 @@ class FileTier:
         self._bytes = 0
         self._lock = threading.Lock()  # the index is touched from worker threads
 
-    @staticmethod
-    def relative(key: BlockKey) -> str:
-        return f"{version_dir(*key.version)}/{key.block}{SUFFIX}"
+    def relative(self, key: BlockKey) -> str:
+        return f"{self._version_dir(*key.version)}/{key.block}{SUFFIX}"
+
+    def _version_dir(self, bucket: str, key: str, etag: str) -> str:
+        return version_dir(bucket, key, etag, self.block_size)
 
     @property
     def used_bytes(self) -> int:
@@ -84,6 +94,8 @@ class FileTier:
     def load_index(self) -> None:
         """Rebuild the index from the files present (a restart keeps its hits)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        if self._worker == 0:
+            self._remove_strays()
         found: list[tuple[float, str, int]] = []
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
@@ -102,7 +114,7 @@ class FileTier:
         for path in (self.root / KEYS).glob("*/*.json"):
             meta = _read_meta(path, self.bucket, None)
             if meta is not None:
-                self._key_files[version_dir(self.bucket, meta.key, meta.etag)] = path
+                self._key_files[self._version_dir(self.bucket, meta.key, meta.etag)] = path
         with self._lock:
             self._index.clear()
             self._per_version.clear()
@@ -246,7 +258,7 @@ class FileTier:
             pass  # a write landed meanwhile, or already gone
         path = self._key_files.pop(directory, None)
         meta = _read_meta(path, self.bucket, None) if path is not None else None
-        if path is not None and meta is not None and version_dir(
+        if path is not None and meta is not None and self._version_dir(
                 self.bucket, meta.key, meta.etag) == directory:  # not a newer version's
             _unlink(str(path))
 
@@ -260,16 +272,35 @@ class FileTier:
         return False
 
     def _forget(self, relative: str) -> None:
+        emptied = False
         with self._lock:
             if relative in self._index:
                 self._bytes -= self._index.pop(relative)
-                self._release(relative)
+                emptied = self._release(relative)
+        if emptied:
+            self._version_emptied(os.path.dirname(relative))
         self._publish()
+
+    def _remove_strays(self) -> None:
+        """Directories no worker of this group owns (a group that had more workers, or
+        the layout before worker directories): nobody would ever evict them."""
+        removed = 0
+        for entry in self._path.iterdir() if self._path.is_dir() else []:
+            name = entry.name
+            worker = name[1:]
+            stray = (name.startswith("w") and worker.isdigit() and int(worker) >= self._workers
+                     or len(name) == 2 and all(c in "0123456789abcdef" for c in name))
+            if stray and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        if removed:
+            log.info("removed cache directories no worker owns", extra={"fields": {
+                "tier": self.tier, "path": str(self._path), "directories": removed}})
 
     def drop_version(self, version: Version) -> None:
         """Delete this worker's files of one version (peers' files are theirs to drop;
         they are never served for another version, whose blocks have other names)."""
-        directory = version_dir(*version)
+        directory = self._version_dir(*version)
         with self._lock:
             stale = [r for r in self._index if r.startswith(directory + "/")]
             for relative in stale:

@@ -27,6 +27,7 @@ log = logging.getLogger("s3proxy.store")
 
 OTHER_ETAG = "another ETag than the version asked for"
 OTHER_SIZE = "another object size than the version asked for"
+NO_ETAG = "no ETag"
 
 
 def answer_problem(status: int, content_range: tuple[int, int, int] | None, length: int,
@@ -37,6 +38,8 @@ def answer_problem(status: int, content_range: tuple[int, int, int] | None, leng
     answer is what tells the version (a cold read)."""
     if status != 206 or content_range is None:
         return f"status {status} without a Content-Range to a ranged GET"
+    if not etag:
+        return NO_ETAG  # nothing to pin a version to: its bytes could be of any
     first, last, size = content_range
     if pinned is not None:
         if etag != pinned.etag:
@@ -110,7 +113,8 @@ class Fetch:
 
     def __init__(self, meta: ObjectMeta, bucket: str, block_size: int, start: int, end: int,
                  open_answer: OpenAnswer, *, on_block: OnBlock, on_end: OnEnd,
-                 keep: bool = False, background: bool = False) -> None:
+                 answer: Answer | None = None, keep: bool = False,
+                 background: bool = False) -> None:
         self.meta = meta
         self.bucket = bucket
         self.block_size = block_size
@@ -118,6 +122,7 @@ class Fetch:
         self.background = background
         self.keep = keep or background
         self._open = open_answer
+        self._answer = answer  # a GET already answered (and checked), not yet read
         self._on_block, self._on_end = on_block, on_end
         bs = block_size
         self.first, self.last = start // bs, end // bs
@@ -139,6 +144,7 @@ class Fetch:
         self.done = False
         self.readers = 0
         self._progress = asyncio.Event()
+        self._answered = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.table: FetchTable | None = None
 
@@ -158,7 +164,12 @@ class Fetch:
             return False
         self.table = table
         self.task = asyncio.ensure_future(self.run())
+        self.task.add_done_callback(lambda _task: self._finish())  # even if never run
         return True
+
+    async def answered(self) -> None:
+        """Until S3's answer is in and checked, or the fetch ended (see `error`)."""
+        await self._answered.wait()
 
     def _notify(self) -> None:
         event, self._progress = self._progress, asyncio.Event()
@@ -166,7 +177,8 @@ class Fetch:
 
     async def run(self) -> None:
         try:
-            answer = await self._open()
+            answer, self._answer = self._answer or await self._open(), None
+            self._answered.set()
             index = self.first
             async with aclosing(answer.chunks()) as chunks:
                 async for chunk in chunks:
@@ -191,10 +203,24 @@ class Fetch:
             log.exception("block fetch failed")
             self.error = UpstreamUnavailable(f"fetch failed ({type(exc).__name__})")
         finally:
-            self.done = True
+            self._finish()
+
+    def _finish(self) -> None:
+        """Once, however the fetch ended (a task cancelled before it ran included)."""
+        if self.done:
+            return
+        self.done = True
+        if self.error is None and self.filled[self.last] <= self.stop[self.last]:
+            self.error = UpstreamUnavailable("fetch abandoned")
+        if self._answer is not None:  # never read: closed, and counted
+            self._answer.close()
+            self._answer = None
+        try:
             if self.table is not None:
                 self.table.release(self)
             self._on_end(self, self.error)
+        finally:
+            self._answered.set()
             self._notify()
 
     def _block_complete(self, index: int) -> None:

@@ -10,6 +10,7 @@ does next). The one place that handles "that version is gone" is `_version_gone`
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
@@ -18,7 +19,7 @@ from ..config import CacheConfig
 from ..errors import AssetNotFound, ObjectChanged, RangeBeyondEnd, S3ProxyError, UpstreamInvalid
 from ..metrics import Metrics
 from ..upstream import Answer, NotModified, ObjectMeta, S3Upstream
-from .blocks import Block, BlockKey, last_block
+from .blocks import Block, BlockKey, block_bounds, last_block
 from .fetch import Fetch, FetchTable, checked
 from .metadata import MetadataCache
 from .reads import ReadHistory, Reads
@@ -40,6 +41,7 @@ class ObjectStore:
         self.fetches = FetchTable()
         self.reads = Reads(self.bucket, cache, metrics, self.tiers, self.fetches,
                            self._new_fetch)
+        self._made: weakref.WeakSet[Fetch] = weakref.WeakSet()  # for close() to wait on
 
     async def start(self) -> None:
         await self.tiers.start()
@@ -47,7 +49,7 @@ class ObjectStore:
     async def close(self) -> None:
         """Stop every look-up and fetch, and wait until they have stopped."""
         await self.meta.close()
-        tasks = [f.task for f in self.reads.in_flight() if f.task is not None]
+        tasks = [f.task for f in list(self._made) if f.task is not None and not f.task.done()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -71,16 +73,34 @@ class ObjectStore:
 
     async def _look_up(self, key: str, first_block: int | None) -> ObjectMeta:
         known = self.meta.known(key) or await self.tiers.known_version(key)
-        if first_block is not None and not (known is not None
-                                            and await self._held(known, first_block)):
-            meta = await self._discover(key, first_block)
-            if meta is not None:
-                return meta
-        return await self._head(key, known)
+        if first_block is None or known is not None and await self._held(known, first_block):
+            return await self._head(key, known)  # If-None-Match: a 304 keeps the blocks
+        if known is not None:
+            current = await self._confirm(known, first_block)
+            if current is not None:
+                return current
+            known = None  # gone (412): the GET below tells the new version
+        meta = await self._discover(key, first_block)
+        return meta if meta is not None else await self._head(key, known)
+
+    async def _confirm(self, known: ObjectMeta, index: int) -> ObjectMeta | None:
+        """The block the read needs, fetched from the version last seen (If-Match), in the
+        table before it is sent: its answer says the version is still current. None when
+        it is gone (412), or the block is on its way already."""
+        end = block_bounds(index, self.block_size, known.size)[1]
+        fetch = self._new_fetch(known, index * self.block_size, end)
+        if not fetch.start_in(self.fetches):
+            return None
+        await fetch.answered()
+        if fetch.error is None:
+            return self.meta.still_current(known)
+        if isinstance(fetch.error, ObjectChanged | AssetNotFound):
+            return None  # the fetch's end dropped what was known of it
+        raise type(fetch.error)(str(fetch.error))
 
     async def _held(self, meta: ObjectMeta, index: int) -> bool:
-        """Whether block `index` of that version is cached or being fetched (or lies
-        past its end: a HEAD tells more then)."""
+        """Whether block `index` of that version is cached (here or by a peer) or being
+        fetched, or lies past its end (a HEAD tells more then)."""
         key = BlockKey(self.bucket, meta.key, meta.etag, index)
         return (index > last_block(meta.size, self.block_size) or key in self.fetches
                 or await self.tiers.holds(key))
@@ -158,9 +178,11 @@ class ObjectStore:
         """An upstream read of `meta` found it gone (412), replaced, or answered with
         bytes that are not what was asked: the metadata goes, so the next look-up asks
         S3 afresh; when the version itself is gone, its blocks go too."""
+        if isinstance(error, UpstreamInvalid) and not error.version_gone:
+            self.meta.invalidate(meta.key)  # look again, keeping the validator
+            return
         self.meta.forget(meta)
-        if not isinstance(error, UpstreamInvalid) or error.version_gone:
-            self._replaced(meta)
+        self._replaced(meta)
 
     def _replaced(self, meta: ObjectMeta) -> None:
         self.tiers.drop_version((self.bucket, meta.key, meta.etag))
@@ -194,16 +216,16 @@ class ObjectStore:
         its answer is checked against the version and range before any byte is used."""
 
         async def open_answer() -> Answer:
-            if answer is not None:
-                return answer  # a cold read's GET, already checked
             got = await self.upstream.get(meta.key, start, end, if_match=meta.etag)
             if isinstance(got, NotModified):
                 raise UpstreamInvalid("304 to a GET without If-None-Match")
             return checked(got, start, end, meta)
 
-        return Fetch(meta, self.bucket, self.block_size, start, end, open_answer,
-                     on_block=self._block_arrived, on_end=self._fetch_ended, keep=keep,
-                     background=background)
+        fetch = Fetch(meta, self.bucket, self.block_size, start, end, open_answer,
+                      on_block=self._block_arrived, on_end=self._fetch_ended, answer=answer,
+                      keep=keep, background=background)
+        self._made.add(fetch)
+        return fetch
 
     def _block_arrived(self, fetch: Fetch, index: int, block: Block) -> None:
         self.tiers.put(fetch.key(index), block, fetch.meta)
@@ -212,4 +234,6 @@ class ObjectStore:
         self.reads.fetch_ended(fetch)
         if isinstance(error, ObjectChanged):
             self._version_gone(fetch.meta, error)
+        elif isinstance(error, AssetNotFound):  # deleted meanwhile
+            self.meta.missing(fetch.meta.key)
 

@@ -89,29 +89,18 @@ class Reads:
         self.tiers = tiers
         self.fetches = fetches
         self._new_fetch = new_fetch
-        self._probes: set[Fetch] = set()  # probes in flight (they own no block)
         self._probed: LRUCache[BlockKey, bool] = LRUCache(maxsize=65536)
         self._readahead_inflight = 0
         self.seek_grace_s = SEEK_GRACE_S
 
-    def in_flight(self) -> list[Fetch]:
-        return [*self.fetches.fetches(), *self._probes]
-
     def fetch_ended(self, fetch: Fetch) -> None:
-        self._probes.discard(fetch)
         if fetch.background:
             self._readahead_inflight -= 1
 
     async def open(self, meta: ObjectMeta, start: int, end: int, *,
                    history: ReadHistory | None = None, probe: bool = True
                    ) -> AsyncGenerator[Block | memoryview, None]:
-        """Bytes start..end (inclusive) of exactly the version `meta` describes.
-
-        Raises ObjectChanged (before or during the stream) when that version is gone.
-        Close the generator to stop: fetches nobody else reads stop with it.
-        `history`: the client connection's reads (sequential detection).
-        `probe=False` (warm-up) always goes through whole, cached blocks.
-        """
+        """See `ObjectStore.open`."""
         if end < start:
             return
         bs = self.block_size
@@ -122,7 +111,6 @@ class Reads:
         # or probe until the seek grace after its first bytes went out.
         progress = _Progress(held=probe and open_ended)
         previous = history.last(version) if history is not None else None
-        state_of = self._state_of(meta)
         attached: list[Fetch] = []
         completed = False
         try:
@@ -134,13 +122,19 @@ class Reads:
                 lo, hi = max(start, first_byte) - first_byte, min(end, last_byte) - first_byte
                 key = BlockKey(self.bucket, meta.key, meta.etag, index)
                 data = await self.tiers.get(key)
+                sequential = plan.is_sequential(index, start // bs, previous)
+                # blocks a peer keeps on disk are not fetched again (a stat, in a thread)
+                state_of = self._state_of(meta, await self.tiers.peer_held(
+                    [BlockKey(self.bucket, meta.key, meta.etag, i)
+                     for i in range(index + 1, index + self._config.readahead_blocks + 1)])
+                    if data is None or sequential else frozenset())
                 probed_here = False
                 while lo <= hi:
                     progress.update(self.seek_grace_s)
                     reader = plan.Reader(
                         index=index, lo=lo, hi=hi, block_last=last_byte - first_byte,
                         open_ended=open_ended,
-                        sequential=plan.is_sequential(index, start // bs, previous),
+                        sequential=sequential,
                         held=progress.held, sent=bool(progress.first_out),
                         probed_here=probed_here)
                     state = plan.BlockState(cached=data is not None,
@@ -167,7 +161,7 @@ class Reads:
                     if isinstance(step, plan.Serve):
                         assert data is not None
                         if plan.wants_readahead(reader):
-                            self._read_ahead(meta, index + 1)
+                            self._read_ahead(meta, index + 1, state_of)
                         progress.sent()
                         yield (memoryview(data)[lo:hi + 1]
                                if (lo, hi + 1) != (0, len(data)) else data)
@@ -177,7 +171,7 @@ class Reads:
                         fetch.attach()
                         attached.append(fetch)
                     if plan.wants_readahead(reader):  # after its own fetch has its blocks
-                        self._read_ahead(meta, index + 1)
+                        self._read_ahead(meta, index + 1, state_of)
                     async with aclosing(fetch.read(index, lo, hi)) as pieces:
                         async for piece in pieces:
                             progress.sent()
@@ -188,11 +182,11 @@ class Reads:
             for fetch in attached:
                 fetch.detach(abandoned=not completed)
 
-    def _state_of(self, meta: ObjectMeta) -> plan.StateOf:
+    def _state_of(self, meta: ObjectMeta, peer_held: frozenset[BlockKey]) -> plan.StateOf:
         def state_of(index: int) -> plan.BlockState:
             key = BlockKey(self.bucket, meta.key, meta.etag, index)
-            return plan.BlockState(cached=self.tiers.has(key), fetching=key in self.fetches,
-                                   probed=key in self._probed)
+            return plan.BlockState(cached=self.tiers.has(key) or key in peer_held,
+                                   fetching=key in self.fetches, probed=key in self._probed)
         return state_of
 
     def _fetch_for(self, meta: ObjectMeta, key: BlockKey, index: int,
@@ -215,7 +209,6 @@ class Reads:
         first_byte = key.block * self.block_size
         fetch = self._new_fetch(meta, first_byte + lo, first_byte + hi)
         fetch.start_in(None)  # it covers no whole block: nothing to claim or cache
-        self._probes.add(fetch)
         fetch.attach()
         completed = False
         try:
@@ -226,13 +219,13 @@ class Reads:
         finally:
             fetch.detach(abandoned=not completed)
 
-    def _read_ahead(self, meta: ObjectMeta, after: int) -> None:
+    def _read_ahead(self, meta: ObjectMeta, after: int, state_of: plan.StateOf) -> None:
         """Fetch the next `readahead_blocks` blocks that nobody has or is fetching."""
         count = self._config.readahead_blocks
         if count == 0 or meta.size == 0:
             return
         runs = plan.readahead_runs(after, count, last_block(meta.size, self.block_size),
-                                   self._state_of(meta), self._readahead_inflight,
+                                   state_of, self._readahead_inflight,
                                    self._config.readahead_max_inflight)
         for first, last in runs:
             end = block_bounds(last, self.block_size, meta.size)[1]

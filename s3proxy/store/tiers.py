@@ -66,6 +66,18 @@ class Tiers:
             return self.files.peer_holds(key)
         return await asyncio.to_thread(self.files.peer_holds, key)
 
+    async def peer_held(self, keys: list[BlockKey]) -> frozenset[BlockKey]:
+        """Which of `keys` only a peer's disk files hold (one thread call for them all;
+        nothing to ask without peers, or on tmpfs, where `has` looks itself)."""
+        files = self.files
+        if files is None or not files.peers or files.inline:
+            return frozenset()
+        missing = [key for key in keys if not self.has(key)]
+        if not missing:
+            return frozenset()
+        return frozenset(await asyncio.to_thread(
+            lambda: [key for key in missing if files.peer_holds(key)]))
+
     def has(self, key: BlockKey) -> bool:
         """Whether a tier holds the block, without using it (LRU order unchanged). A
         peer's shared-memory files count (a lookup there is a stat, not I/O)."""
@@ -152,6 +164,7 @@ class Tiers:
         self._metrics.cache_bytes.labels(tier="memory").set(self.memory.used_bytes)
 
 
+SHM = "/dev/shm"  # tmpfs: a file read there is a copy, not I/O
 # With several workers and no disk tier, each worker keeps this share of
 # cache.max_bytes in its own memory; the rest is the shared tier all of them read.
 SHARED_MEMORY_FRACTION = 4
@@ -169,12 +182,14 @@ def build_tiers(cache: CacheConfig, metrics: Metrics, bucket: str, worker: int,
     total = int(cache.max_bytes)
     if cache.disk.path and cache.disk.max_bytes > 0:
         files = FileTier(cache.disk.path, int(cache.disk.max_bytes) // workers, metrics,
-                         bucket=bucket, tier="disk", worker=worker, workers=workers)
+                         bucket=bucket, block_size=int(cache.block_size), tier="disk",
+                         worker=worker, workers=workers)
         return Tiers(total // workers, files, metrics, write_through=workers > 1)
     if workers > 1 and shared_dir:
         memory = total // (SHARED_MEMORY_FRACTION * workers)
         files = FileTier(shared_dir, (total - memory * workers) // workers, metrics,
-                         bucket=bucket, tier="shared", worker=worker, workers=workers,
-                         inline=True)
+                         bucket=bucket, block_size=int(cache.block_size), tier="shared",
+                         worker=worker, workers=workers,
+                         inline=shared_dir.startswith(SHM + "/"))
         return Tiers(memory, files, metrics, write_through=True)
     return Tiers(total // workers, None, metrics)
