@@ -48,6 +48,12 @@ class AuthFailure(Exception):
         return 403 if self.reason == "forbidden" else 401
 
 
+# A JWS in compact form: three base64url parts (RFC 7515); nothing else reaches pyjwt.
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+MAX_TOKEN_CHARS = 8192
+MAX_CLAIM_TIME = 253402300799  # 9999-12-31T23:59:59Z: numeric claims beyond are refused
+
+
 # --- scopes -----------------------------------------------------------------------
 
 
@@ -258,7 +264,9 @@ class TokenVerifier:
         return grant
 
     def verify(self, token: str) -> Grant:
-        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        if len(token) > MAX_TOKEN_CHARS or not _TOKEN_RE.fullmatch(token):
+            raise AuthFailure("invalid", "malformed token")  # before any crypto
+        digest = hashlib.sha256(token.encode("ascii")).digest()
         grant = self._memo.get(digest)
         if grant is None:
             grant = self._verify_signature(token)
@@ -324,8 +332,9 @@ class TokenVerifier:
         if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
             raise AuthFailure("invalid", f"token claim {self._config.scope_claim} is not a list")
         exp = claims["exp"]
-        if not isinstance(exp, (int, float)):
-            raise AuthFailure("invalid", "token exp is not a number")
+        if not isinstance(exp, (int, float)) or isinstance(exp, bool) or not (
+                0 <= exp <= MAX_CLAIM_TIME):
+            raise AuthFailure("invalid", "token exp is not a time")
         subject = claims.get("sub")
         token_id = claims.get("jti")
         return Grant(AssetScope(tuple(raw)), float(exp),

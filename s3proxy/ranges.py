@@ -15,6 +15,10 @@ from email.utils import format_datetime, parsedate_to_datetime
 from typing import Literal
 
 _RANGE_SPEC_RE = re.compile(r"^([0-9]*)[ \t]*-[ \t]*([0-9]*)$")
+MAX_DATE_CHARS = 64  # "Sunday, 06-Nov-1994 08:49:37 GMT" and friends are shorter
+# Offsets with more digits than this lie past the end of any object (10^18 bytes).
+MAX_OFFSET_DIGITS = 18
+BEYOND = 10**MAX_OFFSET_DIGITS
 _ETAG_RE = re.compile(r'\s*(W/)?("[\x21\x23-\x7e\x80-\xff]*")\s*(?:,|$)')
 
 
@@ -57,14 +61,11 @@ def parse_range_header(header: str, size: int) -> list[ByteRange] | None:
         if match is None:
             return None
         first_text, last_text = match.groups()
-        try:
-            first = int(first_text) if first_text else None
-            last = int(last_text) if last_text else None
-        except ValueError:  # more digits than int() accepts: not a range we can honour
-            return None
+        first = _offset(first_text) if first_text else None
+        last = _offset(last_text) if last_text else None
         if first is None and last is None:
             return None
-        if first is not None and last is not None and last < first:
+        if first is not None and last is not None and _digits_less(last_text, first_text):
             return None
         parsed.append((first, last))
     ranges: list[ByteRange] = []
@@ -92,10 +93,19 @@ def first_offset(header: str) -> int | None:
     match = _RANGE_SPEC_RE.match(first)
     if match is None or not match.group(1) or not match.group(2):
         return None
-    try:
-        return int(match.group(1))
-    except ValueError:
-        return None
+    return _offset(match.group(1))
+
+
+def _offset(digits: str) -> int:
+    """A byte offset of any length: exact up to 10^18, else BEYOND (past any end)."""
+    significant = digits.lstrip("0")
+    return int(significant or "0") if len(significant) <= MAX_OFFSET_DIGITS else BEYOND
+
+
+def _digits_less(a: str, b: str) -> bool:
+    """a < b for decimal digit strings of any length (no int() of either)."""
+    a, b = a.lstrip("0"), b.lstrip("0")
+    return (len(a), a) < (len(b), b)
 
 
 def ranges_to_serve(ranges: list[ByteRange], max_ranges: int) -> list[ByteRange] | None:
@@ -179,9 +189,13 @@ def parse_etag(value: str) -> EntityTag:
 
 
 def parse_http_date(value: str) -> datetime | None:
+    """An HTTP date, or None for anything that does not parse or does not fit (an
+    hour, day, year or zone too large for a datetime): such a header is ignored."""
+    if len(value) > MAX_DATE_CHARS:
+        return None
     try:
         parsed = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if parsed is None:
         return None
