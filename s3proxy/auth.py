@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from .config import AuthConfig, ConfigError
+from .globs import Glob, GlobError, compile_glob
 
 log = logging.getLogger("s3proxy.auth")
 
@@ -51,33 +52,11 @@ class AuthFailure(Exception):
 # A JWS in compact form: three base64url parts (RFC 7515); nothing else reaches pyjwt.
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 MAX_TOKEN_CHARS = 8192
+MAX_SCOPE_PATTERNS = 64
 MAX_CLAIM_TIME = 253402300799  # 9999-12-31T23:59:59Z: numeric claims beyond are refused
 
 
 # --- scopes -----------------------------------------------------------------------
-
-
-def glob_to_regex(pattern: str) -> re.Pattern[str]:
-    """`*` within one segment, `**` across segments (`**/` also matches none), `?` one char."""
-    out: list[str] = []
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-        elif pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^/]")
-            i += 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out), re.DOTALL)
 
 
 SIDECAR_SUFFIX = ".dtsh"
@@ -88,17 +67,18 @@ class AssetScope:
     """The asset globs a token grants; an asset's `.dtsh` sidecar comes with the asset."""
 
     patterns: tuple[str, ...]
-    _compiled: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
+    _compiled: tuple[Glob, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_compiled", tuple(glob_to_regex(p) for p in self.patterns))
+        """Raises GlobError for a pattern too long or with too many `**`."""
+        object.__setattr__(self, "_compiled", tuple(compile_glob(p) for p in self.patterns))
 
     def allows(self, asset: str) -> bool:
-        if any(r.fullmatch(asset) for r in self._compiled):
+        if any(glob.matches(asset) for glob in self._compiled):
             return True
         if asset.endswith(SIDECAR_SUFFIX) and len(asset) > len(SIDECAR_SUFFIX):
             media = asset[: -len(SIDECAR_SUFFIX)]
-            return any(r.fullmatch(media) for r in self._compiled)
+            return any(glob.matches(media) for glob in self._compiled)
         return False
 
 
@@ -337,7 +317,13 @@ class TokenVerifier:
             raise AuthFailure("invalid", "token exp is not a time")
         subject = claims.get("sub")
         token_id = claims.get("jti")
-        return Grant(AssetScope(tuple(raw)), float(exp),
+        if len(raw) > MAX_SCOPE_PATTERNS:
+            raise AuthFailure("invalid", f"token claim {self._config.scope_claim} is too long")
+        try:
+            scope = AssetScope(tuple(raw))
+        except GlobError as exc:
+            raise AuthFailure("invalid", f"token scope refused: {exc}") from None
+        return Grant(scope, float(exp),
                      subject if isinstance(subject, str) else None,
                      token_id if isinstance(token_id, str) else None)
 
