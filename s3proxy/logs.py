@@ -1,14 +1,37 @@
-"""Logging set-up: one JSON (or text) line per record, one access line per request."""
+"""Logging set-up: one JSON (or text) line per record, one access line per request.
+
+Every line goes through `redact` on its way out, whoever logged it (s3proxy, aiohttp,
+botocore): a path token shows as `/t/-/`, and `token=` values, `Authorization` values and
+anything shaped like a JWT are removed, wherever they appear. aiohttp's report of a
+malformed request (a traceback quoting the raw bytes) becomes one warning line with the
+reason, at most a few per second, with a count of those left out.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
 
 ACCESS_LOGGER = "s3proxy.access"
+
+_PATH_TOKEN = re.compile(r"/t/[^/\s\"'\\]+")
+_QUERY_TOKEN = re.compile(r"(?i)((?:^|[?&;\s\\\"'])[a-z0-9_-]*token[a-z0-9_-]*=)[^&\s\"'\\]*")
+_AUTHORIZATION = re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)[^\"'\r\n\\]*")
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"'\\]+")
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*")
+
+
+def redact(text: str) -> str:
+    """The line with every token-bearing part blanked (see the module's doc)."""
+    text = _PATH_TOKEN.sub("/t/-", text)
+    text = _QUERY_TOKEN.sub(r"\1-", text)
+    text = _AUTHORIZATION.sub(r"\1-", text)
+    text = _BEARER.sub(r"\1-", text)
+    return _JWT.sub("-", text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,7 +49,7 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[0] is not None:
             entry["exc_type"] = record.exc_info[0].__name__
             entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return redact(json.dumps(entry, default=str))
 
 
 class TextFormatter(logging.Formatter):
@@ -38,13 +61,51 @@ class TextFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
-        return line
+        return redact(line)
+
+
+class MalformedRequests(logging.Filter):
+    """aiohttp's "Error handling request" (with a traceback and the raw bytes) becomes
+    one warning with the reason, at most `per_second` a second; the next line that goes
+    out says how many were left out."""
+
+    def __init__(self, per_second: float = 5.0) -> None:
+        super().__init__()
+        self._per_second = per_second
+        self._allowance = per_second
+        self._checked = time.monotonic()
+        self._dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Error handling request"):
+            return True
+        now = time.monotonic()
+        self._allowance = min(self._per_second,
+                              self._allowance + (now - self._checked) * self._per_second)
+        self._checked = now
+        if self._allowance < 1:
+            self._dropped += 1
+            return False
+        self._allowance -= 1
+        error = record.exc_info[1] if record.exc_info else None
+        reason = getattr(error, "message", None) or (str(error) if error else "unknown")
+        fields: dict[str, Any] = {
+            "reason": redact(str(reason).splitlines()[0])[:200] if str(reason) else "",
+            "error": type(error).__name__ if error is not None else None}
+        if self._dropped:
+            fields["dropped"], self._dropped = self._dropped, 0
+        record.msg, record.args = "malformed request", ()
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info, record.exc_text = None, None
+        record.fields = fields
+        return True
 
 
 def configure_logging(level: str, fmt: str) -> None:
     """Route every s3proxy (and aiohttp) record to stderr in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(MalformedRequests())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -1,0 +1,106 @@
+"""One redaction path for every log line: no token in any line, whoever logged it, for
+any request, routable or not, well-formed or not."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from s3proxy.logs import JsonFormatter, MalformedRequests, redact
+
+from .conftest import Emulator, make_token
+from .test_serve import serve_process
+
+b64url = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
+                 min_size=8, max_size=40)
+tokens = st.one_of(st.tuples(b64url, b64url, b64url).map(lambda p: "eyJ" + ".".join(p)),
+                   b64url)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tokens)
+def test_no_token_survives_redaction_wherever_it_appears(token: str) -> None:
+    lines = [f"GET /t/{token}/movies/a.mp4 HTTP/1.1", f"GET /t/{token} HTTP/1.1",
+             f"/t/{token}/", f"/vod/a.mp4?token={token}&x=1", f"/vod/a?access_token={token}",
+             f"Authorization: Bearer {token}", f"authorization: {token}",
+             json.dumps({"path": f"/t/{token}/x", "headers": {"Authorization": f"Bearer {token}"}}),
+             repr(f"GET /vod/a?token={token} HTTP/1.1\r\nAuthorization: Bearer {token}\r\n"
+                  .encode())]
+    for line in lines:
+        assert token not in redact(line), line
+
+
+def test_redaction_keeps_what_operators_need() -> None:
+    assert redact("GET /t/abc.def.ghi/movies/a.mp4 206") == "GET /t/-/movies/a.mp4 206"
+    assert redact("/vod/movies/a.mp4?token=abc&start=1") == "/vod/movies/a.mp4?token=-&start=1"
+    assert redact("tokens were refused: 3") == "tokens were refused: 3"
+
+
+def test_a_malformed_request_report_becomes_one_warning_without_a_traceback() -> None:
+    token = make_token()
+    try:
+        raise ValueError(f"Invalid header value char:\n\n  b'Authorization: Bearer {token}'")
+    except ValueError:
+        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1,
+                                   "Error handling request from %s", ("127.0.0.1",),
+                                   __import__("sys").exc_info())
+    limiter = MalformedRequests(per_second=2)
+    assert limiter.filter(record)
+    line = JsonFormatter().format(record)
+    entry = json.loads(line)
+    assert entry["level"] == "warning" and entry["msg"] == "malformed request"
+    assert "traceback" not in entry and token not in line
+    assert entry["reason"] == "Invalid header value char:"
+    for _ in range(5):  # a burst: a few pass, the rest are counted
+        again = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1,
+                                  "Error handling request from %s", ("x",), None)
+        limiter.filter(again)
+    time.sleep(0.6)
+    later = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1,
+                              "Error handling request from %s", ("x",), None)
+    assert limiter.filter(later) and later.fields["dropped"] >= 3  # type: ignore[attr-defined]
+
+
+def send(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        sock.settimeout(2)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except OSError:
+            pass
+        return received
+
+
+def test_no_log_line_of_a_running_proxy_holds_a_token(
+        emulator: Emulator, bucket: str, tmp_path: Path) -> None:
+    token = make_token("**")
+    with serve_process(emulator, bucket, tmp_path, 1, {}) as served:
+        attacks = [
+            f"GET /t/{token} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            f"GET /t/{token}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            f"GET /t/{token}/a.mp4 HTTP/1.1\nHost: x\n\n",                  # bare LF
+            f"GET /vod/a.mp4 HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n  folded\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n",                       # obs-fold
+            f"GET /t/{token}/a.mp4 HTTP/1.1\r\nHost: x\r\nX-A: \x00\r\n\r\n",  # NUL
+            f"BREW /t/{token}/a.mp4 HTTP/1.1\r\nHost: x\r\n\r\n",          # unknown method
+            f"GET /vod/a.mp4?token={token}&{'x' * 9000} HTTP/1.1\r\nHost: x\r\n\r\n",
+        ]
+        for attack in attacks:
+            send(served.port, attack.encode("latin-1"))
+        send(served.port, f"GET /t/{token}/\xff HTTP/1.1\r\nHost: x\r\n\r\n".encode("latin-1"))
+        served.process.terminate()
+        _, rest = served.process.communicate(timeout=30)
+    lines = [json.dumps(r) for r in served.lines] + rest.splitlines()
+    signature = token.split(".")[2]
+    assert not [line for line in lines if signature in line or token in line]
+    assert not [line for line in lines if "Traceback" in line]
+    assert any('"malformed request"' in line for line in lines)
