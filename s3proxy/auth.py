@@ -131,11 +131,13 @@ def load_verification_keys(config: AuthConfig, source: str,
             if not secret:
                 raise ConfigError(source, f"{where}.secret_env",
                                   f"environment variable {spec.secret_env} is not set")
+            _long_enough(source, f"{where}.secret_env", secret.encode("utf-8"))
             keys.append(VerificationKey(spec.kid, "secret", secret.encode("utf-8")))
         elif spec.secret_file:
             data = _read_key_file(source, f"{where}.secret_file", spec.secret_file).strip()
             if not data:
                 raise ConfigError(source, f"{where}.secret_file", "file is empty")
+            _long_enough(source, f"{where}.secret_file", data)
             keys.append(VerificationKey(spec.kid, "secret", data))
         else:
             assert spec.public_key_file
@@ -159,6 +161,15 @@ def load_verification_keys(config: AuthConfig, source: str,
     if config.mode == "jwt" and not keys:
         raise ConfigError(source, "auth.keys", "no verification key configured")
     return keys
+
+
+MIN_HMAC_SECRET_BYTES = 32  # RFC 7518 3.2: an HMAC key at least as long as its hash
+
+
+def _long_enough(source: str, key: str, secret: bytes) -> None:
+    if len(secret) < MIN_HMAC_SECRET_BYTES:
+        raise ConfigError(source, key, f"an HMAC secret needs at least "
+                          f"{MIN_HMAC_SECRET_BYTES} bytes, this one has {len(secret)}")
 
 
 def _read_key_file(source: str, key: str, path: str) -> bytes:

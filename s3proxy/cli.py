@@ -41,8 +41,8 @@ def _config_path(path: str | None) -> str | None:
     return path or os.environ.get("S3PROXY_CONFIG")
 
 
-def _load(path: str | None) -> Config:
-    return load_config(_config_path(path))
+def _load(path: str | None, require_bucket: bool = True) -> Config:
+    return load_config(_config_path(path), require_bucket=require_bucket)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -83,7 +83,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, require_bucket=False)  # signing needs no bucket
     private_key = None
     if args.private_key:
         try:
@@ -114,7 +114,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
     import urllib.parse
     import urllib.request
 
-    config = _load(args.config)
+    config = _load(args.config, require_bucket=False)  # the proxy knows its bucket
     host = "127.0.0.1" if config.admin.host in ("0.0.0.0", "::", "") else config.admin.host
     url = f"http://{host}:{config.admin.port}/warm/{urllib.parse.quote(args.name)}"
     request = urllib.request.Request(url, method="POST")
@@ -201,10 +201,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()
     except ConfigError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `s3proxy check-config | head`: the reader left, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return code
 
 

@@ -190,8 +190,11 @@ _USERINFO_RE = re.compile(r"(?<=://)[^/@]+@")
 
 
 def load_config(path: str | os.PathLike[str] | None = None,
-                env: Mapping[str, str] | None = None) -> Config:
-    """Read the YAML file (if any), apply environment overrides, validate."""
+                env: Mapping[str, str] | None = None, *,
+                require_bucket: bool = True) -> Config:
+    """Read the YAML file (if any), apply environment overrides, validate.
+
+    `require_bucket=False`: for commands that never talk to S3 (`token`, `warm`)."""
     env = os.environ if env is None else env
     source = str(path) if path is not None else "<defaults>"
     data: Any = {}
@@ -213,11 +216,61 @@ def load_config(path: str | os.PathLike[str] | None = None,
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(source, "(file)", "must be a mapping of sections at the top level")
-    data = _apply_env(Config, dict(data), env, "")
-    config: Config = dataclasses.replace(_build(Config, data, source, ""), source=source)
-    if not config.s3.bucket:
+    origins: dict[str, str] = {}  # key -> the environment variable that set it
+    data = _apply_env(Config, dict(data), env, "", origins)
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    section = data.get("s3")
+    if region and (section is None or isinstance(section, dict)) and "region" not in (
+            section or {}):
+        data["s3"] = {**(section or {}), "region": region}
+        origins["s3.region"] = "AWS_REGION" if env.get("AWS_REGION") else "AWS_DEFAULT_REGION"
+    config: Config = dataclasses.replace(_build(Config, data, source, "", origins),
+                                         source=source)
+    _refuse_unknown_env(config, env)
+    if require_bucket and not config.s3.bucket:
         raise ConfigError(source, "s3.bucket", "is required")
+    _check_consistency(config, origins)
     return config
+
+
+def _check_consistency(config: Config, origins: Mapping[str, str]) -> None:
+    """Keys that contradict each other."""
+    disk = config.cache.disk
+    if disk.max_bytes and not disk.path:
+        source = origins.get("cache.disk.max_bytes", config.source)
+        raise ConfigError(source, "cache.disk.max_bytes",
+                          "is set but cache.disk.path is not: where should the blocks go?")
+
+
+_SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "source")
+
+
+def _known_env(cls: type, prefix: str) -> set[str]:
+    names: set[str] = set()
+    for f, hint in _fields(cls):
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            names |= _known_env(hint, f"{name}_")  # type: ignore[arg-type]
+        else:
+            names.add(ENV_PREFIX + name.upper())
+    return names
+
+
+def _refuse_unknown_env(config: Config, env: Mapping[str, str]) -> None:
+    """An `S3PROXY_<SECTION>_...` variable that names no key stops start-up, as an unknown
+    YAML key does (a misspelt override is never ignored silently). Variables that hold
+    secrets by name (`secret_env`, `token_env`) and `S3PROXY_CONFIG` are not overrides."""
+    referenced = {k.secret_env for k in config.auth.keys if k.secret_env}
+    referenced |= {getattr(config.admin, "token_env", None)} - {None}  # type: ignore[arg-type]
+    known = _known_env(Config, "")
+    for name in env:
+        if not name.startswith(ENV_PREFIX) or name in known or name in referenced:
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        if any(rest.startswith(section + "_") for section in _SECTIONS):
+            close = sorted(k for k in known if k.startswith(name.rsplit("_", 1)[0]))[:5]
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(name, "(environment)", f"names no configuration key{hint}")
 
 
 def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
@@ -231,29 +284,72 @@ def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
     return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.name != "source"]
 
 
-def _apply_env(cls: type, data: dict[str, Any], env: Mapping[str, str], prefix: str) -> dict[str, Any]:
-    """Overlay S3PROXY_<SECTION>_<KEY> variables onto the parsed YAML mapping."""
+def _apply_env(cls: type, data: dict[str, Any], env: Mapping[str, str], prefix: str,
+               origins: dict[str, str]) -> dict[str, Any]:
+    """Overlay S3PROXY_<SECTION>_<KEY> variables onto the parsed YAML mapping, each value
+    read as the type of the key it sets (a string key keeps the string as given)."""
     for f, hint in _fields(cls):
         name = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(hint):
             section = data.get(f.name)
             if section is None or isinstance(section, dict):
-                nested = _apply_env(hint, dict(section or {}), env, f"{name}_")  # type: ignore[arg-type]
+                nested = _apply_env(hint, dict(section or {}), env, f"{name}_",  # type: ignore[arg-type]
+                                    origins)
                 if nested or section is not None:
                     data[f.name] = nested
             continue
         var = ENV_PREFIX + name.upper()
         if var in env:
-            raw = env[var]
-            try:
-                value = yaml.safe_load(raw) if raw.strip() else None
-            except yaml.YAMLError:
-                value = raw
-            data[f.name] = value
+            data[f.name] = _env_value(hint, env[var], var, _dotted(name))
+            origins[_dotted(name)] = var
     return data
 
 
-def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
+def _dotted(env_name: str) -> str:
+    """`cache_disk_max_bytes` -> `cache.disk.max_bytes`, by the schema's own sections."""
+    section, _, rest = env_name.partition("_")
+    if section == "cache" and rest.startswith("disk_"):
+        return f"cache.disk.{rest[len('disk_'):]}"
+    return f"{section}.{rest}"
+
+
+def _env_value(hint: Any, raw: str, var: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    optional = origin in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        if raw.strip() == "":
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        origin = typing.get_origin(hint)
+    if hint is str or hint is ByteSize or origin is Literal:
+        return raw  # as given: "0123" stays "0123"; sizes and choices are checked later
+    if hint is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("true", "yes", "on", "1"):
+            return True
+        if lowered in ("false", "no", "off", "0"):
+            return False
+        raise ConfigError(var, key, f"must be true or false, got {raw!r}")
+    if hint is int:
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise ConfigError(var, key, f"must be an integer, got {raw!r}") from None
+    if hint is float:
+        try:
+            return float(raw.strip())
+        except ValueError:
+            raise ConfigError(var, key, f"must be a number, got {raw!r}") from None
+    try:  # lists: YAML flow syntax, e.g. [HS256, RS256]
+        return yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(var, key, f"is not valid YAML: {raw!r}") from None
+
+
+def _build(cls: type, data: Any, source: str, prefix: str,
+           origins: Mapping[str, str] | None = None) -> Any:
+    origins = origins or {}
     if not isinstance(data, dict):
         raise ConfigError(source, prefix.rstrip(".") or "(file)", "must be a mapping")
     known = {f.name for f, _ in _fields(cls)}
@@ -266,12 +362,17 @@ def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
         if f.name not in data:
             continue
         key = f"{prefix}{f.name}"
-        value = _convert(hint, data[f.name], source, key)
+        where = origins.get(key, source)  # an error names the variable that set the value
+        if dataclasses.is_dataclass(hint):
+            value = _build(hint, data[f.name] if data[f.name] is not None else {},  # type: ignore[arg-type]
+                           source, f"{key}.", origins)
+        else:
+            value = _convert(hint, data[f.name], where, key)
         check = f.metadata.get("check")
         if check is not None and value is not None:
             predicate, message = check
             if not predicate(value):
-                raise ConfigError(source, key, f"{message}, got {data[f.name]!r}")
+                raise ConfigError(where, key, f"{message}, got {data[f.name]!r}")
         values[f.name] = value
     return cls(**values)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,9 @@ def s3proxy(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
                           text=True, timeout=60, env=full_env)
 
 
+PLACEHOLDER = "placeholder-secret-for-tests-only-0123456789"
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "s3proxy.yaml"
     path.write_text(text)
@@ -33,7 +37,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_shipped_example_config_is_valid() -> None:
     result = s3proxy("check-config", str(ROOT / "config" / "s3proxy.yaml"),
-                     env={"S3PROXY_JWT_SECRET": "placeholder-secret"})
+                     env={"S3PROXY_JWT_SECRET": PLACEHOLDER})
     assert result.returncode == 0, result.stderr
     effective = yaml.safe_load(result.stdout)
     assert effective["s3"]["bucket"] == "vod-assets"
@@ -43,7 +47,7 @@ def test_shipped_example_config_is_valid() -> None:
 def test_check_config_prints_the_effective_config_with_env_overrides(tmp_path: Path) -> None:
     path = write(tmp_path, "s3: {bucket: media}\ncache: {max_bytes: 64MiB}\n")
     result = s3proxy("check-config", str(path),
-                     env={"S3PROXY_JWT_SECRET": "x", "S3PROXY_CACHE_MAX_BYTES": "2GiB",
+                     env={"S3PROXY_JWT_SECRET": PLACEHOLDER, "S3PROXY_CACHE_MAX_BYTES": "2GiB",
                           "S3PROXY_S3_ENDPOINT_URL": "http://user:pw@minio:9000"})
     assert result.returncode == 0, result.stderr
     effective = yaml.safe_load(result.stdout)
@@ -62,14 +66,13 @@ def test_check_config_prints_the_effective_config_with_env_overrides(tmp_path: P
     ("server: {port: 80}\n", {}, "s3.bucket: is required"),
     ("s3: {bucket: [m\n", {}, "(file): is not valid YAML"),
     ("- a\n- b\n", {}, "(file): must be a mapping"),
-    ("s3: {bucket: m}\n", {"S3PROXY_CACHE_BLOCK_SIZE": "12XB"}, "cache.block_size: expected"),
     ("s3: {bucket: m}\n", {"S3PROXY_JWT_SECRET": ""},
      "auth.keys[0].secret_env: environment variable S3PROXY_JWT_SECRET is not set"),
 ])
 def test_check_config_rejects_bad_files_with_one_line(
         tmp_path: Path, text: str, env: dict[str, str], expected: str) -> None:
     path = write(tmp_path, text)
-    result = s3proxy("check-config", str(path), env={"S3PROXY_JWT_SECRET": "x", **env})
+    result = s3proxy("check-config", str(path), env={"S3PROXY_JWT_SECRET": PLACEHOLDER, **env})
     assert result.returncode == 2
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
@@ -88,7 +91,7 @@ def test_missing_file_is_one_line(tmp_path: Path) -> None:
 
 def test_serve_with_a_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     path = write(tmp_path, "s3: {bucket: m}\ncache: {readahead_blocks: -1}\n")
-    result = s3proxy("serve", "--config", str(path), env={"S3PROXY_JWT_SECRET": "x"})
+    result = s3proxy("serve", "--config", str(path), env={"S3PROXY_JWT_SECRET": PLACEHOLDER})
     assert result.returncode == 2
     assert "cache.readahead_blocks: must not be negative" in result.stderr
 
@@ -140,3 +143,78 @@ def test_env_override_with_a_wrong_type_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as failure:
         load_config(path, env={"S3PROXY_SERVER_PORT": "eighty"})
     assert failure.value.key == "server.port"
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_environment_values_are_read_as_the_type_of_their_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "s3: {bucket: m}\n")
+    config = load_config(path, env={"S3PROXY_S3_BUCKET": "0123", "S3PROXY_S3_PREFIX": "1:20",
+                                    "S3PROXY_SIDECARS_ACCEPT_PUT": "yes",
+                                    "S3PROXY_S3_ENDPOINT_URL": ""})
+    assert (config.s3.bucket, config.s3.prefix) == ("0123", "1:20")
+    assert config.sidecars.accept_put is True and config.s3.endpoint_url is None
+
+
+def test_an_error_in_an_environment_value_names_the_variable(tmp_path: Path) -> None:
+    path = write(tmp_path, "s3: {bucket: m}\n")
+    for name, value, problem in (("S3PROXY_CACHE_BLOCK_SIZE", "12XB", "cache.block_size: expected"),
+                                 ("S3PROXY_SERVER_PORT", "99999", "server.port: must be a port"),
+                                 ("S3PROXY_SERVER_WORKERS", "two", "server.workers: must be an")):
+        line = one_line(s3proxy("check-config", str(path),
+                                env={"S3PROXY_JWT_SECRET": PLACEHOLDER, name: value}))
+        assert line.startswith(f"s3proxy: {name}: {problem}"), line
+
+
+def test_a_misspelt_variable_stops_start_up(tmp_path: Path) -> None:
+    path = write(tmp_path, "s3: {bucket: m}\n")
+    line = one_line(s3proxy("check-config", str(path),
+                            env={"S3PROXY_JWT_SECRET": PLACEHOLDER, "S3PROXY_S3_BUCKT": "x"}))
+    assert line.startswith("s3proxy: S3PROXY_S3_BUCKT: (environment): names no configuration key")
+    assert "S3PROXY_S3_BUCKET" in line
+    # a secret named by the configuration is not an override
+    path = write(tmp_path, "s3: {bucket: m}\nauth: {keys: [{secret_env: S3PROXY_AUTH_SECRET}]}\n")
+    assert s3proxy("check-config", str(path),
+                   env={"S3PROXY_AUTH_SECRET": PLACEHOLDER}).returncode == 0
+
+
+def test_the_region_comes_from_aws_region_unless_set(tmp_path: Path) -> None:
+    path = write(tmp_path, "s3: {bucket: m}\n")
+    assert load_config(path, env={"AWS_REGION": "eu-west-3"}).s3.region == "eu-west-3"
+    assert load_config(path, env={"AWS_DEFAULT_REGION": "ap-south-1"}).s3.region == "ap-south-1"
+    assert load_config(path, env={"AWS_REGION": "eu-west-3",
+                                  "S3PROXY_S3_REGION": "us-west-2"}).s3.region == "us-west-2"
+    path = write(tmp_path, "s3: {bucket: m, region: sa-east-1}\n")
+    assert load_config(path, env={"AWS_REGION": "eu-west-3"}).s3.region == "sa-east-1"
+
+
+def test_contradictory_and_weak_settings_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "s3: {bucket: m}\ncache: {disk: {max_bytes: 1GiB}}\n")
+    line = one_line(s3proxy("check-config", str(path), env={"S3PROXY_JWT_SECRET": PLACEHOLDER}))
+    assert "cache.disk.max_bytes: is set but cache.disk.path is not" in line
+    path = write(tmp_path, "s3: {bucket: m}\n")
+    line = one_line(s3proxy("check-config", str(path), env={"S3PROXY_JWT_SECRET": "short"}))
+    assert "an HMAC secret needs at least 32 bytes, this one has 5" in line
+
+
+def test_token_and_warm_need_no_bucket(tmp_path: Path) -> None:
+    path = write(tmp_path, "admin: {port: 1}\n")
+    token = s3proxy("token", "--config", str(path), "--asset", "x",
+                    env={"S3PROXY_JWT_SECRET": PLACEHOLDER})
+    assert token.returncode == 0 and token.stdout.count(".") == 2, token.stderr
+    warm = s3proxy("warm", "x.mp4", "--config", str(path))
+    assert warm.returncode == 1 and "no proxy answering" in warm.stderr, warm.stderr
+
+
+def test_output_into_a_pipe_that_closes_early_is_quiet(tmp_path: Path) -> None:
+    path = write(tmp_path, "s3: {bucket: m}\n")
+    result = subprocess.run(
+        f"{sys.executable} -m s3proxy check-config {path} | true", shell=True,
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "S3PROXY_JWT_SECRET": PLACEHOLDER})  # `true` reads nothing
+    assert result.stderr == "", result.stderr
