@@ -15,6 +15,7 @@ import yaml
 from . import __version__
 from .auth import load_verification_keys, mint_token
 from .config import Config, ConfigError, config_as_dict, load_config
+from .errors import StartupError
 from .logs import configure_logging
 
 EXIT_USAGE = 2
@@ -203,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         sys.stdout.flush()
     except ConfigError as exc:
+        return _fail(str(exc))
+    except StartupError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 130

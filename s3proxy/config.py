@@ -77,7 +77,7 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = field(default=8080, metadata=_PORT)
     workers: int = field(default=1, metadata=_POSITIVE)
-    shutdown_timeout_s: float = field(default=30.0, metadata=_NON_NEGATIVE)
+    shutdown_timeout_s: float = field(default=8.0, metadata=_NON_NEGATIVE)
     max_connections: int = field(default=4096, metadata=_POSITIVE)
 
 
@@ -93,9 +93,11 @@ class S3Config:
     prefix: str = ""
     region: str = "us-east-1"
     endpoint_url: str | None = None
-    connect_timeout_s: float = field(default=3.0, metadata=_POSITIVE)
-    read_timeout_s: float = field(default=10.0, metadata=_POSITIVE)
-    max_attempts: int = field(default=3, metadata=_POSITIVE)
+    # worst case to a first byte: 2 x (0.5 + 1.2) s + botocore's back-off (< 1 s) < 4.5 s,
+    # under the 5 s after which Mist gives up on a source
+    connect_timeout_s: float = field(default=0.5, metadata=_POSITIVE)
+    read_timeout_s: float = field(default=1.2, metadata=_POSITIVE)
+    max_attempts: int = field(default=2, metadata=_POSITIVE)
     max_connections: int = field(default=64, metadata=_POSITIVE)
     probe_key: str | None = None
 

@@ -39,3 +39,7 @@ class UpstreamInvalid(ObjectChanged):
 
 class RangeBeyondEnd(S3ProxyError):
     """A ranged GET started past the end of the object (it is smaller than thought)."""
+
+
+class StartupError(Exception):
+    """The service can not start (a port in use, say): one line for the operator."""

@@ -117,3 +117,6 @@ def set_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
     # botocore at debug level would log signed request headers.
     logging.getLogger("botocore").setLevel(max(logging.INFO, logging.getLogger().level))
+    # "Found credentials in ..." at every start says nothing an operator acts on
+    for name in ("botocore.credentials", "aiobotocore.credentials"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))

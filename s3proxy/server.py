@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import multiprocessing
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
 from .app import RUNNER_OPTIONS, Proxy, create_admin_app, create_app
 from .config import Config, ConfigError, load_config
+from .errors import StartupError
 from .logs import set_level
 from .store.tiers import SHM
 
@@ -50,18 +54,22 @@ async def run(config: Config, *, config_path: str | None = None,
         log.warning("auth.mode is none: every request is served without a token check")
     proxy = Proxy(config, worker=worker, workers=workers, shared_dir=shared_dir)
     shared = workers > 1
+    # aiohttp waits its shutdown timeout for handlers, then again after cancelling them:
+    # the drain below is ours, so the whole stop stays within server.shutdown_timeout_s
     runner = web.AppRunner(create_app(config, proxy), handle_signals=False,
-                           shutdown_timeout=config.server.shutdown_timeout_s, **RUNNER_OPTIONS)
+                           shutdown_timeout=CANCEL_GRACE_S / 2, **RUNNER_OPTIONS)
     admin_runner = web.AppRunner(create_admin_app(proxy), handle_signals=False,
-                                 shutdown_timeout=1.0, **RUNNER_OPTIONS)
+                                 shutdown_timeout=CANCEL_GRACE_S / 2, **RUNNER_OPTIONS)
     await runner.setup()
     try:
         await admin_runner.setup()
-        await web.TCPSite(runner, config.server.host, config.server.port,
-                          backlog=min(config.server.max_connections, 65535),
-                          reuse_port=shared).start()
-        await web.TCPSite(admin_runner, config.admin.host, config.admin.port,
-                          reuse_port=shared).start()
+        main_site = web.TCPSite(runner, config.server.host, config.server.port,
+                                backlog=min(config.server.max_connections, 65535),
+                                reuse_port=shared)
+        await _listen(main_site, "server", config.server.host, config.server.port)
+        await _listen(web.TCPSite(admin_runner, config.admin.host, config.admin.port,
+                                  reuse_port=shared),
+                      "admin", config.admin.host, config.admin.port)
         listening = Listening(_bound(runner), _bound(admin_runner))
         log.info("listening", extra={"fields": {"worker": worker,
             "main": f"{listening.main[0]}:{listening.main[1]}",
@@ -84,11 +92,32 @@ async def run(config: Config, *, config_path: str | None = None,
                  extra={"fields": {"timeout_s": config.server.shutdown_timeout_s}})
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        await _drain(main_site, proxy, config.server.shutdown_timeout_s)
     finally:
         await admin_runner.cleanup()
         await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+CANCEL_GRACE_S = 0.5  # after the drain: what is still running is cancelled within this
+
+
+async def _listen(site: web.TCPSite, what: str, host: str, port: int) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        raise StartupError(f"{what}.host/{what}.port: can not listen on {host}:{port}: "
+                           f"{exc.strerror or exc}") from None
+
+
+async def _drain(site: web.TCPSite, proxy: Proxy, timeout_s: float) -> None:
+    """Stop accepting, then let in-flight responses finish until `timeout_s` (less the
+    time cancelling the rest takes) has passed."""
+    deadline = time.monotonic() + max(0.0, timeout_s - CANCEL_GRACE_S)
+    await site.stop()
+    while proxy.inflight > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
 
 
 async def _stop_when_orphaned(stop: asyncio.Event) -> None:
@@ -178,7 +207,6 @@ def supervise(config: Config, config_path: str | None) -> int:
     """
     import multiprocessing
     import shutil
-    import time
 
     from prometheus_client import multiprocess
 
@@ -190,9 +218,11 @@ def supervise(config: Config, config_path: str | None) -> int:
     shared = shared_tier_dir(config)
     shared_dir = shared[0] if shared is not None else None
 
+    reasons = context.SimpleQueue()  # a worker that can not start says why here
+
     def start(index: int) -> multiprocessing.process.BaseProcess:
         process = context.Process(target=_worker_main, args=(config, config_path, index,
-                                                             workers, shared_dir),
+                                                             workers, shared_dir, reasons),
                                   daemon=False)
         process.start()
         return process
@@ -212,7 +242,7 @@ def supervise(config: Config, config_path: str | None) -> int:
         signal.signal(signum, forward)
     log.info("supervising workers", extra={"fields": {"workers": workers,
                                                       "shared_tier": shared_dir}})
-    failures = 0
+    crashes: list[float] = []  # when workers died, recently
     try:
         while True:
             for index, process in list(processes.items()):
@@ -221,13 +251,21 @@ def supervise(config: Config, config_path: str | None) -> int:
                     continue
                 if process.pid is not None:
                     multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
+                del processes[index]
                 if stopping:
-                    del processes[index]
                     continue
-                failures += 1
+                if process.exitcode == EXIT_STARTUP:
+                    why = reasons.get() if not reasons.empty() else "no reason given"
+                    return _give_up(processes, f"worker {index} could not start: {why}")
+                now = time.monotonic()
+                crashes = [t for t in crashes if now - t < CRASH_WINDOW_S] + [now]
+                if len(crashes) > MAX_CRASHES:
+                    return _give_up(processes, f"workers crashed {len(crashes)} times in "
+                                               f"{CRASH_WINDOW_S:.0f} s")
+                delay = min(MAX_BACKOFF_S, 0.5 * 2 ** (len(crashes) - 1))
                 log.error("worker exited; restarting it", extra={"fields": {
-                    "worker": index, "exitcode": process.exitcode}})
-                time.sleep(min(5.0, 0.2 * failures))
+                    "worker": index, "exitcode": process.exitcode, "after_s": delay}})
+                time.sleep(delay)
                 processes[index] = start(index)
             if stopping and not processes:
                 return 0
@@ -237,12 +275,33 @@ def supervise(config: Config, config_path: str | None) -> int:
             os.close(shared[1])
 
 
+EXIT_STARTUP = 2
+MAX_CRASHES = 5  # in CRASH_WINDOW_S: then the supervisor gives up (exit 1)
+CRASH_WINDOW_S = 60.0
+MAX_BACKOFF_S = 10.0
+
+
+def _give_up(processes: dict[int, multiprocessing.process.BaseProcess], why: str) -> int:
+    log.error(f"giving up: {why}")
+    for process in processes.values():
+        if process.pid is not None and process.is_alive():
+            os.kill(process.pid, signal.SIGTERM)
+    for process in processes.values():
+        process.join(timeout=30)
+    return 1
+
+
 def _worker_main(config: Config, config_path: str | None, index: int, workers: int,
-                 shared_dir: str | None) -> None:
+                 shared_dir: str | None, reasons: Any) -> None:
     from .logs import configure_logging
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
     configure_logging(config.log.level, config.log.format)
-    os._exit(asyncio.run(run(config, config_path=config_path, worker=index,
-                             workers=workers, shared_dir=shared_dir)))
+    try:
+        code = asyncio.run(run(config, config_path=config_path, worker=index,
+                               workers=workers, shared_dir=shared_dir))
+    except StartupError as exc:
+        reasons.put(str(exc))  # the supervisor says it, once
+        code = EXIT_STARTUP
+    os._exit(code)
