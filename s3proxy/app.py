@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import secrets
 import time
@@ -19,7 +20,7 @@ from aiohttp import web
 
 from .assets import InvalidAssetName, content_type_for, looks_like_dtsh, validate_asset_name
 from .auth import SIDECAR_SUFFIX, AuthFailure, Grant, TokenVerifier
-from .config import Config
+from .config import Config, admin_secret
 from .errors import AssetNotFound, ObjectChanged, S3ProxyError, UpstreamTimeout
 from .logs import ACCESS_LOGGER
 from .metrics import Metrics
@@ -75,6 +76,7 @@ class Proxy:
         # per client connection: what it has read (a reader is sequential by its own reads)
         self._histories: weakref.WeakKeyDictionary[object, ReadHistory] = (
             weakref.WeakKeyDictionary())
+        self.admin_secret = admin_secret(config)  # ConfigError if beyond loopback without
         self.probe_error: str | None = "no probe answered yet"
         self.probe_ok_at: float | None = None  # monotonic time of the last good probe
         self.inflight = 0
@@ -454,6 +456,13 @@ async def handle_warm(request: web.Request) -> web.Response:
     """POST /warm/{asset}: metadata, sidecar and the first cache.warm_bytes into the cache,
     so the first viewer's start-up reads are hits."""
     proxy = request.app[PROXY]
+    if proxy.admin_secret is not None:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode("utf-8", "surrogateescape"),
+                proxy.admin_secret.encode("utf-8")):
+            return web.json_response({"error": "admin token required"}, status=401,
+                                     headers={"WWW-Authenticate": 'Bearer realm="s3proxy-admin"'})
     try:
         asset = validate_asset_name(request.match_info["asset"])
     except InvalidAssetName as exc:

@@ -14,7 +14,7 @@ import yaml
 
 from . import __version__
 from .auth import load_verification_keys, mint_token
-from .config import Config, ConfigError, config_as_dict, load_config
+from .config import Config, ConfigError, admin_secret, config_as_dict, load_config
 from .errors import StartupError
 from .logs import configure_logging
 
@@ -51,6 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(path)
     if config.auth.mode == "jwt":
         load_verification_keys(config.auth, config.source)  # fail here, once, not per worker
+    admin_secret(config)
     if config.server.workers > 1:
         return _supervise(config, path)
     from .server import run
@@ -118,7 +119,9 @@ def cmd_warm(args: argparse.Namespace) -> int:
     config = _load(args.config, require_bucket=False)  # the proxy knows its bucket
     host = "127.0.0.1" if config.admin.host in ("0.0.0.0", "::", "") else config.admin.host
     url = f"http://{host}:{config.admin.port}/warm/{urllib.parse.quote(args.name)}"
-    request = urllib.request.Request(url, method="POST")
+    secret = admin_secret(config)
+    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+    request = urllib.request.Request(url, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=args.timeout) as response:
             print(json.dumps(json.loads(response.read()), indent=2))
@@ -140,6 +143,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     if config.auth.mode == "jwt":
         load_verification_keys(config.auth, config.source)
+    admin_secret(config)
     print(f"# {config.source}: OK")
     print(yaml.safe_dump(config_as_dict(config), sort_keys=False), end="")
     return 0

@@ -8,6 +8,7 @@ place. A problem raises ConfigError naming the source, the key and what is wrong
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import types
@@ -85,6 +86,7 @@ class ServerConfig:
 class AdminConfig:
     host: str = "127.0.0.1"
     port: int = field(default=9101, metadata=_PORT)
+    token_env: str | None = None  # env var holding the bearer secret for POST /warm
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,8 @@ def _refuse_unknown_env(config: Config, env: Mapping[str, str]) -> None:
     YAML key does (a misspelt override is never ignored silently). Variables that hold
     secrets by name (`secret_env`, `token_env`) and `S3PROXY_CONFIG` are not overrides."""
     referenced = {k.secret_env for k in config.auth.keys if k.secret_env}
-    referenced |= {getattr(config.admin, "token_env", None)} - {None}  # type: ignore[arg-type]
+    if config.admin.token_env:
+        referenced.add(config.admin.token_env)
     known = _known_env(Config, "")
     for name in env:
         if not name.startswith(ENV_PREFIX) or name in known or name in referenced:
@@ -273,6 +276,37 @@ def _refuse_unknown_env(config: Config, env: Mapping[str, str]) -> None:
             close = sorted(k for k in known if k.startswith(name.rsplit("_", 1)[0]))[:5]
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(name, "(environment)", f"names no configuration key{hint}")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def admin_secret(config: Config, env: Mapping[str, str] | None = None) -> str | None:
+    """The bearer secret POST /warm requires (None: none required, admin on loopback).
+    An admin listener beyond loopback without one is refused: anyone who reaches it
+    could make S3 traffic."""
+    env = os.environ if env is None else env
+    admin = config.admin
+    if admin.token_env:
+        secret = env.get(admin.token_env, "")
+        if len(secret) < MIN_ADMIN_SECRET_CHARS:
+            raise ConfigError(config.source, "admin.token_env",
+                              f"environment variable {admin.token_env} must hold a secret "
+                              f"of at least {MIN_ADMIN_SECRET_CHARS} characters")
+        return secret
+    if not is_loopback(admin.host):
+        raise ConfigError(config.source, "admin.token_env",
+                          f"is required when admin.host ({admin.host}) is not loopback")
+    return None
+
+
+MIN_ADMIN_SECRET_CHARS = 16
 
 
 def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:

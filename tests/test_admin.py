@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
+import pytest
+
+from s3proxy.config import ConfigError, admin_secret
+
 from .conftest import Emulator, RunningProxy, StartProxy, make_config, make_token, put_object
 from .test_http import fetch
 from .test_upstream import closed_port
@@ -82,3 +87,30 @@ async def test_metrics_expose_the_documented_names_without_tokens_or_assets(
     assert "s3proxy_upstream_bytes_total 5000.0" in text  # the whole (only) block
     assert "s3proxy_response_bytes_total 100.0" in text
     assert "secret-title" not in text and token.split(".")[2] not in text
+
+
+async def test_warm_needs_the_admin_secret_when_one_is_configured(
+        emulator: Emulator, bucket: str, start_proxy: StartProxy,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    put_object(emulator, bucket, "w.mp4", b"w" * 1000)
+    monkeypatch.setenv("S3PROXY_TEST_ADMIN_TOKEN", "admin-placeholder-0123456789")
+    running = await start_proxy(admin={"token_env": "S3PROXY_TEST_ADMIN_TOKEN"})
+    async with aiohttp.ClientSession() as session:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}):
+            async with session.post(running.admin_url("/warm/w.mp4"), headers=headers) as r:
+                assert r.status == 401
+        async with session.post(running.admin_url("/warm/w.mp4"), headers={
+                "Authorization": "Bearer admin-placeholder-0123456789"}) as response:
+            assert response.status == 200
+        async with session.get(running.admin_url("/metrics")) as response:
+            assert response.status == 200, "metrics stay open"
+    assert len([r for r in emulator.object_requests(bucket) if r.method == "GET"]) == 1
+
+
+def test_an_admin_listener_beyond_loopback_needs_a_secret(
+        emulator: Emulator, bucket: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        admin_secret(make_config(emulator.endpoint_url, bucket, admin={"host": "0.0.0.0"}))
+    assert refused.value.key == "admin.token_env"
+    assert admin_secret(make_config(emulator.endpoint_url, bucket,
+                                    admin={"host": "::1"})) is None
