@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import secrets
 import time
 import weakref
@@ -35,7 +36,7 @@ from .ranges import (
     parse_range_header,
     ranges_to_serve,
 )
-from .store import ObjectStore, ReadHistory
+from .store import ObjectStore, ReadHistory, ReadStats
 from .upstream import ObjectMeta, S3Upstream
 
 log = logging.getLogger("s3proxy.app")
@@ -80,6 +81,7 @@ class Proxy:
         self.probe_error: str | None = "no probe answered yet"
         self.probe_ok_at: float | None = None  # monotonic time of the last good probe
         self.inflight = 0
+        self.worker = worker
 
     async def start(self) -> None:
         await self.upstream.start()
@@ -96,6 +98,7 @@ class Proxy:
             self.probe_error, self.probe_ok_at = str(exc), None
         else:
             self.probe_error, self.probe_ok_at = None, time.monotonic()
+        self.metrics.ready.set(1 if self.readiness() is None else 0)
 
     async def probe_forever(self) -> None:
         while True:
@@ -201,7 +204,7 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
     if request.method not in ("GET", "HEAD"):
         return refuse_method(request)
     asset, token = _target(request, proxy.config.auth.query_param)
-    _authorize(proxy, asset, token)
+    request[GRANT] = _authorize(proxy, asset, token)
     # A GET of a closed range tells the store which block to fetch while it learns the
     # metadata (one S3 round trip for a cold asset instead of two). Open-ended ranges
     # (Mist, after its HEAD) go through the probe of a cold seek instead; a conditional
@@ -212,7 +215,7 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
     first_block = offset // proxy.store.block_size if offset is not None else None
     # A version that changes between the look-up and the first GET is looked up again.
     for attempt in (1, 2):
-        meta = await _stat(proxy, asset, first_block)
+        meta = await _stat(proxy, asset, first_block, _stats(request))
         try:
             return await _answer(proxy, request, asset, meta)
         except ObjectChanged:
@@ -221,9 +224,10 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
     raise AssertionError("unreachable")
 
 
-async def _stat(proxy: Proxy, asset: str, first_block: int | None = None) -> ObjectMeta:
+async def _stat(proxy: Proxy, asset: str, first_block: int | None = None,
+                stats: ReadStats | None = None) -> ObjectMeta:
     try:
-        return await proxy.store.stat(asset, first_block)
+        return await proxy.store.stat(asset, first_block, stats)
     except S3ProxyError as exc:
         raise MediaError(_status_for(exc), str(exc)) from None
 
@@ -289,8 +293,10 @@ async def _stream(request: web.Request, proxy: Proxy, meta: ObjectMeta, status: 
     response = web.StreamResponse(status=status, headers=headers)
     response.content_length = max(0, byte_range.length)
     async with aclosing(proxy.store.open(meta, byte_range.start, byte_range.end,
-                                         history=proxy.history(request))) as chunks:
+                                         history=proxy.history(request),
+                                         stats=_stats(request))) as chunks:
         first = await _first_chunk(chunks)
+        request[FIRST_BYTE_AT] = time.perf_counter()
         await _begin(request, response)
         if await _pump(request, response, first, chunks):
             await response.write_eof()
@@ -307,9 +313,11 @@ async def _stream_multipart(request: web.Request, proxy: Proxy, meta: ObjectMeta
     response.content_length = layout.content_length
     for index, part in enumerate(layout.parts):
         async with aclosing(proxy.store.open(meta, part.range.start, part.range.end,
-                                             history=proxy.history(request))) as chunks:
+                                             history=proxy.history(request),
+                                             stats=_stats(request))) as chunks:
             first = await _first_chunk(chunks) if index == 0 else b""
             if index == 0:
+                request[FIRST_BYTE_AT] = time.perf_counter()
                 await _begin(request, response)
             if not await _pump(request, response, part.header + first, chunks):
                 return response
@@ -319,6 +327,32 @@ async def _stream_multipart(request: web.Request, proxy: Proxy, meta: ObjectMeta
 
 
 BODY_BYTES = web.RequestKey("body_bytes", int)  # body bytes written so far
+STATS = web.RequestKey("stats", ReadStats)  # what the request's reads cost
+GRANT = web.RequestKey("grant", Grant)  # the verified token's grant
+REQUEST_ID = web.RequestKey("request_id", str)
+FIRST_BYTE_AT = web.RequestKey("first_byte_at", float)  # perf_counter() of the first byte
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def _stats(request: web.Request) -> ReadStats:
+    stats = request.get(STATS)
+    if stats is None:
+        stats = request[STATS] = ReadStats()
+    return stats
+
+
+def request_id(request: web.Request) -> str:
+    """The client's `X-Request-ID` when it is a sane one, else a new one; echoed back."""
+    given = request.get(REQUEST_ID)
+    if given is None:
+        header = request.headers.get("X-Request-ID", "")
+        given = header if _REQUEST_ID_RE.fullmatch(header) else secrets.token_hex(8)
+        request[REQUEST_ID] = given
+    return given
+
+
+async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["X-Request-ID"] = request_id(request)
 STATUS_SENT = web.RequestKey("status_sent", int)  # the status line that went out
 
 
@@ -502,12 +536,24 @@ def _record(request: web.Request, status: int, sent: int, started: float,
     proxy.metrics.requests.labels(method=request.method, status=str(status)).inc()
     proxy.metrics.request_duration.labels(method=request.method).observe(elapsed)
     proxy.metrics.response_bytes.inc(sent)
-    fields = {
+    fields: dict[str, object] = {
         "method": request.method, "path": _log_path(request), "status": status,
         "bytes": sent, "duration_ms": round(elapsed * 1000, 2),
         "remote": request.remote, "range": request.headers.get("Range"),
         "user_agent": request.headers.get("User-Agent"),
+        "request_id": request_id(request), "worker": proxy.worker,
     }
+    stats = request.get(STATS)
+    if stats is not None:
+        fields["cache"] = stats.outcome
+        fields["upstream_ms"] = round(stats.upstream_s * 1000, 2)
+        first_at = request.get(FIRST_BYTE_AT)
+        if stats.first_source is not None and first_at is not None:
+            proxy.metrics.time_to_first_byte.labels(source=stats.first_source).observe(
+                first_at - started)
+    grant = request.get(GRANT)
+    if grant is not None:
+        fields["sub"], fields["jti"] = grant.subject, grant.token_id
     if reason:
         fields["error"] = reason
     access_log.info("request", extra={"fields": fields})
@@ -591,6 +637,7 @@ def create_app(config: Config, proxy: Proxy | None = None) -> web.Application:
     proxy = proxy or Proxy(config)
     app = web.Application(middlewares=[observe], handler_args={"max_field_size": 16384})
     app[PROXY] = proxy
+    app.on_response_prepare.append(_echo_request_id)
     _add_media_routes(app)
     app.router.add_get("/healthz", handle_healthz)
 

@@ -7,11 +7,24 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from . import __version__
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_FIRST_BYTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                       2.5, 5, 10)
 
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -71,6 +84,19 @@ class Metrics:
             "s3proxy_cache_disk_writes_dropped_total",
             "Blocks not written to the file tier because too many writes were pending",
             registry=r)
+        self.time_to_first_byte = Histogram(
+            "s3proxy_time_to_first_byte_seconds",
+            "From a request to its first body byte, by where that byte came from",
+            ["source"], buckets=_FIRST_BYTE_BUCKETS, registry=r)
+        self.ready = Gauge("s3proxy_ready", "1 while the upstream answered a probe recently",
+                           registry=r, multiprocess_mode="livemin")
+        self.build_info = Gauge("s3proxy_build_info", "The running version (always 1)",
+                                ["version"], registry=r, multiprocess_mode="max")
+        self.build_info.labels(version=__version__).set(1)
+        for source in ("memory", "disk", "upstream"):
+            self.time_to_first_byte.labels(source=source)
+        if not os.environ.get(MULTIPROC_ENV):  # else added at each scrape (see exposition)
+            _add_process_collectors(r)
         for tier in ("memory", "disk", "shared"):
             for family in (self.cache_hits, self.cache_misses, self.cache_evictions,
                            self.cache_bytes, self.cache_max_bytes):
@@ -87,5 +113,13 @@ class Metrics:
         if os.environ.get(MULTIPROC_ENV):
             registry = CollectorRegistry()
             MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            _add_process_collectors(registry)  # of the worker that answers the scrape
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+def _add_process_collectors(registry: CollectorRegistry) -> None:
+    """prometheus-client's process_* and python_* families (CPU, memory, fds, GC)."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)

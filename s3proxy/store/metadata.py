@@ -13,12 +13,14 @@ import asyncio
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cachetools import LRUCache
 
 from ..errors import AssetNotFound
 from ..upstream import ObjectMeta
+
+T = TypeVar("T")
 
 MAX_ENTRIES = 65536
 ENTRY_OVERHEAD = 512  # bytes counted per entry besides its key: entries x this <= bound
@@ -40,7 +42,7 @@ class MetadataCache:
         self._clock = clock
         self._entries: LRUCache[str, _Entry] = LRUCache(maxsize=MAX_BYTES,
                                                         getsizeof=lambda e: e.cost)
-        self._lookups: dict[str, asyncio.Task[ObjectMeta]] = {}
+        self._lookups: dict[str, asyncio.Task[Any]] = {}
 
     def fresh(self, key: str) -> ObjectMeta | None:
         """The current version if known and fresh; raises AssetNotFound if the key was
@@ -91,17 +93,17 @@ class MetadataCache:
         self._entries[key] = _Entry(meta, self._clock() + self._ttl,
                                     ENTRY_OVERHEAD + len(key))
 
-    async def shared(self, key: str,
-                     look_up: Callable[[], Coroutine[Any, Any, ObjectMeta]]) -> ObjectMeta:
+    async def shared(self, key: str, look_up: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """The first asker runs `look_up`; concurrent askers of the key wait for it."""
         task = self._lookups.get(key)
         if task is None:
             task = asyncio.ensure_future(look_up())
             self._lookups[key] = task
             task.add_done_callback(lambda done: self._done(key, done))
-        return await asyncio.shield(task)
+        result: T = await asyncio.shield(task)
+        return result
 
-    def _done(self, key: str, task: asyncio.Task[ObjectMeta]) -> None:
+    def _done(self, key: str, task: asyncio.Task[Any]) -> None:
         if self._lookups.get(key) is task:
             del self._lookups[key]
         if not task.cancelled():

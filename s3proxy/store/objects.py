@@ -10,6 +10,7 @@ does next). The one place that handles "that version is gone" is `_version_gone`
 from __future__ import annotations
 
 import asyncio
+import time
 import weakref
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -22,7 +23,7 @@ from ..upstream import Answer, NotModified, ObjectMeta, S3Upstream
 from .blocks import Block, BlockKey, block_bounds, last_block
 from .fetch import Fetch, FetchTable, checked
 from .metadata import MetadataCache
-from .reads import ReadHistory, Reads
+from .reads import ReadHistory, Reads, ReadStats
 from .tiers import build_tiers
 
 
@@ -57,7 +58,8 @@ class ObjectStore:
 
     # --- metadata ---------------------------------------------------------------
 
-    async def stat(self, asset: str, first_block: int | None = None) -> ObjectMeta:
+    async def stat(self, asset: str, first_block: int | None = None,
+                   stats: ReadStats | None = None) -> ObjectMeta:
         """Size, ETag, Last-Modified and type of the asset's current version.
 
         `first_block`: the block a GET will start with. When the metadata is not fresh
@@ -66,22 +68,33 @@ class ObjectStore:
         the ETag last seen in If-None-Match: a 304 keeps every cached block.
         """
         key = object_key(self._prefix, asset)
-        meta = self.meta.fresh(key)
-        if meta is not None:
-            return meta
-        return await self.meta.shared(key, lambda: self._look_up(key, first_block))
+        fresh = self.meta.fresh(key)
+        if fresh is not None:
+            return fresh
+        asked = time.monotonic()
+        try:
+            meta, revalidated = await self.meta.shared(
+                key, lambda: self._look_up(key, first_block))
+        finally:
+            if stats is not None:
+                stats.upstream_s += time.monotonic() - asked
+        if stats is not None:
+            stats.revalidated = revalidated
+        return meta
 
-    async def _look_up(self, key: str, first_block: int | None) -> ObjectMeta:
+    async def _look_up(self, key: str, first_block: int | None) -> tuple[ObjectMeta, bool]:
+        """The current version, and whether S3 confirmed the one known (revalidated)."""
         known = self.meta.known(key) or await self.tiers.known_version(key)
         if first_block is None or known is not None and await self._held(known, first_block):
-            return await self._head(key, known)  # If-None-Match: a 304 keeps the blocks
+            meta = await self._head(key, known)  # If-None-Match: a 304 keeps the blocks
+            return meta, meta is known
         if known is not None:
             current = await self._confirm(known, first_block)
             if current is not None:
-                return current
+                return current, True
             known = None  # gone (412): the GET below tells the new version
-        meta = await self._discover(key, first_block)
-        return meta if meta is not None else await self._head(key, known)
+        found = await self._discover(key, first_block)
+        return (found, False) if found is not None else (await self._head(key, known), False)
 
     async def _confirm(self, known: ObjectMeta, index: int) -> ObjectMeta | None:
         """The block the read needs, fetched from the version last seen (If-Match), in the
@@ -190,16 +203,17 @@ class ObjectStore:
     # --- bytes ------------------------------------------------------------------
 
     def open(self, meta: ObjectMeta, start: int, end: int, *,
-             history: ReadHistory | None = None, probe: bool = True
-             ) -> AsyncGenerator[Block | memoryview, None]:
+             history: ReadHistory | None = None, probe: bool = True,
+             stats: ReadStats | None = None) -> AsyncGenerator[Block | memoryview, None]:
         """Bytes start..end (inclusive) of exactly the version `meta` describes.
 
         Raises ObjectChanged (before or during the stream) when that version is gone.
         Close the generator to stop: fetches nobody else reads stop with it.
         `history`: the client connection's reads (sequential detection).
         `probe=False` (warm-up) always goes through whole, cached blocks.
+        `stats`: what the read cost (first byte's source, blocks, time on S3).
         """
-        return self.reads.open(meta, start, end, history=history, probe=probe)
+        return self.reads.open(meta, start, end, history=history, probe=probe, stats=stats)
 
     @property
     def seek_grace_s(self) -> float:

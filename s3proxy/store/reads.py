@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Protocol
 
 from cachetools import LRUCache
@@ -56,6 +57,34 @@ class ReadHistory:
         self._last.move_to_end(version)
         while len(self._last) > self.SIZE:
             self._last.popitem(last=False)
+
+
+@dataclass
+class ReadStats:
+    """What one request's reads cost, for its access line and metrics."""
+
+    first_source: str | None = None  # where its first byte came from: memory, disk, upstream
+    blocks_cached: int = 0           # blocks (or parts) served from a tier
+    blocks_upstream: int = 0         # ... from S3 (a fetch or a probe)
+    upstream_s: float = 0.0          # time spent waiting on S3 (look-ups and bytes)
+    revalidated: bool = False        # the metadata was confirmed by S3 (304 or If-Match)
+
+    def took(self, source: str) -> None:
+        if self.first_source is None:
+            self.first_source = source
+        if source == "upstream":
+            self.blocks_upstream += 1
+        else:
+            self.blocks_cached += 1
+
+    @property
+    def outcome(self) -> str | None:
+        """`hit`, `miss`, `partial` or `revalidated` (None: no block was read)."""
+        if not self.blocks_cached and not self.blocks_upstream:
+            return None
+        if self.blocks_upstream:
+            return "partial" if self.blocks_cached else "miss"
+        return "revalidated" if self.revalidated else "hit"
 
 
 class _Progress:
@@ -98,11 +127,13 @@ class Reads:
             self._readahead_inflight -= 1
 
     async def open(self, meta: ObjectMeta, start: int, end: int, *,
-                   history: ReadHistory | None = None, probe: bool = True
+                   history: ReadHistory | None = None, probe: bool = True,
+                   stats: ReadStats | None = None
                    ) -> AsyncGenerator[Block | memoryview, None]:
         """See `ObjectStore.open`."""
         if end < start:
             return
+        stats = stats if stats is not None else ReadStats()
         bs = self.block_size
         version: Version = (self.bucket, meta.key, meta.etag)
         last_needed = end // bs
@@ -121,7 +152,7 @@ class Reads:
                 first_byte, last_byte = block_bounds(index, bs, meta.size)
                 lo, hi = max(start, first_byte) - first_byte, min(end, last_byte) - first_byte
                 key = BlockKey(self.bucket, meta.key, meta.etag, index)
-                data = await self.tiers.get(key)
+                data, source = await self.tiers.lookup(key)
                 sequential = plan.is_sequential(index, start // bs, previous)
                 # blocks a peer keeps on disk are not fetched again (a stat, in a thread)
                 state_of = self._state_of(meta, await self.tiers.peer_held(
@@ -143,8 +174,9 @@ class Reads:
                     step = plan.next_step(reader, state, state_of,
                                           self._config.readahead_blocks, last_needed)
                     if isinstance(step, plan.Probe):
+                        stats.took("upstream")
                         async with aclosing(self._probe(meta, key, lo, step.stop)) as chunks:
-                            async for chunk in chunks:
+                            async for chunk in _timed(chunks, stats):
                                 progress.sent()
                                 yield chunk
                         lo, probed_here = step.stop + 1, True
@@ -160,6 +192,7 @@ class Reads:
                         history.read(version, index)
                     if isinstance(step, plan.Serve):
                         assert data is not None
+                        stats.took(source if source != "upstream" else "memory")  # landed since
                         if plan.wants_readahead(reader):
                             self._read_ahead(meta, index + 1, state_of)
                         progress.sent()
@@ -172,8 +205,9 @@ class Reads:
                         attached.append(fetch)
                     if plan.wants_readahead(reader):  # after its own fetch has its blocks
                         self._read_ahead(meta, index + 1, state_of)
+                    stats.took("upstream")
                     async with aclosing(fetch.read(index, lo, hi)) as pieces:
-                        async for piece in pieces:
+                        async for piece in _timed(pieces, stats):
                             progress.sent()
                             yield piece
                     break
@@ -233,3 +267,17 @@ class Reads:
             if fetch.start_in(self.fetches):
                 self._readahead_inflight += 1
                 self._metrics.readahead_blocks.inc(last - first + 1)
+
+
+async def _timed(pieces: AsyncGenerator[memoryview, None], stats: ReadStats
+                 ) -> AsyncGenerator[memoryview, None]:
+    """The pieces, adding the time spent waiting for each (on S3) to `stats`."""
+    while True:
+        asked = time.monotonic()
+        try:
+            piece = await anext(pieces)
+        except StopAsyncIteration:
+            return
+        finally:
+            stats.upstream_s += time.monotonic() - asked
+        yield piece

@@ -88,23 +88,27 @@ class Tiers:
                                       or files.inline and files.peer_holds(key))
 
     async def get(self, key: BlockKey) -> Block | None:
-        """The block from memory, else from the file tier (counted per tier), else None."""
+        return (await self.lookup(key))[0]
+
+    async def lookup(self, key: BlockKey) -> tuple[Block | None, str]:
+        """The block from memory, else from the file tier (counted per tier), else None;
+        and where it came from: `memory`, `disk` (any file tier) or `upstream` (None)."""
         data = self.memory.get(key)
         if data is not None:
             self._metrics.cache_hits.labels(tier="memory").inc()
-            return data
+            return data, "memory"
         self._metrics.cache_misses.labels(tier="memory").inc()
         if self.files is None:
-            return None
+            return None, "upstream"
         data = await self.files.get(key)
         if data is None:
             self._metrics.cache_misses.labels(tier=self.files.tier).inc()
-            return None
+            return None, "upstream"
         self._metrics.cache_hits.labels(tier=self.files.tier).inc()
         self._on_file.add(key)
         self.memory.put(key, data)
         self._publish()
-        return data
+        return data, "disk"
 
     def put(self, key: BlockKey, data: Block, meta: ObjectMeta) -> None:
         """A block fetched from upstream."""
