@@ -26,11 +26,16 @@ SECRET_ENV = "S3PROXY_TEST_JWT_SECRET"
 SECRET = "test-only-placeholder-secret-" + "0123456789abcdef" * 3
 
 
+PACKAGES = {"ffmpeg": "ffmpeg", "ffprobe": "ffmpeg", "promtool": "prometheus",
+            "prometheus": "prometheus"}
+
+
 def require_tool(name: str) -> str:
     """The tool's path; skip locally when it is missing, fail in CI."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (Debian: apt-get install ffmpeg)"
+        package = PACKAGES.get(name, name)
+        message = f"{name} is not installed (Debian: apt-get install {package})"
         if IN_CI:
             pytest.fail(f"CI=true and {message}")
         pytest.skip(message)
