@@ -81,7 +81,7 @@ def _supervise(config: Config, path: str | None) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(host=args.host, port=args.port, ttl_s=args.ttl)
+    return run_demo(host=args.host, port=args.port, ttl_s=args.ttl, admin_port=args.admin_port)
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     demo.add_argument("--port", type=int, default=8080,
                       help="listen port (default 8080, or a free one if taken; 0: any)")
+    demo.add_argument("--admin-port", type=int, default=9101,
+                      help="admin listener port, /metrics (default 9101; 0 or taken: a free one)")
     demo.add_argument("--ttl", type=parse_duration, default=3600,
                       help="lifetime of the printed token (default 1h)")
     demo.set_defaults(func=cmd_demo)

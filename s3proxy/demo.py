@@ -49,13 +49,13 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def demo_config(endpoint_url: str, host: str, port: int) -> Config:
+def demo_config(endpoint_url: str, host: str, port: int, admin_port: int = 0) -> Config:
     return config_from_dict({
         "server": {"host": host, "port": port, "shutdown_timeout_s": 5},
-        "admin": {"host": "127.0.0.1", "port": 0},
+        "admin": {"host": "127.0.0.1", "port": admin_port},
         "s3": {"bucket": BUCKET, "endpoint_url": endpoint_url, "max_attempts": 2},
         "auth": {"algorithms": ["HS256"], "keys": [{"kid": "demo", "secret_env": SECRET_ENV}]},
-        "log": {"level": "warning", "format": "text"},
+        "log": {"level": "info", "format": "text"},
     }, source="<demo>")
 
 
@@ -90,7 +90,8 @@ def _announce(config: Config, size: int, ttl_s: int, listening: Listening) -> No
           f"Press Ctrl-C to stop.", flush=True)
 
 
-def run_demo(host: str = "127.0.0.1", port: int = 8080, ttl_s: int = 3600) -> int:
+def run_demo(host: str = "127.0.0.1", port: int = 8080, ttl_s: int = 3600,
+             admin_port: int = 9101) -> int:
     try:
         from moto.server import ThreadedMotoServer
     except ImportError:
@@ -99,6 +100,10 @@ def run_demo(host: str = "127.0.0.1", port: int = 8080, ttl_s: int = 3600) -> in
     if port and not _port_free(host, port):
         print(f"s3proxy demo: port {port} is taken, using a free one", file=sys.stderr)
         port = 0
+    if admin_port and not _port_free("127.0.0.1", admin_port):
+        print(f"s3proxy demo: admin port {admin_port} is taken, using a free one",
+              file=sys.stderr)
+        admin_port = 0
     # The emulator accepts any credentials; never send the operator's real ones to it.
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
         os.environ.pop(name, None)
@@ -106,13 +111,15 @@ def run_demo(host: str = "127.0.0.1", port: int = 8080, ttl_s: int = 3600) -> in
                        "AWS_SECRET_ACCESS_KEY": "demo-placeholder",
                        "AWS_EC2_METADATA_DISABLED": "true",
                        SECRET_ENV: secrets.token_urlsafe(32)})
-    configure_logging("warning", "text")
+    configure_logging("info", "text")  # one access line per request, tokens redacted
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the emulator's access log
+    logging.getLogger("aiobotocore").setLevel(logging.WARNING)
     emulator = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     emulator.start()
     try:
         emulator_host, emulator_port = emulator.get_host_and_port()
-        config = demo_config(f"http://{emulator_host}:{emulator_port}", host, port)
+        config = demo_config(f"http://{emulator_host}:{emulator_port}", host, port,
+                             admin_port)
 
         async def main() -> int:
             size = await _upload_sample(config)
