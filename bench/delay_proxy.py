@@ -12,8 +12,7 @@ import asyncio
 import time
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                delay_s: float) -> None:
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float) -> None:
     queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
     async def pump_in() -> None:
@@ -41,8 +40,9 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         writer.close()
 
 
-async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                source: asyncio.StreamWriter) -> None:
+async def _copy(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: asyncio.StreamWriter
+) -> None:
     try:
         while data := await reader.read(262144):
             writer.write(data)
@@ -62,8 +62,11 @@ async def main(listen: str, target: str, delay_ms: float) -> None:
         except OSError:
             client_w.close()
             return
-        await asyncio.gather(_pipe(client_r, origin_w, delay_ms / 1000),
-                             _copy(origin_r, client_w, origin_w), return_exceptions=True)
+        await asyncio.gather(
+            _pipe(client_r, origin_w, delay_ms / 1000),
+            _copy(origin_r, client_w, origin_w),
+            return_exceptions=True,
+        )
 
     host, port = listen.rsplit(":", 1)
     server = await asyncio.start_server(handle, host, int(port))

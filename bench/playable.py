@@ -36,16 +36,56 @@ def make_asset(stack: Stack, size_mib: int) -> str:
     then looped (stream copy) to length."""
     seed = stack.work / "seed.mp4"
     if not seed.exists():
-        subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
-                        "testsrc2=size=1280x720:rate=25:duration=10", "-f", "lavfi", "-i",
-                        "sine=duration=10", "-c:v", "libx264", "-preset", "ultrafast",
-                        "-b:v", "40M", "-c:a", "aac", "-movflags", "+faststart", str(seed)],
-                       check=True, timeout=300)
+        subprocess.run(
+            [
+                "ffmpeg",
+                "-v",
+                "error",
+                "-y",
+                "-f",
+                "lavfi",
+                "-i",
+                "testsrc2=size=1280x720:rate=25:duration=10",
+                "-f",
+                "lavfi",
+                "-i",
+                "sine=duration=10",
+                "-c:v",
+                "libx264",
+                "-preset",
+                "ultrafast",
+                "-b:v",
+                "40M",
+                "-c:a",
+                "aac",
+                "-movflags",
+                "+faststart",
+                str(seed),
+            ],
+            check=True,
+            timeout=300,
+        )
     loops = max(1, round(size_mib * MIB / seed.stat().st_size))
     name = f"asset{size_mib}.mp4"
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-stream_loop", str(loops - 1), "-i",
-                    str(seed), "-c", "copy", "-movflags", "+faststart",
-                    str(stack.data / name)], check=True, timeout=1200)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-y",
+            "-stream_loop",
+            str(loops - 1),
+            "-i",
+            str(seed),
+            "-c",
+            "copy",
+            "-movflags",
+            "+faststart",
+            str(stack.data / name),
+        ],
+        check=True,
+        timeout=1200,
+    )
     (stack.data / name).chmod(0o644)
     return name
 
@@ -59,8 +99,9 @@ async def download_whole(url: str) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="50,500,1536", help="MiB, comma separated")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
@@ -69,10 +110,13 @@ def main() -> int:
             print(f"needs {tool}: apt-get install nginx-light ffmpeg", file=sys.stderr)
             return 2
     tmp = Path(tempfile.mkdtemp(prefix="s3proxy-playable-"))
-    lines = ["time to playable, origin 30 ms away (median of "
-             f"{args.runs}): seconds until the Mist-like start-up reads are done"]
-    lines.append(f"  {'asset':>10} {'s3proxy cold':>13} {'s3proxy warm':>13} "
-                 f"{'download first':>15}")
+    lines = [
+        "time to playable, origin 30 ms away (median of "
+        f"{args.runs}): seconds until the Mist-like start-up reads are done"
+    ]
+    lines.append(
+        f"  {'asset':>10} {'s3proxy cold':>13} {'s3proxy warm':>13} {'download first':>15}"
+    )
     stack = Stack(tmp)
     try:
         from run import make_data
@@ -90,14 +134,21 @@ def main() -> int:
                 cold.append(asyncio.run(mp4_start_up("127.0.0.1", proxy.port, source)).seconds)
                 key = link(stack, name, f"warm-{run}-{name}")
                 request = urllib.request.Request(
-                    f"http://127.0.0.1:{proxy.admin}/warm/{key}", method="POST")
+                    f"http://127.0.0.1:{proxy.admin}/warm/{key}", method="POST"
+                )
                 urllib.request.urlopen(request, timeout=120).read()
-                warm.append(asyncio.run(mp4_start_up("127.0.0.1", proxy.port,
-                                                     proxy.path(key))).seconds)
-                whole.append(asyncio.run(download_whole(
-                    f"http://127.0.0.1:{stack.delayed_port}/{BUCKET}/{name}")))
-            lines.append(f"  {actual / MIB:>7.0f} MiB {statistics.median(cold):>12.3f}s "
-                         f"{statistics.median(warm):>12.3f}s {statistics.median(whole):>14.3f}s")
+                warm.append(
+                    asyncio.run(mp4_start_up("127.0.0.1", proxy.port, proxy.path(key))).seconds
+                )
+                whole.append(
+                    asyncio.run(
+                        download_whole(f"http://127.0.0.1:{stack.delayed_port}/{BUCKET}/{name}")
+                    )
+                )
+            lines.append(
+                f"  {actual / MIB:>7.0f} MiB {statistics.median(cold):>12.3f}s "
+                f"{statistics.median(warm):>12.3f}s {statistics.median(whole):>14.3f}s"
+            )
             os.unlink(stack.data / name)
             for path in stack.data.glob(f"*-{name}"):
                 os.unlink(path)

@@ -122,9 +122,18 @@ http {{
 }}""")
         self.spawn(["nginx", "-c", str(conf), "-e", str(self.work / "origin-error.log")])
         wait_port(self.origin_port)
-        self.spawn([sys.executable, str(BENCH / "delay_proxy.py"),
-                    "--listen", f"127.0.0.1:{self.delayed_port}",
-                    "--target", f"127.0.0.1:{self.origin_port}", "--delay-ms", "30"])
+        self.spawn(
+            [
+                sys.executable,
+                str(BENCH / "delay_proxy.py"),
+                "--listen",
+                f"127.0.0.1:{self.delayed_port}",
+                "--target",
+                f"127.0.0.1:{self.origin_port}",
+                "--delay-ms",
+                "30",
+            ]
+        )
         wait_port(self.delayed_port)
 
     def origin_log(self) -> list[tuple[str, str, int, int]]:
@@ -146,28 +155,57 @@ http {{
         port, admin = free_port(), free_port()
         workers = cache.pop("workers", 1)
         config = {
-            "server": {"host": "127.0.0.1", "port": port, "workers": workers,
-                       "shutdown_timeout_s": 2},
+            "server": {
+                "host": "127.0.0.1",
+                "port": port,
+                "workers": workers,
+                "shutdown_timeout_s": 2,
+            },
             "admin": {"host": "127.0.0.1", "port": admin},
-            "s3": {"bucket": BUCKET, "region": "us-east-1",
-                   "endpoint_url": f"http://127.0.0.1:"
-                                   f"{self.delayed_port if delayed else self.origin_port}",
-                   "probe_key": "probe.bin", "max_connections": 256},
+            "s3": {
+                "bucket": BUCKET,
+                "region": "us-east-1",
+                "endpoint_url": f"http://127.0.0.1:"
+                f"{self.delayed_port if delayed else self.origin_port}",
+                "probe_key": "probe.bin",
+                "max_connections": 256,
+            },
             "auth": {"keys": [{"kid": "bench", "secret_env": "S3PROXY_JWT_SECRET"}]},
             "cache": cache,
             "log": {"level": "warning"},
         }
         path = self.work / f"{name}.yaml"
         path.write_text(json.dumps(config))
-        env = {**os.environ, "S3PROXY_JWT_SECRET": SECRET, "AWS_ACCESS_KEY_ID": "bench",
-               "AWS_SECRET_ACCESS_KEY": "bench", "AWS_EC2_METADATA_DISABLED": "true"}
-        process = self.spawn([sys.executable, "-m", "s3proxy", "serve", "--config", str(path)],
-                             env=env)
+        env = {
+            **os.environ,
+            "S3PROXY_JWT_SECRET": SECRET,
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        process = self.spawn(
+            [sys.executable, "-m", "s3proxy", "serve", "--config", str(path)], env=env
+        )
         wait_port(port)
         wait_port(admin)
         token = subprocess.run(
-            [sys.executable, "-m", "s3proxy", "token", "--config", str(path), "--asset", "**",
-             "--ttl", "2h"], env=env, capture_output=True, text=True, check=True).stdout.strip()
+            [
+                sys.executable,
+                "-m",
+                "s3proxy",
+                "token",
+                "--config",
+                str(path),
+                "--asset",
+                "**",
+                "--ttl",
+                "2h",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return Proxy(name, port, f"/t/{token}/", process, admin)
 
     def start_nginx_peer(self, name: str, delayed: bool, workers: int = 2) -> Proxy:
@@ -289,8 +327,9 @@ def link(stack: Stack, source: str, name: str) -> str:
 # --- load generators ------------------------------------------------------------
 
 
-def wrk(url_base: str, path_prefix: str, range_size: int, span: int, seconds: int,
-        connections: int = 16) -> tuple[float, float]:
+def wrk(
+    url_base: str, path_prefix: str, range_size: int, span: int, seconds: int, connections: int = 16
+) -> tuple[float, float]:
     """requests/s and MiB/s for random aligned ranges of `range_size` within `span`."""
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
     count = span // range_size
@@ -302,9 +341,25 @@ request = function()
   return wrk.format("GET", "{path_prefix}", {{["Range"] = "bytes=" .. first .. "-" .. (first + {range_size - 1})}})
 end
 """)
-    out = subprocess.run(["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s",
-                          "--timeout", "10s", "-s", str(script), url_base],
-                         capture_output=True, text=True, timeout=seconds + 60).stdout
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t",
+            "2",
+            "-c",
+            str(connections),
+            "-d",
+            f"{seconds}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            url_base,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    ).stdout
     script.unlink()
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     transfer = re.search(r"Transfer/sec:\s+([\d.]+)(\w+)", out)
@@ -329,8 +384,7 @@ async def read_range(session: aiohttp.ClientSession, url: str, header: str) -> t
 
 async def cold_herd(url: str, clients: int = 50) -> None:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        await asyncio.gather(*(read_range(session, url, "bytes=0-1048575")
-                               for _ in range(clients)))
+        await asyncio.gather(*(read_range(session, url, "bytes=0-1048575") for _ in range(clients)))
 
 
 async def sequential_player(url: str, size: int, step: int = MIB) -> float:
@@ -353,7 +407,7 @@ async def open_ended_readers(url: str, clients: int, seconds: float) -> int:
     """`clients` connections each reading `bytes=0-` as fast as they can, then hanging up."""
     total = 0
     deadline = time.monotonic() + seconds
-    host_port, path = url[len("http://"):].split("/", 1)
+    host_port, path = url[len("http://") :].split("/", 1)
     host, port = host_port.split(":")
 
     async def one() -> None:
@@ -378,7 +432,7 @@ async def mist_like(url: str, size: int, seeks: int = 40, seed: int = 3) -> None
     import random
 
     rng = random.Random(seed)
-    host_port, path = url[len("http://"):].split("/", 1)
+    host_port, path = url[len("http://") :].split("/", 1)
     host, port = host_port.split(":")
 
     async def read_some(reader: asyncio.StreamReader, amount: int) -> None:
@@ -401,8 +455,7 @@ async def mist_like(url: str, size: int, seeks: int = 40, seed: int = 3) -> None
     for _ in range(seeks):
         offset = rng.randrange(0, size - 65536)
         reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(f"GET /{path} HTTP/1.1\r\nHost: x\r\nRange: bytes={offset}-\r\n\r\n"
-                     .encode())
+        writer.write(f"GET /{path} HTTP/1.1\r\nHost: x\r\nRange: bytes={offset}-\r\n\r\n".encode())
         await read_some(reader, rng.choice([16, 4096, 16384]))
         writer.transport.abort()
         await asyncio.sleep(0.05)
@@ -417,23 +470,32 @@ def row(label: str, ours: float, theirs: float | None, unit: str, better: str) -
     return f"  {label:<46} {ours:10.2f} {theirs_text} {unit:<8} {ratio}  ({better})"
 
 
-def case_throughput(stack: Stack, ours: Proxy, peer: Proxy, range_size: int, seconds: int,
-                    label: str) -> list[str]:
+def case_throughput(
+    stack: Stack, ours: Proxy, peer: Proxy, range_size: int, seconds: int, label: str
+) -> list[str]:
     key = link(stack, "asset64.mp4", f"hot-{range_size}.mp4")
     for proxy in (ours, peer):  # warm both caches with the whole asset
         asyncio.run(sequential_player(proxy.url(key), 64 * MIB))
     figures = {}
     for proxy in (ours, peer, ours, peer):  # alternate, keep the better half of each
-        rps, mibs = wrk(f"http://127.0.0.1:{proxy.port}", proxy.path(key), range_size,
-                        64 * MIB, seconds)
+        rps, mibs = wrk(
+            f"http://127.0.0.1:{proxy.port}", proxy.path(key), range_size, 64 * MIB, seconds
+        )
         figures.setdefault(proxy.name, []).append((rps, mibs))
     a = statistics.median(r for r, _ in figures[ours.name])
     b = statistics.median(r for r, _ in figures[peer.name])
     am = statistics.median(m for _, m in figures[ours.name])
     bm = statistics.median(m for _, m in figures[peer.name])
-    return [row(f"({label}) hot, {range_size // 1024} KiB ranges, 16 conn: req/s", a, b,
-                "req/s", "higher is better"),
-            row(f"({label})   MiB/s", am, bm, "MiB/s", "higher is better")]
+    return [
+        row(
+            f"({label}) hot, {range_size // 1024} KiB ranges, 16 conn: req/s",
+            a,
+            b,
+            "req/s",
+            "higher is better",
+        ),
+        row(f"({label})   MiB/s", am, bm, "MiB/s", "higher is better"),
+    ]
 
 
 def case_herd(stack: Stack, ours: Proxy, peer: Proxy) -> list[str]:
@@ -443,8 +505,15 @@ def case_herd(stack: Stack, ours: Proxy, peer: Proxy) -> list[str]:
         asyncio.run(cold_herd(proxy.url(key)))
         time.sleep(0.5)
         gets[proxy.name] = stack.origin_stats(key)[0]
-    return [row("(c) 50 clients, same cold block: upstream GETs", gets[ours.name],
-                gets[peer.name], "GETs", "1 is the target")]
+    return [
+        row(
+            "(c) 50 clients, same cold block: upstream GETs",
+            gets[ours.name],
+            gets[peer.name],
+            "GETs",
+            "1 is the target",
+        )
+    ]
 
 
 def case_player(stack: Stack, ours: Proxy, ours_no_ra: Proxy, peer: Proxy, runs: int) -> list[str]:
@@ -453,11 +522,14 @@ def case_player(stack: Stack, ours: Proxy, ours_no_ra: Proxy, peer: Proxy, runs:
         for proxy in (ours, ours_no_ra, peer):
             key = link(stack, "asset64.mp4", f"player-{proxy.name}-{run}.mp4")
             times.setdefault(proxy.name, []).append(
-                asyncio.run(sequential_player(proxy.url(key), 64 * MIB)))
+                asyncio.run(sequential_player(proxy.url(key), 64 * MIB))
+            )
     a, b, c = (statistics.median(times[p.name]) for p in (ours, ours_no_ra, peer))
-    return [row("(d) 64 MiB in 1 MiB ranges, 30 ms origin: s3proxy", a, c, "s", "lower"),
-            row("(d)   s3proxy without read-ahead", b, c, "s", "lower"),
-            f"  {'(d)   speed-up over nginx with read-ahead':<46} {c / a:10.2f}x"]
+    return [
+        row("(d) 64 MiB in 1 MiB ranges, 30 ms origin: s3proxy", a, c, "s", "lower"),
+        row("(d)   s3proxy without read-ahead", b, c, "s", "lower"),
+        f"  {'(d)   speed-up over nginx with read-ahead':<46} {c / a:10.2f}x",
+    ]
 
 
 def case_ttfb(stack: Stack, ours: Proxy, peer: Proxy, samples: int) -> list[str]:
@@ -469,16 +541,25 @@ def case_ttfb(stack: Stack, ours: Proxy, peer: Proxy, samples: int) -> list[str]
         key2 = link(stack, "asset64.mp4", f"ttfb-peer-{i}.mp4")
         via_peer.append(asyncio.run(ttfb(peer.url(key2))))
     d, t, p = (statistics.median(x) * 1000 for x in (direct, through, via_peer))
-    return [row("(e) cold first range TTFB, added over origin", t - d, p - d, "ms",
-                f"target < 2 ms; origin alone {d:.2f} ms")]
+    return [
+        row(
+            "(e) cold first range TTFB, added over origin",
+            t - d,
+            p - d,
+            "ms",
+            f"target < 2 ms; origin alone {d:.2f} ms",
+        )
+    ]
 
 
 def case_rss(stack: Stack, ours: Proxy, seconds: float) -> list[str]:
     key = link(stack, "big1g.mp4", "rss-big.mp4")
     total = asyncio.run(open_ended_readers(ours.url(key), 200, seconds))
     peak = ours.rss_peak_mib()
-    return [f"  {'(f) 200 x bytes=0- of 1 GiB, 64 MiB cache: peak RSS':<46} {peak:10.1f} MiB"
-            f"   (target < 64 + 150 MiB; {total / MIB:.0f} MiB served)"]
+    return [
+        f"  {'(f) 200 x bytes=0- of 1 GiB, 64 MiB cache: peak RSS':<46} {peak:10.1f} MiB"
+        f"   (target < 64 + 150 MiB; {total / MIB:.0f} MiB served)"
+    ]
 
 
 def case_egress(stack: Stack, ours: Proxy, peer: Proxy, size: int) -> list[str]:
@@ -496,9 +577,16 @@ def case_egress(stack: Stack, ours: Proxy, peer: Proxy, size: int) -> list[str]:
             sent = sum(int(line.split()[3]) for line in log if f"/{key}" in line)
         results[proxy.name] = (upstream / sent if sent else float("inf"), upstream, sent)
     (a, ua, sa), (b, ub, sb) = results[ours.name], results[peer.name]
-    return [row("(g) Mist-like reader, cold 1 GiB, 30 ms: upstream/sent", a, b, "ratio",
-                f"target < 1.5; s3proxy {ua / MIB:.1f}/{sa / MIB:.1f} MiB, "
-                f"nginx {ub / MIB:.1f}/{sb / MIB:.1f} MiB")]
+    return [
+        row(
+            "(g) Mist-like reader, cold 1 GiB, 30 ms: upstream/sent",
+            a,
+            b,
+            "ratio",
+            f"target < 1.5; s3proxy {ua / MIB:.1f}/{sa / MIB:.1f} MiB, "
+            f"nginx {ub / MIB:.1f}/{sb / MIB:.1f} MiB",
+        )
+    ]
 
 
 def case_revalidation(stack: Stack, ours: Proxy, ttl_s: float, rounds: int = 10) -> list[str]:
@@ -522,11 +610,14 @@ def case_revalidation(stack: Stack, ours: Proxy, ttl_s: float, rounds: int = 10)
         time.sleep(ttl_s * 1.05)
         asyncio.run(reads())
     after_gets, after_bytes = stack.origin_stats(key)
-    after_heads = sum(1 for r in stack.origin_log()
-                      if r[0] == "HEAD" and r[1] == f"/{BUCKET}/{key}")
-    return [f"  {'(h) resident 64 MiB over 10 TTLs: upstream bytes':<46} "
-            f"{after_bytes - got_bytes:10d} B       (target 0; {after_gets - gets} GETs, "
-            f"{after_heads - heads} conditional HEADs for {rounds} TTLs x 20 reads)"]
+    after_heads = sum(
+        1 for r in stack.origin_log() if r[0] == "HEAD" and r[1] == f"/{BUCKET}/{key}"
+    )
+    return [
+        f"  {'(h) resident 64 MiB over 10 TTLs: upstream bytes':<46} "
+        f"{after_bytes - got_bytes:10d} B       (target 0; {after_gets - gets} GETs, "
+        f"{after_heads - heads} conditional HEADs for {rounds} TTLs x 20 reads)"
+    ]
 
 
 def case_workers(stack: Stack, one: Proxy, two: Proxy, size: int) -> list[str]:
@@ -538,8 +629,15 @@ def case_workers(stack: Stack, one: Proxy, two: Proxy, size: int) -> list[str]:
         time.sleep(1.0)
         gets[proxy.name] = stack.origin_stats(key)
     (g1, b1), (g2, b2) = gets[one.name], gets[two.name]
-    return [row("(i) Mist-like, 1 GiB, workers 2 vs 1: upstream GETs", g2, g1, "GETs",
-                f"target 1.0; {b2 / MIB:.1f} vs {b1 / MIB:.1f} MiB")]
+    return [
+        row(
+            "(i) Mist-like, 1 GiB, workers 2 vs 1: upstream GETs",
+            g2,
+            g1,
+            "GETs",
+            f"target 1.0; {b2 / MIB:.1f} vs {b1 / MIB:.1f} MiB",
+        )
+    ]
 
 
 @contextmanager
@@ -552,8 +650,9 @@ def stack_in(tmp: Path) -> Iterator[Stack]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cases", default="a,b,c,d,e,f,g,h,i")
     parser.add_argument("--seconds", type=int, default=8, help="per wrk run (a, b)")
     parser.add_argument("--quick", action="store_true", help="fewer samples, 256 MiB big file")
@@ -564,7 +663,9 @@ def main() -> int:
             print(f"bench needs {tool}: apt-get install nginx-light wrk", file=sys.stderr)
             return 2
     tmp = Path(tempfile.mkdtemp(prefix="s3proxy-bench-"))
-    lines = [f"s3proxy vs nginx slice cache ({os.cpu_count()} cores); medians; ratio = s3proxy/nginx"]
+    lines = [
+        f"s3proxy vs nginx slice cache ({os.cpu_count()} cores); medians; ratio = s3proxy/nginx"
+    ]
     big_size = (256 if args.quick else 1024) * MIB
     try:
         with stack_in(tmp) as stack:
@@ -582,8 +683,7 @@ def main() -> int:
                 stack.retire(ours, peer)
             if "d" in cases:
                 ours = stack.start_s3proxy("s3proxy-ra", delayed=True, readahead_blocks=2)
-                ours_no_ra = stack.start_s3proxy("s3proxy-nora", delayed=True,
-                                                 readahead_blocks=0)
+                ours_no_ra = stack.start_s3proxy("s3proxy-nora", delayed=True, readahead_blocks=0)
                 peer = stack.start_nginx_peer("nginx-delayed", delayed=True)
                 lines += case_player(stack, ours, ours_no_ra, peer, 1 if args.quick else 3)
                 stack.retire(ours, ours_no_ra, peer)
@@ -602,8 +702,9 @@ def main() -> int:
                 lines += case_workers(stack, one, two, big_size)
                 stack.retire(one, two)
             if cases & {"a", "b"}:
-                ours = stack.start_s3proxy("s3proxy-hot", delayed=False, workers=2,
-                                           max_bytes="512MiB")
+                ours = stack.start_s3proxy(
+                    "s3proxy-hot", delayed=False, workers=2, max_bytes="512MiB"
+                )
                 peer = stack.start_nginx_peer("nginx-hot", delayed=False)
                 if "a" in cases:
                     lines += case_throughput(stack, ours, peer, MIB, args.seconds, "a")

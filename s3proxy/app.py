@@ -48,8 +48,7 @@ ERROR_HEADER = "X-S3Proxy-Error"
 PROBE_INTERVAL_S = 5.0
 READY_WINDOW_S = 3 * PROBE_INTERVAL_S
 
-CONDITIONALS = ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since",
-                "If-Range")
+CONDITIONALS = ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since", "If-Range")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -65,18 +64,26 @@ Chunk = bytes | bytearray | memoryview
 class Proxy:
     """Everything one running proxy owns; two Proxy objects never share state."""
 
-    def __init__(self, config: Config, metrics: Metrics | None = None,
-                 verifier: TokenVerifier | None = None, worker: int = 0,
-                 workers: int = 1, shared_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics | None = None,
+        verifier: TokenVerifier | None = None,
+        worker: int = 0,
+        workers: int = 1,
+        shared_dir: str | None = None,
+    ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
         self.verifier = verifier or TokenVerifier.from_config(config.auth, config.source)
         self.upstream = S3Upstream(config.s3, self.metrics)
-        self.store = ObjectStore(self.upstream, config.s3.prefix, config.cache, self.metrics,
-                                 worker, workers, shared_dir)
+        self.store = ObjectStore(
+            self.upstream, config.s3.prefix, config.cache, self.metrics, worker, workers, shared_dir
+        )
         # per client connection: what it has read (a reader is sequential by its own reads)
         self._histories: weakref.WeakKeyDictionary[object, ReadHistory] = (
-            weakref.WeakKeyDictionary())
+            weakref.WeakKeyDictionary()
+        )
         self.admin_secret = admin_secret(config)  # ConfigError if beyond loopback without
         self.probe_error: str | None = "no probe answered yet"
         self.probe_ok_at: float | None = None  # monotonic time of the last good probe
@@ -224,22 +231,24 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
     raise AssertionError("unreachable")
 
 
-async def _stat(proxy: Proxy, asset: str, first_block: int | None = None,
-                stats: ReadStats | None = None) -> ObjectMeta:
+async def _stat(
+    proxy: Proxy, asset: str, first_block: int | None = None, stats: ReadStats | None = None
+) -> ObjectMeta:
     try:
         return await proxy.store.stat(asset, first_block, stats)
     except S3ProxyError as exc:
         raise MediaError(_status_for(exc), str(exc)) from None
 
 
-async def _answer(proxy: Proxy, request: web.Request, asset: str,
-                  meta: ObjectMeta) -> web.StreamResponse:
+async def _answer(
+    proxy: Proxy, request: web.Request, asset: str, meta: ObjectMeta
+) -> web.StreamResponse:
     headers = _entity_headers(meta, asset)
-    status = evaluate_preconditions(request.method, request.headers, meta.etag,
-                                    meta.last_modified)
+    status = evaluate_preconditions(request.method, request.headers, meta.etag, meta.last_modified)
     if status == 304:
-        return web.Response(status=304, headers={
-            k: v for k, v in headers.items() if k in ("ETag", "Last-Modified")})
+        return web.Response(
+            status=304, headers={k: v for k, v in headers.items() if k in ("ETag", "Last-Modified")}
+        )
     if status == 412:
         raise MediaError(412, "precondition failed")
     if request.method == "HEAD":
@@ -257,8 +266,9 @@ async def _answer(proxy: Proxy, request: web.Request, asset: str,
     return await _stream_multipart(request, proxy, meta, headers, ranges)
 
 
-def _requested_ranges(proxy: Proxy, request: web.Request,
-                      meta: ObjectMeta) -> list[ByteRange] | None:
+def _requested_ranges(
+    proxy: Proxy, request: web.Request, meta: ObjectMeta
+) -> list[ByteRange] | None:
     header = request.headers.get("Range")
     if header is None:
         return None
@@ -268,9 +278,11 @@ def _requested_ranges(proxy: Proxy, request: web.Request,
     try:
         ranges = parse_range_header(header, meta.size)
     except RangeNotSatisfiable:
-        raise MediaError(416, "range not satisfiable",
-                         {"Content-Range": f"bytes */{meta.size}",
-                          "Accept-Ranges": "bytes"}) from None
+        raise MediaError(
+            416,
+            "range not satisfiable",
+            {"Content-Range": f"bytes */{meta.size}", "Accept-Ranges": "bytes"},
+        ) from None
     if ranges is None:
         return None
     return ranges_to_serve(ranges, proxy.config.http.max_ranges)
@@ -287,14 +299,26 @@ async def _first_chunk(chunks: AsyncIterator[Chunk]) -> Chunk:
         raise MediaError(_status_for(exc), str(exc)) from None
 
 
-async def _stream(request: web.Request, proxy: Proxy, meta: ObjectMeta, status: int,
-                  headers: dict[str, str], ranges: list[ByteRange]) -> web.StreamResponse:
+async def _stream(
+    request: web.Request,
+    proxy: Proxy,
+    meta: ObjectMeta,
+    status: int,
+    headers: dict[str, str],
+    ranges: list[ByteRange],
+) -> web.StreamResponse:
     (byte_range,) = ranges
     response = web.StreamResponse(status=status, headers=headers)
     response.content_length = max(0, byte_range.length)
-    async with aclosing(proxy.store.open(meta, byte_range.start, byte_range.end,
-                                         history=proxy.history(request),
-                                         stats=_stats(request))) as chunks:
+    async with aclosing(
+        proxy.store.open(
+            meta,
+            byte_range.start,
+            byte_range.end,
+            history=proxy.history(request),
+            stats=_stats(request),
+        )
+    ) as chunks:
         first = await _first_chunk(chunks)
         request[FIRST_BYTE_AT] = time.perf_counter()
         await _begin(request, response)
@@ -303,18 +327,27 @@ async def _stream(request: web.Request, proxy: Proxy, meta: ObjectMeta, status: 
     return response
 
 
-async def _stream_multipart(request: web.Request, proxy: Proxy, meta: ObjectMeta,
-                            headers: dict[str, str], ranges: list[ByteRange]
-                            ) -> web.StreamResponse:
-    layout = multipart_layout(ranges, meta.size, headers["Content-Type"],
-                              secrets.token_hex(12))
+async def _stream_multipart(
+    request: web.Request,
+    proxy: Proxy,
+    meta: ObjectMeta,
+    headers: dict[str, str],
+    ranges: list[ByteRange],
+) -> web.StreamResponse:
+    layout = multipart_layout(ranges, meta.size, headers["Content-Type"], secrets.token_hex(12))
     headers["Content-Type"] = layout.content_type
     response = web.StreamResponse(status=206, headers=headers)
     response.content_length = layout.content_length
     for index, part in enumerate(layout.parts):
-        async with aclosing(proxy.store.open(meta, part.range.start, part.range.end,
-                                             history=proxy.history(request),
-                                             stats=_stats(request))) as chunks:
+        async with aclosing(
+            proxy.store.open(
+                meta,
+                part.range.start,
+                part.range.end,
+                history=proxy.history(request),
+                stats=_stats(request),
+            )
+        ) as chunks:
             first = await _first_chunk(chunks) if index == 0 else b""
             if index == 0:
                 request[FIRST_BYTE_AT] = time.perf_counter()
@@ -353,6 +386,8 @@ def request_id(request: web.Request) -> str:
 
 async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["X-Request-ID"] = request_id(request)
+
+
 STATUS_SENT = web.RequestKey("status_sent", int)  # the status line that went out
 
 
@@ -372,13 +407,14 @@ WRITE_SLICE = 128 * 1024
 async def _send(request: web.Request, response: web.StreamResponse, data: Chunk) -> None:
     view = memoryview(data)
     for offset in range(0, len(view), WRITE_SLICE):
-        piece = view[offset:offset + WRITE_SLICE]
+        piece = view[offset : offset + WRITE_SLICE]
         await response.write(piece)
         request[BODY_BYTES] = request.get(BODY_BYTES, 0) + len(piece)
 
 
-async def _pump(request: web.Request, response: web.StreamResponse, first: Chunk,
-                chunks: AsyncIterator[Chunk]) -> bool:
+async def _pump(
+    request: web.Request, response: web.StreamResponse, first: Chunk, chunks: AsyncIterator[Chunk]
+) -> bool:
     """Copy chunks to the client with back-pressure. False when the body was cut short.
 
     Once the status line is out it can not change: on an upstream failure (or a new
@@ -392,8 +428,10 @@ async def _pump(request: web.Request, response: web.StreamResponse, first: Chunk
     except ConnectionError:
         return False  # the client hung up; leaving the block closes the S3 stream
     except S3ProxyError as exc:
-        log.warning("upstream failed mid-body, closing the connection",
-                    extra={"fields": {"error": str(exc)}})
+        log.warning(
+            "upstream failed mid-body, closing the connection",
+            extra={"fields": {"error": str(exc)}},
+        )
         if request.transport is not None:
             request.transport.close()
         return False
@@ -493,10 +531,13 @@ async def handle_warm(request: web.Request) -> web.Response:
     if proxy.admin_secret is not None:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode("utf-8", "surrogateescape"),
-                proxy.admin_secret.encode("utf-8")):
-            return web.json_response({"error": "admin token required"}, status=401,
-                                     headers={"WWW-Authenticate": 'Bearer realm="s3proxy-admin"'})
+            given.strip().encode("utf-8", "surrogateescape"), proxy.admin_secret.encode("utf-8")
+        ):
+            return web.json_response(
+                {"error": "admin token required"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="s3proxy-admin"'},
+            )
     try:
         asset = validate_asset_name(request.match_info["asset"])
     except InvalidAssetName as exc:
@@ -505,16 +546,16 @@ async def handle_warm(request: web.Request) -> web.Response:
     try:
         result = await proxy.store.warm(asset, int(proxy.config.cache.warm_bytes))
     except S3ProxyError as exc:
-        return web.json_response({"asset": asset, "error": str(exc)},
-                                 status=_status_for(exc))
+        return web.json_response({"asset": asset, "error": str(exc)}, status=_status_for(exc))
     result["seconds"] = round(time.perf_counter() - started, 4)
     return web.json_response(result)
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
     proxy = request.app[PROXY]
-    return web.Response(body=proxy.metrics.exposition(),
-                        headers={"Content-Type": Metrics.CONTENT_TYPE})
+    return web.Response(
+        body=proxy.metrics.exposition(), headers={"Content-Type": Metrics.CONTENT_TYPE}
+    )
 
 
 # --- middleware: errors, metrics, access log --------------------------------------
@@ -529,19 +570,25 @@ def _log_path(request: web.Request) -> str:
     return request.path
 
 
-def _record(request: web.Request, status: int, sent: int, started: float,
-            reason: str | None) -> None:
+def _record(
+    request: web.Request, status: int, sent: int, started: float, reason: str | None
+) -> None:
     proxy = request.app[PROXY]
     elapsed = time.perf_counter() - started
     proxy.metrics.requests.labels(method=request.method, status=str(status)).inc()
     proxy.metrics.request_duration.labels(method=request.method).observe(elapsed)
     proxy.metrics.response_bytes.inc(sent)
     fields: dict[str, object] = {
-        "method": request.method, "path": _log_path(request), "status": status,
-        "bytes": sent, "duration_ms": round(elapsed * 1000, 2),
-        "remote": request.remote, "range": request.headers.get("Range"),
+        "method": request.method,
+        "path": _log_path(request),
+        "status": status,
+        "bytes": sent,
+        "duration_ms": round(elapsed * 1000, 2),
+        "remote": request.remote,
+        "range": request.headers.get("Range"),
         "user_agent": request.headers.get("User-Agent"),
-        "request_id": request_id(request), "worker": proxy.worker,
+        "request_id": request_id(request),
+        "worker": proxy.worker,
     }
     stats = request.get(STATS)
     if stats is not None:
@@ -550,7 +597,8 @@ def _record(request: web.Request, status: int, sent: int, started: float,
         first_at = request.get(FIRST_BYTE_AT)
         if stats.first_source is not None and first_at is not None:
             proxy.metrics.time_to_first_byte.labels(source=stats.first_source).observe(
-                first_at - started)
+                first_at - started
+            )
     grant = request.get(GRANT)
     if grant is not None:
         fields["sub"], fields["jti"] = grant.subject, grant.token_id
@@ -568,8 +616,9 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     proxy = request.app[PROXY]
     started = time.perf_counter()
     if proxy.inflight >= proxy.config.server.max_connections and request.path != "/healthz":
-        response: web.StreamResponse = MediaError(503, "too many requests",
-                                                  {"Retry-After": "1"}).response()
+        response: web.StreamResponse = MediaError(
+            503, "too many requests", {"Retry-After": "1"}
+        ).response()
         _record(request, 503, 0, started, "too many requests")
         return response
     proxy.inflight += 1
@@ -580,8 +629,13 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             response = await handler(request)
         except MediaError as error:
             reason = error.reason
-            response = error.response() if _is_media(request) else web.Response(
-                status=error.status, text=error.reason + "\n", headers=error.headers)
+            response = (
+                error.response()
+                if _is_media(request)
+                else web.Response(
+                    status=error.status, text=error.reason + "\n", headers=error.headers
+                )
+            )
         except web.HTTPException as exc:
             if not _is_media(request):
                 _record(request, exc.status, 0, started, exc.reason)
@@ -591,8 +645,13 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         except (asyncio.CancelledError, ConnectionError) as exc:
             # The client hung up while we waited (RUNNER_OPTIONS: handler_cancellation)
             # or wrote: logged with the status it got, or 499 if none went out (nginx's way).
-            _record(request, request.get(STATUS_SENT, CLIENT_CLOSED),
-                    int(request.get(BODY_BYTES, 0)), started, "client closed the connection")
+            _record(
+                request,
+                request.get(STATUS_SENT, CLIENT_CLOSED),
+                int(request.get(BODY_BYTES, 0)),
+                started,
+                "client closed the connection",
+            )
             if isinstance(exc, asyncio.CancelledError):
                 raise
             # Not re-raised: aiohttp would log it as an error, with a traceback. Nothing

@@ -28,7 +28,11 @@ log = logging.getLogger("s3proxy.auth")
 FailureReason = Literal["missing", "invalid", "expired", "forbidden"]
 
 _FAMILIES = {
-    "HS": "secret", "RS": "rsa", "PS": "rsa", "ES": "ec", "Ed": "okp",
+    "HS": "secret",
+    "RS": "rsa",
+    "PS": "rsa",
+    "ES": "ec",
+    "Ed": "okp",
 }
 
 
@@ -115,8 +119,9 @@ def _family_of_public_key(key: Any) -> str:
     return "unknown"
 
 
-def load_verification_keys(config: AuthConfig, source: str,
-                           env: dict[str, str] | None = None) -> list[VerificationKey]:
+def load_verification_keys(
+    config: AuthConfig, source: str, env: dict[str, str] | None = None
+) -> list[VerificationKey]:
     """Read every configured key; a missing secret or unreadable file is a ConfigError."""
     env = dict(os.environ) if env is None else env
     keys: list[VerificationKey] = []
@@ -124,13 +129,17 @@ def load_verification_keys(config: AuthConfig, source: str,
         where = f"auth.keys[{index}]"
         given = [n for n in ("secret_env", "secret_file", "public_key_file") if getattr(spec, n)]
         if len(given) != 1:
-            raise ConfigError(source, where,
-                              "needs exactly one of secret_env, secret_file, public_key_file")
+            raise ConfigError(
+                source, where, "needs exactly one of secret_env, secret_file, public_key_file"
+            )
         if spec.secret_env:
             secret = env.get(spec.secret_env, "")
             if not secret:
-                raise ConfigError(source, f"{where}.secret_env",
-                                  f"environment variable {spec.secret_env} is not set")
+                raise ConfigError(
+                    source,
+                    f"{where}.secret_env",
+                    f"environment variable {spec.secret_env} is not set",
+                )
             _long_enough(source, f"{where}.secret_env", secret.encode("utf-8"))
             keys.append(VerificationKey(spec.kid, "secret", secret.encode("utf-8")))
         elif spec.secret_file:
@@ -145,16 +154,18 @@ def load_verification_keys(config: AuthConfig, source: str,
             try:
                 public = serialization.load_pem_public_key(data)
             except (ValueError, TypeError):
-                raise ConfigError(source, f"{where}.public_key_file",
-                                  "is not a PEM public key") from None
+                raise ConfigError(
+                    source, f"{where}.public_key_file", "is not a PEM public key"
+                ) from None
             keys.append(VerificationKey(spec.kid, _family_of_public_key(public), public))
     if config.jwks_file:
         text = _read_key_file(source, "auth.jwks_file", config.jwks_file)
         try:
             jwks = jwt.PyJWKSet.from_json(text.decode("utf-8"))
         except (jwt.PyJWTError, ValueError, UnicodeDecodeError) as exc:
-            raise ConfigError(source, "auth.jwks_file",
-                              f"is not a usable JWKS: {type(exc).__name__}") from None
+            raise ConfigError(
+                source, "auth.jwks_file", f"is not a usable JWKS: {type(exc).__name__}"
+            ) from None
         for jwk in jwks.keys:
             family = "secret" if jwk.key_type == "oct" else _family_of_public_key(jwk.key)
             keys.append(VerificationKey(jwk.key_id, family, jwk.key))
@@ -168,8 +179,12 @@ MIN_HMAC_SECRET_BYTES = 32  # RFC 7518 3.2: an HMAC key at least as long as its 
 
 def _long_enough(source: str, key: str, secret: bytes) -> None:
     if len(secret) < MIN_HMAC_SECRET_BYTES:
-        raise ConfigError(source, key, f"an HMAC secret needs at least "
-                          f"{MIN_HMAC_SECRET_BYTES} bytes, this one has {len(secret)}")
+        raise ConfigError(
+            source,
+            key,
+            f"an HMAC secret needs at least "
+            f"{MIN_HMAC_SECRET_BYTES} bytes, this one has {len(secret)}",
+        )
 
 
 def _read_key_file(source: str, key: str, path: str) -> bytes:
@@ -208,7 +223,8 @@ class Revocations:
 
     def refuses(self, grant: Grant) -> bool:
         return (grant.token_id is not None and grant.token_id in self.token_ids) or (
-            grant.subject is not None and grant.subject in self.subjects)
+            grant.subject is not None and grant.subject in self.subjects
+        )
 
 
 # --- verification -----------------------------------------------------------------
@@ -219,14 +235,20 @@ class TokenVerifier:
 
     MEMO_SIZE = 65536
 
-    def __init__(self, config: AuthConfig, keys: list[VerificationKey],
-                 revocations: Revocations, clock: Any = time.time) -> None:
+    def __init__(
+        self,
+        config: AuthConfig,
+        keys: list[VerificationKey],
+        revocations: Revocations,
+        clock: Any = time.time,
+    ) -> None:
         self._config = config
         self._keys = keys
         self._revocations = revocations
         self._clock = clock
         self._memo: TLRUCache[bytes, Grant] = TLRUCache(
-            maxsize=self.MEMO_SIZE, ttu=self._memo_until, timer=clock)
+            maxsize=self.MEMO_SIZE, ttu=self._memo_until, timer=clock
+        )
 
     @classmethod
     def from_config(cls, config: AuthConfig, source: str) -> TokenVerifier:
@@ -279,8 +301,7 @@ class TokenVerifier:
             raise AuthFailure("invalid", "token algorithm not allowed")
         kid = header.get("kid")
         family = algorithm_family(algorithm)
-        candidates = [k for k in self._keys if k.family == family
-                      and (kid is None or k.kid == kid)]
+        candidates = [k for k in self._keys if k.family == family and (kid is None or k.kid == kid)]
         if not candidates:
             raise AuthFailure("invalid", "no key for this token")
         options: dict[str, Any] = {
@@ -292,8 +313,14 @@ class TokenVerifier:
         for key in candidates:
             try:
                 claims = jwt.decode(
-                    token, key.material, algorithms=[algorithm], options=options,  # type: ignore[arg-type]
-                    audience=config.audience, issuer=config.issuer, leeway=config.leeway_s)
+                    token,
+                    key.material,
+                    algorithms=[algorithm],
+                    options=options,  # type: ignore[arg-type]
+                    audience=config.audience,
+                    issuer=config.issuer,
+                    leeway=config.leeway_s,
+                )
             except jwt.ExpiredSignatureError:
                 raise AuthFailure("expired", "token expired") from None
             except jwt.ImmatureSignatureError:
@@ -323,8 +350,11 @@ class TokenVerifier:
         if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
             raise AuthFailure("invalid", f"token claim {self._config.scope_claim} is not a list")
         exp = claims["exp"]
-        if not isinstance(exp, (int, float)) or isinstance(exp, bool) or not (
-                0 <= exp <= MAX_CLAIM_TIME):
+        if (
+            not isinstance(exp, (int, float))
+            or isinstance(exp, bool)
+            or not (0 <= exp <= MAX_CLAIM_TIME)
+        ):
             raise AuthFailure("invalid", "token exp is not a time")
         subject = claims.get("sub")
         token_id = claims.get("jti")
@@ -334,26 +364,39 @@ class TokenVerifier:
             scope = AssetScope(tuple(raw))
         except GlobError as exc:
             raise AuthFailure("invalid", f"token scope refused: {exc}") from None
-        return Grant(scope, float(exp),
-                     subject if isinstance(subject, str) else None,
-                     token_id if isinstance(token_id, str) else None)
+        return Grant(
+            scope,
+            float(exp),
+            subject if isinstance(subject, str) else None,
+            token_id if isinstance(token_id, str) else None,
+        )
 
 
 # --- minting ----------------------------------------------------------------------
 
 
-def mint_token(config: AuthConfig, source: str, assets: list[str], ttl_s: float,
-               kid: str | None = None, private_key_pem: bytes | None = None,
-               algorithm: str | None = None, extra_claims: dict[str, Any] | None = None,
-               now: float | None = None) -> str:
+def mint_token(
+    config: AuthConfig,
+    source: str,
+    assets: list[str],
+    ttl_s: float,
+    kid: str | None = None,
+    private_key_pem: bytes | None = None,
+    algorithm: str | None = None,
+    extra_claims: dict[str, Any] | None = None,
+    now: float | None = None,
+) -> str:
     """A signed token for `assets`: HMAC with a configured secret, or a given private key."""
     algorithm = algorithm or config.algorithms[0]
     family = algorithm_family(algorithm)
     if algorithm not in config.algorithms:
         raise ConfigError(source, "auth.algorithms", f"{algorithm} is not in the allowlist")
     issued = int(time.time() if now is None else now)
-    claims: dict[str, Any] = {"iat": issued, "exp": issued + int(ttl_s),
-                              config.scope_claim: list(assets)}
+    claims: dict[str, Any] = {
+        "iat": issued,
+        "exp": issued + int(ttl_s),
+        config.scope_claim: list(assets),
+    }
     if config.audience:
         claims["aud"] = config.audience
     if config.issuer:
@@ -361,19 +404,25 @@ def mint_token(config: AuthConfig, source: str, assets: list[str], ttl_s: float,
     claims.update(extra_claims or {})
     headers: dict[str, Any] = {}
     if family == "secret":
-        secrets = [k for k in load_verification_keys(config, source)
-                   if k.family == "secret" and (kid is None or k.kid == kid)]
+        secrets = [
+            k
+            for k in load_verification_keys(config, source)
+            if k.family == "secret" and (kid is None or k.kid == kid)
+        ]
         if not secrets:
-            raise ConfigError(source, "auth.keys",
-                              f"no HMAC secret{' with kid ' + kid if kid else ''} to sign with")
+            raise ConfigError(
+                source,
+                "auth.keys",
+                f"no HMAC secret{' with kid ' + kid if kid else ''} to sign with",
+            )
         signing: Any = secrets[0].material
         kid = secrets[0].kid
     else:
         if private_key_pem is None:
-            raise ConfigError(source, "auth.algorithms",
-                              f"{algorithm} needs --private-key to sign with")
+            raise ConfigError(
+                source, "auth.algorithms", f"{algorithm} needs --private-key to sign with"
+            )
         signing = serialization.load_pem_private_key(private_key_pem, password=None)
     if kid:
         headers["kid"] = kid
     return jwt.encode(claims, signing, algorithm=algorithm, headers=headers)
-

@@ -29,7 +29,8 @@ def parse_duration(text: str) -> int:
     match = _DURATION_RE.match(text)
     if not match or int(match.group(1)) <= 0:
         raise argparse.ArgumentTypeError(
-            f"expected a duration like 90s, 15m, 1h or 7d, got {text!r}")
+            f"expected a duration like 90s, 15m, 1h or 7d, got {text!r}"
+        )
     return int(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
@@ -94,12 +95,21 @@ def cmd_token(args: argparse.Namespace) -> int:
             return _fail(f"--private-key: can not read {args.private_key}: {exc.strerror}")
     extra = {k: v for k, v in (("sub", args.sub), ("jti", args.jti)) if v}
     try:
-        token = mint_token(config.auth, config.source, args.asset, args.ttl, kid=args.kid,
-                           private_key_pem=private_key, algorithm=args.algorithm,
-                           extra_claims=extra)
+        token = mint_token(
+            config.auth,
+            config.source,
+            args.asset,
+            args.ttl,
+            kid=args.kid,
+            private_key_pem=private_key,
+            algorithm=args.algorithm,
+            extra_claims=extra,
+        )
     except (ValueError, TypeError) as exc:
-        return _fail(f"can not sign: {type(exc).__name__}: the key does not suit "
-                     f"{args.algorithm or config.auth.algorithms[0]}")
+        return _fail(
+            f"can not sign: {type(exc).__name__}: the key does not suit "
+            f"{args.algorithm or config.auth.algorithms[0]}"
+        )
     print(token)
     return 0
 
@@ -134,8 +144,10 @@ def cmd_warm(args: argparse.Namespace) -> int:
         print(f"s3proxy: warm {args.name}: {exc.code} {detail}", file=sys.stderr)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        print(f"s3proxy: warm: no proxy answering at {host}:{config.admin.port} ({reason})",
-              file=sys.stderr)
+        print(
+            f"s3proxy: warm: no proxy answering at {host}:{config.admin.port} ({reason})",
+            file=sys.stderr,
+        )
     return 1
 
 
@@ -151,8 +163,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="s3proxy",
-        description="Authenticating HTTP byte-range proxy from S3 to MistServer.")
+        prog="s3proxy", description="Authenticating HTTP byte-range proxy from S3 to MistServer."
+    )
     parser.add_argument("--version", action="version", version=f"s3proxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -161,22 +173,41 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     demo = commands.add_parser(
-        "demo", help="serve a bundled sample from an embedded S3 emulator (no AWS account)")
+        "demo", help="serve a bundled sample from an embedded S3 emulator (no AWS account)"
+    )
     demo.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    demo.add_argument("--port", type=int, default=8080,
-                      help="listen port (default 8080, or a free one if taken; 0: any)")
-    demo.add_argument("--admin-port", type=int, default=9101,
-                      help="admin listener port, /metrics (default 9101; 0 or taken: a free one)")
-    demo.add_argument("--ttl", type=parse_duration, default=3600,
-                      help="lifetime of the printed token (default 1h)")
+    demo.add_argument(
+        "--port",
+        type=int,
+        default=8080,
+        help="listen port (default 8080, or a free one if taken; 0: any)",
+    )
+    demo.add_argument(
+        "--admin-port",
+        type=int,
+        default=9101,
+        help="admin listener port, /metrics (default 9101; 0 or taken: a free one)",
+    )
+    demo.add_argument(
+        "--ttl",
+        type=parse_duration,
+        default=3600,
+        help="lifetime of the printed token (default 1h)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     token = commands.add_parser("token", help="print a signed token")
     token.add_argument("--config", help="YAML file (default: $S3PROXY_CONFIG)")
-    token.add_argument("--asset", action="append", required=True, metavar="GLOB",
-                       help="asset glob the token opens (repeatable; *, **, ?)")
-    token.add_argument("--ttl", type=parse_duration, default=3600,
-                       help="lifetime: 90s, 15m, 1h, 7d (default 1h)")
+    token.add_argument(
+        "--asset",
+        action="append",
+        required=True,
+        metavar="GLOB",
+        help="asset glob the token opens (repeatable; *, **, ?)",
+    )
+    token.add_argument(
+        "--ttl", type=parse_duration, default=3600, help="lifetime: 90s, 15m, 1h, 7d (default 1h)"
+    )
     token.add_argument("--kid", help="key id to sign with (and put in the header)")
     token.add_argument("--algorithm", help="default: the first of auth.algorithms")
     token.add_argument("--private-key", help="PEM private key for RS/PS/ES/EdDSA algorithms")
@@ -185,11 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     token.set_defaults(func=cmd_token)
 
     prepare = commands.add_parser(
-        "prepare", help="ingest: remux to a streamable MP4 (index first), .dtsh, upload")
+        "prepare", help="ingest: remux to a streamable MP4 (index first), .dtsh, upload"
+    )
     prepare.add_argument("source", help="a local file or s3://bucket/key (a raw upload)")
     prepare.add_argument("--asset", required=True, help="asset name to publish it as")
-    prepare.add_argument("--config", help="YAML file (default: $S3PROXY_CONFIG): bucket, "
-                         "prefix, endpoint")
+    prepare.add_argument(
+        "--config", help="YAML file (default: $S3PROXY_CONFIG): bucket, prefix, endpoint"
+    )
     prepare.set_defaults(func=cmd_prepare)
 
     warm = commands.add_parser("warm", help="ask a running proxy to load an asset's start")

@@ -112,8 +112,21 @@ class KeyConfig:
     public_key_file: str | None = None
 
 
-_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512",
-               "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+_ALGORITHMS = (
+    "HS256",
+    "HS384",
+    "HS512",
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
 
 
 @dataclass(frozen=True)
@@ -193,9 +206,12 @@ class Config:
 _USERINFO_RE = re.compile(r"(?<=://)[^/@]+@")
 
 
-def load_config(path: str | os.PathLike[str] | None = None,
-                env: Mapping[str, str] | None = None, *,
-                require_bucket: bool = True) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    require_bucket: bool = True,
+) -> Config:
     """Read the YAML file (if any), apply environment overrides, validate.
 
     `require_bucket=False`: for commands that never talk to S3 (`token`, `warm`)."""
@@ -224,12 +240,14 @@ def load_config(path: str | os.PathLike[str] | None = None,
     data = _apply_env(Config, dict(data), env, "", origins)
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
     section = data.get("s3")
-    if region and (section is None or isinstance(section, dict)) and "region" not in (
-            section or {}):
+    if (
+        region
+        and (section is None or isinstance(section, dict))
+        and "region" not in (section or {})
+    ):
         data["s3"] = {**(section or {}), "region": region}
         origins["s3.region"] = "AWS_REGION" if env.get("AWS_REGION") else "AWS_DEFAULT_REGION"
-    config: Config = dataclasses.replace(_build(Config, data, source, "", origins),
-                                         source=source)
+    config: Config = dataclasses.replace(_build(Config, data, source, "", origins), source=source)
     _refuse_unknown_env(config, env)
     if require_bucket and not config.s3.bucket:
         raise ConfigError(source, "s3.bucket", "is required")
@@ -242,8 +260,11 @@ def _check_consistency(config: Config, origins: Mapping[str, str]) -> None:
     disk = config.cache.disk
     if disk.max_bytes and not disk.path:
         source = origins.get("cache.disk.max_bytes", config.source)
-        raise ConfigError(source, "cache.disk.max_bytes",
-                          "is set but cache.disk.path is not: where should the blocks go?")
+        raise ConfigError(
+            source,
+            "cache.disk.max_bytes",
+            "is set but cache.disk.path is not: where should the blocks go?",
+        )
 
 
 _SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "source")
@@ -271,7 +292,7 @@ def _refuse_unknown_env(config: Config, env: Mapping[str, str]) -> None:
     for name in env:
         if not name.startswith(ENV_PREFIX) or name in known or name in referenced:
             continue
-        rest = name[len(ENV_PREFIX):].lower()
+        rest = name[len(ENV_PREFIX) :].lower()
         if any(rest.startswith(section + "_") for section in _SECTIONS):
             close = sorted(k for k in known if k.startswith(name.rsplit("_", 1)[0]))[:5]
             hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -296,13 +317,19 @@ def admin_secret(config: Config, env: Mapping[str, str] | None = None) -> str | 
     if admin.token_env:
         secret = env.get(admin.token_env, "")
         if len(secret) < MIN_ADMIN_SECRET_CHARS:
-            raise ConfigError(config.source, "admin.token_env",
-                              f"environment variable {admin.token_env} must hold a secret "
-                              f"of at least {MIN_ADMIN_SECRET_CHARS} characters")
+            raise ConfigError(
+                config.source,
+                "admin.token_env",
+                f"environment variable {admin.token_env} must hold a secret "
+                f"of at least {MIN_ADMIN_SECRET_CHARS} characters",
+            )
         return secret
     if not is_loopback(admin.host):
-        raise ConfigError(config.source, "admin.token_env",
-                          f"is required when admin.host ({admin.host}) is not loopback")
+        raise ConfigError(
+            config.source,
+            "admin.token_env",
+            f"is required when admin.host ({admin.host}) is not loopback",
+        )
     return None
 
 
@@ -320,8 +347,9 @@ def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
     return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.name != "source"]
 
 
-def _apply_env(cls: type, data: dict[str, Any], env: Mapping[str, str], prefix: str,
-               origins: dict[str, str]) -> dict[str, Any]:
+def _apply_env(
+    cls: type, data: dict[str, Any], env: Mapping[str, str], prefix: str, origins: dict[str, str]
+) -> dict[str, Any]:
     """Overlay S3PROXY_<SECTION>_<KEY> variables onto the parsed YAML mapping, each value
     read as the type of the key it sets (a string key keeps the string as given)."""
     for f, hint in _fields(cls):
@@ -329,8 +357,13 @@ def _apply_env(cls: type, data: dict[str, Any], env: Mapping[str, str], prefix: 
         if dataclasses.is_dataclass(hint):
             section = data.get(f.name)
             if section is None or isinstance(section, dict):
-                nested = _apply_env(hint, dict(section or {}), env, f"{name}_",  # type: ignore[arg-type]
-                                    origins)
+                nested = _apply_env(
+                    hint,  # type: ignore[arg-type]
+                    dict(section or {}),
+                    env,
+                    f"{name}_",
+                    origins,
+                )
                 if nested or section is not None:
                     data[f.name] = nested
             continue
@@ -345,7 +378,7 @@ def _dotted(env_name: str) -> str:
     """`cache_disk_max_bytes` -> `cache.disk.max_bytes`, by the schema's own sections."""
     section, _, rest = env_name.partition("_")
     if section == "cache" and rest.startswith("disk_"):
-        return f"cache.disk.{rest[len('disk_'):]}"
+        return f"cache.disk.{rest[len('disk_') :]}"
     return f"{section}.{rest}"
 
 
@@ -383,8 +416,9 @@ def _env_value(hint: Any, raw: str, var: str, key: str) -> Any:
         raise ConfigError(var, key, f"is not valid YAML: {raw!r}") from None
 
 
-def _build(cls: type, data: Any, source: str, prefix: str,
-           origins: Mapping[str, str] | None = None) -> Any:
+def _build(
+    cls: type, data: Any, source: str, prefix: str, origins: Mapping[str, str] | None = None
+) -> Any:
     origins = origins or {}
     if not isinstance(data, dict):
         raise ConfigError(source, prefix.rstrip(".") or "(file)", "must be a mapping")
@@ -400,8 +434,13 @@ def _build(cls: type, data: Any, source: str, prefix: str,
         key = f"{prefix}{f.name}"
         where = origins.get(key, source)  # an error names the variable that set the value
         if dataclasses.is_dataclass(hint):
-            value = _build(hint, data[f.name] if data[f.name] is not None else {},  # type: ignore[arg-type]
-                           source, f"{key}.", origins)
+            value = _build(
+                hint,  # type: ignore[arg-type]
+                data[f.name] if data[f.name] is not None else {},
+                source,
+                f"{key}.",
+                origins,
+            )
         else:
             value = _convert(hint, data[f.name], where, key)
         check = f.metadata.get("check")
@@ -466,8 +505,11 @@ def config_as_dict(config: Config, *, mask_secrets: bool = True) -> dict[str, An
 
     def render(obj: Any, name: str = "") -> Any:
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            return {f.name: render(getattr(obj, f.name), f.name)
-                    for f in dataclasses.fields(obj) if f.name != "source"}
+            return {
+                f.name: render(getattr(obj, f.name), f.name)
+                for f in dataclasses.fields(obj)
+                if f.name != "source"
+            }
         if isinstance(obj, list):
             return [render(v, name) for v in obj]
         if isinstance(obj, ByteSize):

@@ -49,8 +49,11 @@ def compile_glob(pattern: str) -> Glob:
             segments.append(ANY_SEGMENTS + "?")  # zero or more more segments
     collapsed: list[str] = []
     for segment in segments:  # `**/**` is one `**`: keeps the table small
-        if segment.startswith(ANY_SEGMENTS) and collapsed and collapsed[-1].startswith(
-                ANY_SEGMENTS):
+        if (
+            segment.startswith(ANY_SEGMENTS)
+            and collapsed
+            and collapsed[-1].startswith(ANY_SEGMENTS)
+        ):
             both_optional = segment == collapsed[-1] == ANY_SEGMENTS + "?"
             collapsed[-1] = segment if both_optional else ANY_SEGMENTS
             continue
@@ -77,8 +80,7 @@ def _match_segments(pattern: tuple[str, ...], names: list[str]) -> bool:
                 nxt[j] = seen
             reach = nxt
         else:
-            reach = [False] + [reach[j] and match_segment(segment, names[j])
-                               for j in range(count)]
+            reach = [False] + [reach[j] and match_segment(segment, names[j]) for j in range(count)]
         if not any(reach):
             return False
     return reach[count]

@@ -80,8 +80,9 @@ class MalformedRequests(logging.Filter):
         if not str(record.msg).startswith("Error handling request"):
             return True
         now = time.monotonic()
-        self._allowance = min(self._per_second,
-                              self._allowance + (now - self._checked) * self._per_second)
+        self._allowance = min(
+            self._per_second, self._allowance + (now - self._checked) * self._per_second
+        )
         self._checked = now
         if self._allowance < 1:
             self._dropped += 1
@@ -91,7 +92,8 @@ class MalformedRequests(logging.Filter):
         reason = getattr(error, "message", None) or (str(error) if error else "unknown")
         fields: dict[str, Any] = {
             "reason": redact(str(reason).splitlines()[0])[:200] if str(reason) else "",
-            "error": type(error).__name__ if error is not None else None}
+            "error": type(error).__name__ if error is not None else None,
+        }
         if self._dropped:
             fields["dropped"], self._dropped = self._dropped, 0
         record.msg, record.args = "malformed request", ()

@@ -23,8 +23,22 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from . import __version__
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-_FIRST_BYTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
-                       2.5, 5, 10)
+_FIRST_BYTE_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+)
 
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -40,66 +54,124 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter("s3proxy_requests_total", "HTTP requests answered",
-                                ["method", "status"], registry=r)
+        self.requests = Counter(
+            "s3proxy_requests_total", "HTTP requests answered", ["method", "status"], registry=r
+        )
         self.request_duration = Histogram(
-            "s3proxy_request_duration_seconds", "Time from request to the last byte sent",
-            ["method"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.response_bytes = Counter("s3proxy_response_bytes", "Body bytes sent to clients",
-                                      registry=r)
-        self.inflight = Gauge("s3proxy_inflight_requests", "Requests being answered",
-                              registry=r, multiprocess_mode="livesum")
-        self.auth_failures = Counter("s3proxy_auth_failures_total", "Rejected requests",
-                                     ["reason"], registry=r)
+            "s3proxy_request_duration_seconds",
+            "Time from request to the last byte sent",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.response_bytes = Counter(
+            "s3proxy_response_bytes", "Body bytes sent to clients", registry=r
+        )
+        self.inflight = Gauge(
+            "s3proxy_inflight_requests",
+            "Requests being answered",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.auth_failures = Counter(
+            "s3proxy_auth_failures_total", "Rejected requests", ["reason"], registry=r
+        )
         self.upstream_requests = Counter(
-            "s3proxy_upstream_requests_total", "S3 requests by operation and outcome",
-            ["op", "outcome"], registry=r)
+            "s3proxy_upstream_requests_total",
+            "S3 requests by operation and outcome",
+            ["op", "outcome"],
+            registry=r,
+        )
         self.upstream_duration = Histogram(
             "s3proxy_upstream_request_duration_seconds",
-            "Time until S3 answered (headers for a GET)", ["op"],
-            buckets=_LATENCY_BUCKETS, registry=r)
-        self.upstream_bytes = Counter("s3proxy_upstream_bytes", "Body bytes read from S3",
-                                      registry=r)
-        self.cache_hits = Counter("s3proxy_cache_hits_total", "Blocks found in a cache tier",
-                                  ["tier"], registry=r)
-        self.cache_misses = Counter("s3proxy_cache_misses_total",
-                                    "Blocks not found in a cache tier", ["tier"], registry=r)
-        self.cache_evictions = Counter("s3proxy_cache_evictions_total",
-                                       "Blocks evicted from a cache tier", ["tier"], registry=r)
-        self.cache_bytes = Gauge("s3proxy_cache_bytes", "Block bytes held by a cache tier",
-                                 ["tier"], registry=r, multiprocess_mode="livesum")
-        self.cache_max_bytes = Gauge("s3proxy_cache_max_bytes", "Bound of a cache tier",
-                                     ["tier"], registry=r, multiprocess_mode="livesum")
+            "Time until S3 answered (headers for a GET)",
+            ["op"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_bytes = Counter(
+            "s3proxy_upstream_bytes", "Body bytes read from S3", registry=r
+        )
+        self.cache_hits = Counter(
+            "s3proxy_cache_hits_total", "Blocks found in a cache tier", ["tier"], registry=r
+        )
+        self.cache_misses = Counter(
+            "s3proxy_cache_misses_total", "Blocks not found in a cache tier", ["tier"], registry=r
+        )
+        self.cache_evictions = Counter(
+            "s3proxy_cache_evictions_total",
+            "Blocks evicted from a cache tier",
+            ["tier"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "s3proxy_cache_bytes",
+            "Block bytes held by a cache tier",
+            ["tier"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.cache_max_bytes = Gauge(
+            "s3proxy_cache_max_bytes",
+            "Bound of a cache tier",
+            ["tier"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.cache_corrupt_blocks = Counter(
             "s3proxy_cache_corrupt_blocks_total",
             "Block files discarded for a wrong length or checksum (then refetched)",
-            ["tier"], registry=r)
+            ["tier"],
+            registry=r,
+        )
         self.coalesced_waits = Counter(
             "s3proxy_coalesced_waits_total",
-            "Block reads that joined a fetch already in flight", registry=r)
-        self.readahead_blocks = Counter("s3proxy_readahead_blocks_total",
-                                        "Blocks fetched ahead of a sequential reader",
-                                        registry=r)
+            "Block reads that joined a fetch already in flight",
+            registry=r,
+        )
+        self.readahead_blocks = Counter(
+            "s3proxy_readahead_blocks_total",
+            "Blocks fetched ahead of a sequential reader",
+            registry=r,
+        )
         self.cache_disk_writes_dropped = Counter(
             "s3proxy_cache_disk_writes_dropped_total",
             "Blocks not written to the file tier because too many writes were pending",
-            registry=r)
+            registry=r,
+        )
         self.time_to_first_byte = Histogram(
             "s3proxy_time_to_first_byte_seconds",
             "From a request to its first body byte, by where that byte came from",
-            ["source"], buckets=_FIRST_BYTE_BUCKETS, registry=r)
-        self.ready = Gauge("s3proxy_ready", "1 while the upstream answered a probe recently",
-                           registry=r, multiprocess_mode="livemin")
-        self.build_info = Gauge("s3proxy_build_info", "The running version (always 1)",
-                                ["version"], registry=r, multiprocess_mode="max")
+            ["source"],
+            buckets=_FIRST_BYTE_BUCKETS,
+            registry=r,
+        )
+        self.ready = Gauge(
+            "s3proxy_ready",
+            "1 while the upstream answered a probe recently",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.build_info = Gauge(
+            "s3proxy_build_info",
+            "The running version (always 1)",
+            ["version"],
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.build_info.labels(version=__version__).set(1)
         for source in ("memory", "disk", "upstream"):
             self.time_to_first_byte.labels(source=source)
         if not os.environ.get(MULTIPROC_ENV):  # else added at each scrape (see exposition)
             _add_process_collectors(r)
         for tier in ("memory", "disk", "shared"):
-            for family in (self.cache_hits, self.cache_misses, self.cache_evictions,
-                           self.cache_bytes, self.cache_max_bytes):
+            for family in (
+                self.cache_hits,
+                self.cache_misses,
+                self.cache_evictions,
+                self.cache_bytes,
+                self.cache_max_bytes,
+            ):
                 family.labels(tier=tier)
         self.cache_corrupt_blocks.labels(tier="disk")
         self.cache_corrupt_blocks.labels(tier="shared")

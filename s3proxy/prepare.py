@@ -57,8 +57,12 @@ def _say(message: str) -> None:
 
 def _progress(label: str, done: float, total: float) -> None:
     if total > 0 and sys.stderr.isatty():
-        print(f"\rprepare: {label} {min(100.0, 100 * done / total):5.1f}%", end="",
-              file=sys.stderr, flush=True)
+        print(
+            f"\rprepare: {label} {min(100.0, 100 * done / total):5.1f}%",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
         if done >= total:
             print(file=sys.stderr, flush=True)
 
@@ -72,8 +76,20 @@ def _tool(name: str) -> str:
 
 def probe(path: Path) -> dict[str, Any]:
     result = subprocess.run(
-        [_tool("ffprobe"), "-v", "error", "-print_format", "json", "-show_format",
-         "-show_streams", str(path)], capture_output=True, text=True, timeout=300)
+        [
+            _tool("ffprobe"),
+            "-v",
+            "error",
+            "-print_format",
+            "json",
+            "-show_format",
+            "-show_streams",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or ["unreadable"])[-1]
         raise PrepareError(f"{path.name} is not a media file ffprobe can read: {reason}")
@@ -108,10 +124,18 @@ def top_level_boxes(path: Path) -> list[tuple[str, int, int]]:
 
 def _ffmpeg(args: list[str], duration: float | None) -> subprocess.CompletedProcess[str]:
     """Run ffmpeg with `-progress`, showing it on a terminal."""
-    command = [_tool("ffmpeg"), "-hide_banner", "-nostdin", "-v", "error", "-y",
-               "-progress", "pipe:1", *args]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    command = [
+        _tool("ffmpeg"),
+        "-hide_banner",
+        "-nostdin",
+        "-v",
+        "error",
+        "-y",
+        "-progress",
+        "pipe:1",
+        *args,
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert process.stdout is not None and process.stderr is not None
     for line in process.stdout:
         if line.startswith("out_time_us=") and duration:
@@ -128,34 +152,56 @@ def remux(source: Path, work: Path, info: dict[str, Any], summary: Summary) -> P
     """An MP4 with the index first, or the input itself when MP4 can not hold it."""
     duration = float(info.get("format", {}).get("duration") or 0) or None
     target = work / "prepared.mp4"
-    result = _ffmpeg(["-xerror", "-i", str(source), "-map", "0", "-c", "copy",
-                      "-movflags", "+faststart", "-f", "mp4", str(target)], duration)
+    result = _ffmpeg(
+        [
+            "-xerror",
+            "-i",
+            str(source),
+            "-map",
+            "0",
+            "-c",
+            "copy",
+            "-movflags",
+            "+faststart",
+            "-f",
+            "mp4",
+            str(target),
+        ],
+        duration,
+    )
     if result.returncode == 0:
         summary.container = "mp4"
         return target
     lines = result.stderr.strip().splitlines() or ["ffmpeg failed"]
-    unsupported = [line for line in lines if "Could not find tag" in line
-                   or "not currently supported in container" in line]
+    unsupported = [
+        line
+        for line in lines
+        if "Could not find tag" in line or "not currently supported in container" in line
+    ]
     reason = unsupported[0] if unsupported else lines[-1]
     if unsupported:
         container = info.get("format", {}).get("format_name", "")
         if "mpegts" in container or "matroska" in container:
             summary.container = "mpegts" if "mpegts" in container else "matroska"
-            summary.notes.append(f"kept as {summary.container}: its streams can not go "
-                                 f"into MP4 ({reason})")
+            summary.notes.append(
+                f"kept as {summary.container}: its streams can not go into MP4 ({reason})"
+            )
             _say(summary.notes[-1])
             return source
-    raise PrepareError(f"{source.name} could not be remuxed (truncated or damaged?): "
-                       f"{reason}")
+    raise PrepareError(f"{source.name} could not be remuxed (truncated or damaged?): {reason}")
 
 
 def verify_complete(path: Path, info: dict[str, Any]) -> None:
     """Read every packet once: a truncated file fails here, before anything is uploaded."""
     duration = float(info.get("format", {}).get("duration") or 0) or None
-    result = _ffmpeg(["-xerror", "-i", str(path), "-map", "0", "-c", "copy", "-f", "null",
-                      "-"], duration)
-    damaged = [line for line in result.stderr.splitlines()
-               if "partial file" in line or "Invalid data" in line or "corrupt" in line]
+    result = _ffmpeg(
+        ["-xerror", "-i", str(path), "-map", "0", "-c", "copy", "-f", "null", "-"], duration
+    )
+    damaged = [
+        line
+        for line in result.stderr.splitlines()
+        if "partial file" in line or "Invalid data" in line or "corrupt" in line
+    ]
     if result.returncode != 0 or damaged:
         reason = (damaged or result.stderr.strip().splitlines() or ["read error"])[-1]
         raise PrepareError(f"{path.name} is truncated or damaged: {reason}")
@@ -168,8 +214,9 @@ def make_sidecar(path: Path, container: str, name: str, summary: Summary) -> Pat
         summary.notes.append(f"no .dtsh: {binary or 'a Mist input'} is not on PATH")
         _say(f"skipped the .dtsh header: {binary or 'a Mist input'} is not on PATH")
         return None
-    result = subprocess.run([found, "-H", "-s", name, str(path)], capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [found, "-H", "-s", name, str(path)], capture_output=True, text=True, timeout=600
+    )
     sidecar = Path(str(path) + ".dtsh")
     if result.returncode != 0 or not sidecar.is_file():
         summary.notes.append(f"no .dtsh: {binary} failed")
@@ -208,29 +255,38 @@ def _s3_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-async def _upload(client: Any, bucket: str, key: str, path: Path, content_type: str,
-                  sha: str) -> None:
+async def _upload(
+    client: Any, bucket: str, key: str, path: Path, content_type: str, sha: str
+) -> None:
     size = path.stat().st_size
     metadata = {SHA_META: sha}
     if size <= PART_SIZE:
-        await client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes(),
-                                ContentType=content_type, Metadata=metadata)
+        await client.put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=path.read_bytes(),
+            ContentType=content_type,
+            Metadata=metadata,
+        )
         return
-    upload = await client.create_multipart_upload(Bucket=bucket, Key=key,
-                                                  ContentType=content_type, Metadata=metadata)
+    upload = await client.create_multipart_upload(
+        Bucket=bucket, Key=key, ContentType=content_type, Metadata=metadata
+    )
     upload_id = upload["UploadId"]
     parts = []
     try:
         with open(path, "rb") as handle:
             number = 1
             while chunk := handle.read(PART_SIZE):
-                part = await client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id,
-                                                PartNumber=number, Body=chunk)
+                part = await client.upload_part(
+                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk
+                )
                 parts.append({"ETag": part["ETag"], "PartNumber": number})
                 _progress("upload", min(size, number * PART_SIZE), size)
                 number += 1
-        await client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
-                                               MultipartUpload={"Parts": parts})
+        await client.complete_multipart_upload(
+            Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+        )
     except BaseException:
         await client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
         raise
@@ -251,8 +307,9 @@ async def prepare(source: str, asset: str, config: Config) -> Summary:
     key = object_key(config.s3.prefix, asset)
     summary = Summary(asset=asset, bucket=bucket, key=key)
     session = get_session()
-    async with session.create_client("s3", region_name=config.s3.region,
-                                     endpoint_url=config.s3.endpoint_url) as client:
+    async with session.create_client(
+        "s3", region_name=config.s3.region, endpoint_url=config.s3.endpoint_url
+    ) as client:
         with tempfile.TemporaryDirectory(prefix="s3proxy-prepare-") as tmp:
             work = Path(tmp)
             if source.startswith("s3://"):
@@ -281,17 +338,25 @@ async def prepare(source: str, asset: str, config: Config) -> Summary:
             if summary.size >= MIST_LIMIT:
                 summary.notes.append("2 GiB or more: MistServer can not play files this large")
                 _say("warning: " + summary.notes[-1])
-            sidecar = await asyncio.to_thread(make_sidecar, prepared, summary.container,
-                                              asset, summary)
+            sidecar = await asyncio.to_thread(
+                make_sidecar, prepared, summary.container, asset, summary
+            )
             sha = await asyncio.to_thread(_sha256, prepared)
-            content_type = {"mp4": "video/mp4", "mpegts": "video/mp2t",
-                            "matroska": "video/x-matroska"}.get(summary.container,
-                                                                "application/octet-stream")
+            content_type = {
+                "mp4": "video/mp4",
+                "mpegts": "video/mp2t",
+                "matroska": "video/x-matroska",
+            }.get(summary.container, "application/octet-stream")
             try:
                 if sidecar is not None:  # first: the asset's presence means "ready"
-                    await _upload(client, bucket, key + ".dtsh", sidecar,
-                                  "application/octet-stream", await asyncio.to_thread(
-                                      _sha256, sidecar))
+                    await _upload(
+                        client,
+                        bucket,
+                        key + ".dtsh",
+                        sidecar,
+                        "application/octet-stream",
+                        await asyncio.to_thread(_sha256, sidecar),
+                    )
                     summary.sidecar = "uploaded"
                 if await _existing_sha(client, bucket, key) == sha:
                     summary.uploaded = "unchanged"
@@ -301,8 +366,9 @@ async def prepare(source: str, asset: str, config: Config) -> Summary:
             except PrepareError:
                 raise
             except Exception as exc:
-                raise PrepareError(f"upload to s3://{bucket}/{key} failed: "
-                                   f"{_s3_reason(exc)}") from None
+                raise PrepareError(
+                    f"upload to s3://{bucket}/{key} failed: {_s3_reason(exc)}"
+                ) from None
     return summary
 
 
@@ -314,4 +380,3 @@ def run_prepare(source: str, asset: str, config: Config) -> int:
         return 2
     print(json.dumps(summary.__dict__, indent=2))
     return 0
-

@@ -142,13 +142,16 @@ class MultipartLayout:
         return sum(len(p.header) + p.range.length for p in self.parts) + len(self.trailer)
 
 
-def multipart_layout(ranges: list[ByteRange], size: int, part_type: str,
-                     boundary: str) -> MultipartLayout:
+def multipart_layout(
+    ranges: list[ByteRange], size: int, part_type: str, boundary: str
+) -> MultipartLayout:
     parts = []
     for index, byte_range in enumerate(ranges):
         lead = b"" if index == 0 else b"\r\n"
-        header = (f"--{boundary}\r\nContent-Type: {part_type}\r\n"
-                  f"Content-Range: {byte_range.content_range(size)}\r\n\r\n").encode("latin-1")
+        header = (
+            f"--{boundary}\r\nContent-Type: {part_type}\r\n"
+            f"Content-Range: {byte_range.content_range(size)}\r\n\r\n"
+        ).encode("latin-1")
         parts.append(MultipartPart(lead + header, byte_range))
     trailer = f"\r\n--{boundary}--\r\n".encode("latin-1")
     return MultipartLayout(f"multipart/byteranges; boundary={boundary}", parts, trailer)
@@ -220,8 +223,9 @@ def _seconds(moment: datetime) -> datetime:
     return moment.replace(microsecond=0)
 
 
-def evaluate_preconditions(method: str, headers: Mapping[str, str], etag: str,
-                           last_modified: datetime) -> int | None:
+def evaluate_preconditions(
+    method: str, headers: Mapping[str, str], etag: str, last_modified: datetime
+) -> int | None:
     """RFC 9110 13.2.2 order: the status to answer with (412 or 304), or None to go on."""
     tag = parse_etag(etag)
     modified = _seconds(last_modified)
@@ -256,4 +260,3 @@ def if_range_matches(value: str, etag: str, last_modified: datetime) -> bool:
         return isinstance(tags, list) and len(tags) == 1 and _strong_match(tags, parse_etag(etag))
     date = parse_http_date(value)
     return date is not None and date == _seconds(last_modified)
-

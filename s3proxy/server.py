@@ -40,10 +40,16 @@ def _bound(runner: web.AppRunner) -> tuple[str, int]:
     return str(address[0]), int(address[1])
 
 
-async def run(config: Config, *, config_path: str | None = None,
-              on_started: OnStarted | None = None,
-              stop: asyncio.Event | None = None, worker: int = 0, workers: int = 1,
-              shared_dir: str | None = None) -> int:
+async def run(
+    config: Config,
+    *,
+    config_path: str | None = None,
+    on_started: OnStarted | None = None,
+    stop: asyncio.Event | None = None,
+    worker: int = 0,
+    workers: int = 1,
+    shared_dir: str | None = None,
+) -> int:
     """Serve until SIGTERM/SIGINT (or `stop` is set); drain in-flight requests; return 0.
 
     SIGHUP re-reads `config_path` and applies the auth keys, revocations and log level.
@@ -56,25 +62,47 @@ async def run(config: Config, *, config_path: str | None = None,
     shared = workers > 1
     # aiohttp waits its shutdown timeout for handlers, then again after cancelling them:
     # the drain below is ours, so the whole stop stays within server.shutdown_timeout_s
-    runner = web.AppRunner(create_app(config, proxy), handle_signals=False,
-                           shutdown_timeout=CANCEL_GRACE_S / 2, **RUNNER_OPTIONS)
-    admin_runner = web.AppRunner(create_admin_app(proxy), handle_signals=False,
-                                 shutdown_timeout=CANCEL_GRACE_S / 2, **RUNNER_OPTIONS)
+    runner = web.AppRunner(
+        create_app(config, proxy),
+        handle_signals=False,
+        shutdown_timeout=CANCEL_GRACE_S / 2,
+        **RUNNER_OPTIONS,
+    )
+    admin_runner = web.AppRunner(
+        create_admin_app(proxy),
+        handle_signals=False,
+        shutdown_timeout=CANCEL_GRACE_S / 2,
+        **RUNNER_OPTIONS,
+    )
     await runner.setup()
     try:
         await admin_runner.setup()
-        main_site = web.TCPSite(runner, config.server.host, config.server.port,
-                                backlog=min(config.server.max_connections, 65535),
-                                reuse_port=shared)
+        main_site = web.TCPSite(
+            runner,
+            config.server.host,
+            config.server.port,
+            backlog=min(config.server.max_connections, 65535),
+            reuse_port=shared,
+        )
         await _listen(main_site, "server", config.server.host, config.server.port)
-        await _listen(web.TCPSite(admin_runner, config.admin.host, config.admin.port,
-                                  reuse_port=shared),
-                      "admin", config.admin.host, config.admin.port)
+        await _listen(
+            web.TCPSite(admin_runner, config.admin.host, config.admin.port, reuse_port=shared),
+            "admin",
+            config.admin.host,
+            config.admin.port,
+        )
         listening = Listening(_bound(runner), _bound(admin_runner))
-        log.info("listening", extra={"fields": {"worker": worker,
-            "main": f"{listening.main[0]}:{listening.main[1]}",
-            "admin": f"{listening.admin[0]}:{listening.admin[1]}",
-            "bucket": config.s3.bucket}})
+        log.info(
+            "listening",
+            extra={
+                "fields": {
+                    "worker": worker,
+                    "main": f"{listening.main[0]}:{listening.main[1]}",
+                    "admin": f"{listening.admin[0]}:{listening.admin[1]}",
+                    "bucket": config.s3.bucket,
+                }
+            },
+        )
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -88,8 +116,10 @@ async def run(config: Config, *, config_path: str | None = None,
         await stop.wait()
         if orphaned is not None:
             orphaned.cancel()
-        log.info("stopping: draining in-flight requests",
-                 extra={"fields": {"timeout_s": config.server.shutdown_timeout_s}})
+        log.info(
+            "stopping: draining in-flight requests",
+            extra={"fields": {"timeout_s": config.server.shutdown_timeout_s}},
+        )
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         await _drain(main_site, proxy, config.server.shutdown_timeout_s)
@@ -107,8 +137,9 @@ async def _listen(site: web.TCPSite, what: str, host: str, port: int) -> None:
     try:
         await site.start()
     except OSError as exc:
-        raise StartupError(f"{what}.host/{what}.port: can not listen on {host}:{port}: "
-                           f"{exc.strerror or exc}") from None
+        raise StartupError(
+            f"{what}.host/{what}.port: can not listen on {host}:{port}: {exc.strerror or exc}"
+        ) from None
 
 
 async def _drain(site: web.TCPSite, proxy: Proxy, timeout_s: float) -> None:
@@ -171,9 +202,11 @@ def shared_tier_dir(config: Config) -> tuple[str, int] | None:
         if stats.f_bavail * stats.f_frsize < int(config.cache.max_bytes) and root == SHM:
             continue
         if root != SHM:
-            log.warning("the workers share blocks through the temporary directory: "
-                        f"{SHM} lacks room for cache.max_bytes (Docker: --shm-size)",
-                        extra={"fields": {"path": root}})
+            log.warning(
+                "the workers share blocks through the temporary directory: "
+                f"{SHM} lacks room for cache.max_bytes (Docker: --shm-size)",
+                extra={"fields": {"path": root}},
+            )
         directory = tempfile.mkdtemp(prefix=SHARED_PREFIX, dir=root)
         lock = os.open(os.path.join(directory, LOCK), os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(lock, fcntl.LOCK_EX)  # held until the group is gone
@@ -221,9 +254,11 @@ def supervise(config: Config, config_path: str | None) -> int:
     reasons = context.SimpleQueue()  # a worker that can not start says why here
 
     def start(index: int) -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=_worker_main, args=(config, config_path, index,
-                                                             workers, shared_dir, reasons),
-                                  daemon=False)
+        process = context.Process(
+            target=_worker_main,
+            args=(config, config_path, index, workers, shared_dir, reasons),
+            daemon=False,
+        )
         process.start()
         return process
 
@@ -240,8 +275,9 @@ def supervise(config: Config, config_path: str | None) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
-    log.info("supervising workers", extra={"fields": {"workers": workers,
-                                                      "shared_tier": shared_dir}})
+    log.info(
+        "supervising workers", extra={"fields": {"workers": workers, "shared_tier": shared_dir}}
+    )
     crashes: list[float] = []  # when workers died, recently
     try:
         while True:
@@ -260,11 +296,16 @@ def supervise(config: Config, config_path: str | None) -> int:
                 now = time.monotonic()
                 crashes = [t for t in crashes if now - t < CRASH_WINDOW_S] + [now]
                 if len(crashes) > MAX_CRASHES:
-                    return _give_up(processes, f"workers crashed {len(crashes)} times in "
-                                               f"{CRASH_WINDOW_S:.0f} s")
+                    return _give_up(
+                        processes, f"workers crashed {len(crashes)} times in {CRASH_WINDOW_S:.0f} s"
+                    )
                 delay = min(MAX_BACKOFF_S, 0.5 * 2 ** (len(crashes) - 1))
-                log.error("worker exited; restarting it", extra={"fields": {
-                    "worker": index, "exitcode": process.exitcode, "after_s": delay}})
+                log.error(
+                    "worker exited; restarting it",
+                    extra={
+                        "fields": {"worker": index, "exitcode": process.exitcode, "after_s": delay}
+                    },
+                )
                 time.sleep(delay)
                 processes[index] = start(index)
             if stopping and not processes:
@@ -291,16 +332,29 @@ def _give_up(processes: dict[int, multiprocessing.process.BaseProcess], why: str
     return 1
 
 
-def _worker_main(config: Config, config_path: str | None, index: int, workers: int,
-                 shared_dir: str | None, reasons: Any) -> None:
+def _worker_main(
+    config: Config,
+    config_path: str | None,
+    index: int,
+    workers: int,
+    shared_dir: str | None,
+    reasons: Any,
+) -> None:
     from .logs import configure_logging
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
     configure_logging(config.log.level, config.log.format)
     try:
-        code = asyncio.run(run(config, config_path=config_path, worker=index,
-                               workers=workers, shared_dir=shared_dir))
+        code = asyncio.run(
+            run(
+                config,
+                config_path=config_path,
+                worker=index,
+                workers=workers,
+                shared_dir=shared_dir,
+            )
+        )
     except StartupError as exc:
         reasons.put(str(exc))  # the supervisor says it, once
         code = EXIT_STARTUP

@@ -73,8 +73,15 @@ class Answer:
     `ok` when the body came whole (or we closed it early), `error` when the body failed,
     `invalid` when the caller discarded it as not what was asked."""
 
-    def __init__(self, upstream: S3Upstream, status: int, meta: ObjectMeta,
-                 content_range: tuple[int, int, int] | None, length: int, body: Any) -> None:
+    def __init__(
+        self,
+        upstream: S3Upstream,
+        status: int,
+        meta: ObjectMeta,
+        content_range: tuple[int, int, int] | None,
+        length: int,
+        body: Any,
+    ) -> None:
         self._upstream = upstream
         self.status = status
         self.meta = meta
@@ -156,23 +163,24 @@ class S3Upstream:
         # Last-Modified is an HTTP date: the standard library parses it several times
         # faster than botocore's default (dateutil), which stays for anything else.
         session.get_component("response_parser_factory").set_parser_defaults(
-            timestamp_parser=_parse_timestamp)
+            timestamp_parser=_parse_timestamp
+        )
         self._client = await self._stack.enter_async_context(
-            session.create_client("s3", region_name=cfg.region, endpoint_url=cfg.endpoint_url,
-                                  config=aio_config))
+            session.create_client(
+                "s3", region_name=cfg.region, endpoint_url=cfg.endpoint_url, config=aio_config
+            )
+        )
 
     async def close(self) -> None:
         await self._stack.aclose()
         self._client = None
 
-    async def head(self, key: str, if_none_match: str | None = None
-                   ) -> ObjectMeta | NotModified:
+    async def head(self, key: str, if_none_match: str | None = None) -> ObjectMeta | NotModified:
         """The object's metadata; NOT_MODIFIED when `if_none_match` still names it."""
         started = time.monotonic()
         extra = {"IfNoneMatch": if_none_match} if if_none_match else {}
         try:
-            response = await self._client.head_object(Bucket=self._config.bucket, Key=key,
-                                                      **extra)
+            response = await self._client.head_object(Bucket=self._config.bucket, Key=key, **extra)
         except asyncio.CancelledError:
             self._count("head", "ok")  # sent, then abandoned by us: counted all the same
             raise
@@ -187,8 +195,15 @@ class S3Upstream:
         self._count("head", "ok", started)
         return meta_from(key, response, int(response["ContentLength"]))
 
-    async def get(self, key: str, start: int, end: int, *, if_match: str | None = None,
-                  if_none_match: str | None = None) -> Answer | NotModified:
+    async def get(
+        self,
+        key: str,
+        start: int,
+        end: int,
+        *,
+        if_match: str | None = None,
+        if_none_match: str | None = None,
+    ) -> Answer | NotModified:
         """A GET of bytes start..end (inclusive): its head is in, its body still to come.
 
         Nothing here trusts the answer: the caller checks it against what it asked
@@ -203,7 +218,8 @@ class S3Upstream:
             extra["IfNoneMatch"] = if_none_match
         try:
             response = await self._client.get_object(
-                Bucket=self._config.bucket, Key=key, Range=f"bytes={start}-{end}", **extra)
+                Bucket=self._config.bucket, Key=key, Range=f"bytes={start}-{end}", **extra
+            )
         except asyncio.CancelledError:
             self._count("get", "ok")  # sent, then abandoned by us: counted all the same
             raise
@@ -222,14 +238,16 @@ class S3Upstream:
         length = int(response.get("ContentLength", -1))
         content_range = parse_content_range(response.get("ContentRange"))
         size = content_range[2] if content_range is not None else max(length, 0)
-        return Answer(self, status, meta_from(key, response, size), content_range, length,
-                      response["Body"])
+        return Answer(
+            self, status, meta_from(key, response, size), content_range, length, response["Body"]
+        )
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         started = time.monotonic()
         try:
-            await self._client.put_object(Bucket=self._config.bucket, Key=key, Body=data,
-                                          ContentType=content_type)
+            await self._client.put_object(
+                Bucket=self._config.bucket, Key=key, Body=data, ContentType=content_type
+            )
         except Exception as exc:
             raise self._failed("put", started, exc) from None
         self._count("put", "ok", started)
@@ -291,9 +309,13 @@ def meta_from(key: str, response: dict[str, Any], size: int) -> ObjectMeta:
     """Object metadata from a HEAD or GET answer (the size comes from the caller: a
     ranged GET's Content-Length is the range's, not the object's)."""
     last_modified = response.get("LastModified") or datetime.now(UTC)
-    return ObjectMeta(key=key, size=size, etag=response.get("ETag", ""),
-                      last_modified=last_modified.astimezone(UTC),
-                      content_type=response.get("ContentType"))
+    return ObjectMeta(
+        key=key,
+        size=size,
+        etag=response.get("ETag", ""),
+        last_modified=last_modified.astimezone(UTC),
+        content_type=response.get("ContentType"),
+    )
 
 
 def _classify(exc: BaseException) -> S3ProxyError:
@@ -311,8 +333,7 @@ def _classify(exc: BaseException) -> S3ProxyError:
         if status >= 500 or code in ("SlowDown", "InternalError", "ServiceUnavailable"):
             return UpstreamUnavailable(f"upstream error {status or code}")
         return UpstreamDenied(f"upstream refused the request ({code or status})")
-    if isinstance(exc, (ReadTimeoutError, ConnectTimeoutError, asyncio.TimeoutError,
-                        TimeoutError)):
+    if isinstance(exc, (ReadTimeoutError, ConnectTimeoutError, asyncio.TimeoutError, TimeoutError)):
         return UpstreamTimeout("upstream timed out")
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
         return UpstreamDenied("no usable AWS credentials")

@@ -26,8 +26,12 @@ SECRET_ENV = "S3PROXY_TEST_JWT_SECRET"
 SECRET = "test-only-placeholder-secret-" + "0123456789abcdef" * 3
 
 
-PACKAGES = {"ffmpeg": "ffmpeg", "ffprobe": "ffmpeg", "promtool": "prometheus",
-            "prometheus": "prometheus"}
+PACKAGES = {
+    "ffmpeg": "ffmpeg",
+    "ffprobe": "ffmpeg",
+    "promtool": "prometheus",
+    "prometheus": "prometheus",
+}
 
 
 def require_tool(name: str) -> str:
@@ -58,11 +62,13 @@ class _CountingWSGI:
         self._lock = lock
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-        headers = {k[5:].replace("_", "-").title(): v for k, v in environ.items()
-                   if k.startswith("HTTP_")}
+        headers = {
+            k[5:].replace("_", "-").title(): v for k, v in environ.items() if k.startswith("HTTP_")
+        }
         with self._lock:
-            self._seen.append(SeenRequest(environ["REQUEST_METHOD"],
-                                          environ.get("PATH_INFO", ""), headers))
+            self._seen.append(
+                SeenRequest(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), headers)
+            )
         return self._app(environ, start_response)
 
 
@@ -73,24 +79,36 @@ class Emulator:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def client(self) -> Any:
-        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
 
     def requests_for(self, bucket: str) -> list[SeenRequest]:
         with self.lock:
-            return [r for r in self.seen
-                    if r.path == f"/{bucket}" or r.path.startswith(f"/{bucket}/")]
+            return [
+                r for r in self.seen if r.path == f"/{bucket}" or r.path.startswith(f"/{bucket}/")
+            ]
 
     def object_requests(self, bucket: str) -> list[SeenRequest]:
         """Reads of objects (not the tests' uploads, nor the readiness probe of the bucket)."""
-        return [r for r in self.requests_for(bucket)
-                if r.path.startswith(f"/{bucket}/") and r.method in ("GET", "HEAD")]
+        return [
+            r
+            for r in self.requests_for(bucket)
+            if r.path.startswith(f"/{bucket}/") and r.method in ("GET", "HEAD")
+        ]
 
 
 @pytest.fixture(scope="session")
 def emulator() -> Iterator[Emulator]:
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_EC2_METADATA_DISABLED", "true")):
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ):
         os.environ[name] = value
     os.environ.pop("AWS_PROFILE", None)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -130,18 +148,33 @@ def make_config(endpoint_url: str, bucket: str, **overrides: Any) -> Config:
     base = {
         "server": {"host": "127.0.0.1", "port": 0},
         "admin": {"host": "127.0.0.1", "port": 0},
-        "s3": {"bucket": bucket, "endpoint_url": endpoint_url, "connect_timeout_s": 2,
-               "read_timeout_s": 5, "max_attempts": 2},
+        "s3": {
+            "bucket": bucket,
+            "endpoint_url": endpoint_url,
+            "connect_timeout_s": 2,
+            "read_timeout_s": 5,
+            "max_attempts": 2,
+        },
         "auth": {"algorithms": ["HS256"], "keys": [{"kid": "k1", "secret_env": SECRET_ENV}]},
     }
     return config_from_dict(deep_merge(base, overrides), source="<test>")
 
 
-def make_token(assets: list[str] | str = "**", *, ttl: int = 600, key: Any = SECRET,
-               algorithm: str = "HS256", kid: str | None = "k1", **claims: Any) -> str:
+def make_token(
+    assets: list[str] | str = "**",
+    *,
+    ttl: int = 600,
+    key: Any = SECRET,
+    algorithm: str = "HS256",
+    kid: str | None = "k1",
+    **claims: Any,
+) -> str:
     now = int(time.time())
-    payload: dict[str, Any] = {"iat": now, "exp": now + ttl,
-                               "assets": [assets] if isinstance(assets, str) else assets}
+    payload: dict[str, Any] = {
+        "iat": now,
+        "exp": now + ttl,
+        "assets": [assets] if isinstance(assets, str) else assets,
+    }
     payload.update(claims)
     payload = {k: v for k, v in payload.items() if v is not None}
     headers = {"kid": kid} if kid else {}
@@ -171,8 +204,7 @@ StartProxy = Callable[..., Awaitable[RunningProxy]]
 
 
 @pytest.fixture
-async def start_proxy(emulator: Emulator, bucket: str,
-                      aiohttp_server: Any) -> StartProxy:
+async def start_proxy(emulator: Emulator, bucket: str, aiohttp_server: Any) -> StartProxy:
     """Start the proxy (main + admin listener) on loopback against the emulator."""
 
     async def start(config: Config | None = None, **overrides: Any) -> RunningProxy:
@@ -189,8 +221,8 @@ async def start_proxy(emulator: Emulator, bucket: str,
     return start
 
 
-def put_object(emulator: Emulator, bucket: str, key: str, data: bytes,
-               content_type: str | None = None) -> None:
+def put_object(
+    emulator: Emulator, bucket: str, key: str, data: bytes, content_type: str | None = None
+) -> None:
     extra = {"ContentType": content_type} if content_type else {}
     emulator.client().put_object(Bucket=bucket, Key=key, Body=data, **extra)
-

@@ -39,8 +39,9 @@ class StartUp:
 class Connection:
     """One keep-alive HTTP/1.1 connection, read as far as the caller wants."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 log: list[Exchange]) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, log: list[Exchange]
+    ) -> None:
         self._reader, self._writer, self._log = reader, writer, log
 
     @classmethod
@@ -48,8 +49,9 @@ class Connection:
         reader, writer = await asyncio.open_connection(host, port)
         return cls(reader, writer, log)
 
-    async def request(self, method: str, target: str, range_: str | None = None,
-                      extra: str = "") -> Exchange:
+    async def request(
+        self, method: str, target: str, range_: str | None = None, extra: str = ""
+    ) -> Exchange:
         lines = [f"{method} {target} HTTP/1.1", "Host: origin", "User-Agent: MistServer/3.10"]
         if range_:
             lines.append(f"Range: {range_}")
@@ -91,15 +93,19 @@ def sidecar_target(source: str) -> str:
     return source + ".dtsh"
 
 
-async def mp4_start_up(host: str, port: int, source: str, *,
-                       put_sidecar: bytes | None = None) -> StartUp:
+async def mp4_start_up(
+    host: str, port: int, source: str, *, put_sidecar: bytes | None = None
+) -> StartUp:
     """Everything Mist reads of an MP4 source before it can play."""
     started = time.perf_counter()
     log: list[Exchange] = []
     conn = await Connection.open(host, port, log)
     head = await conn.request("HEAD", source)
-    if not (200 <= head.status < 300 and "accept-ranges" in head.headers
-            and "content-length" in head.headers):
+    if not (
+        200 <= head.status < 300
+        and "accept-ranges" in head.headers
+        and "content-length" in head.headers
+    ):
         raise AssertionError(f"Mist would not treat this source as seekable: {head}")
     size = int(head.headers["content-length"])
     boxes: list[tuple[str, int, int]] = []
@@ -136,14 +142,17 @@ async def mp4_start_up(host: str, port: int, source: str, *,
     return StartUp(size, boxes, moov, sidecar_head.status, sidecar, seconds, log)
 
 
-async def put_header(host: str, port: int, source: str, header: bytes,
-                     log: list[Exchange]) -> Exchange:
+async def put_header(
+    host: str, port: int, source: str, header: bytes, log: list[Exchange]
+) -> Exchange:
     """Mist's attempt to store the header it built: PUT with Expect: 100-continue and a
     chunked body, which it sends only after a 100."""
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(f"PUT {sidecar_target(source)} HTTP/1.1\r\nHost: origin\r\n"
-                 "User-Agent: MistServer/3.10\r\nExpect: 100-continue\r\n"
-                 "Transfer-Encoding: chunked\r\n\r\n".encode())
+    writer.write(
+        f"PUT {sidecar_target(source)} HTTP/1.1\r\nHost: origin\r\n"
+        "User-Agent: MistServer/3.10\r\nExpect: 100-continue\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n".encode()
+    )
     await writer.drain()
     first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     if first.startswith(b"HTTP/1.1 100"):
@@ -152,9 +161,12 @@ async def put_header(host: str, port: int, source: str, header: bytes,
         first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     writer.transport.abort()
     status_line, *header_lines = first.decode("latin-1").split("\r\n")
-    headers = {n.strip().lower(): v.strip() for n, _, v in
-               (line.partition(":") for line in header_lines if ":" in line)}
-    exchange = Exchange("PUT", sidecar_target(source), None, int(status_line.split()[1]),
-                        headers, b"")
+    headers = {
+        n.strip().lower(): v.strip()
+        for n, _, v in (line.partition(":") for line in header_lines if ":" in line)
+    }
+    exchange = Exchange(
+        "PUT", sidecar_target(source), None, int(status_line.split()[1]), headers, b""
+    )
     log.append(exchange)
     return exchange

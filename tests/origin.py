@@ -22,8 +22,7 @@ CHUNK = 64 * 1024
 _PATTERN = bytes(i % PERIOD for i in range(2 * PERIOD + CHUNK))
 ETAG = '"0123456789abcdef0123456789abcdef"'
 
-Behaviour = Literal["ok", "stall_headers", "stall_body", "error_500", "denied_403",
-                    "get_error_500"]
+Behaviour = Literal["ok", "stall_headers", "stall_body", "error_500", "denied_403", "get_error_500"]
 # what one GET does wrong: answer 200 with the whole object; another range than asked;
 # a Content-Length short of the range; a body cut short of its Content-Length; ignore
 # If-Match and send the current version
@@ -36,7 +35,7 @@ def pattern(start: int, length: int, version: int = 0) -> bytes:
     while length > 0:
         n = min(length, CHUNK)
         offset = (start + version) % PERIOD
-        out += _PATTERN[offset:offset + n]
+        out += _PATTERN[offset : offset + n]
         start += n
         length -= n
     return bytes(out)
@@ -95,8 +94,12 @@ def make_origin(state: OriginState) -> web.Application:
             return web.Response(status=200)
         fault = state.faults.pop(0) if request.method == "GET" and state.faults else None
         version = state.version
-        headers = {"ETag": etag_of(version), "Last-Modified": "Mon, 02 Nov 2026 10:00:00 GMT",
-                   "Accept-Ranges": "bytes", "Content-Type": "video/mp4"}
+        headers = {
+            "ETag": etag_of(version),
+            "Last-Modified": "Mon, 02 Nov 2026 10:00:00 GMT",
+            "Accept-Ranges": "bytes",
+            "Content-Type": "video/mp4",
+        }
         if not state.send_etag:
             del headers["ETag"]
         if_match = request.headers.get("If-Match")
@@ -106,8 +109,12 @@ def make_origin(state: OriginState) -> web.Application:
                 state.conditional.append((request.method, name))
         if if_none_match == etag_of(version):
             return web.Response(status=304, headers={"ETag": etag_of(version)})
-        if (if_match is not None and if_match != etag_of(version) and state.honours_if_match
-                and fault != "ignore_if_match"):
+        if (
+            if_match is not None
+            and if_match != etag_of(version)
+            and state.honours_if_match
+            and fault != "ignore_if_match"
+        ):
             return web.Response(status=412, text="<Error><Code>PreconditionFailed</Code></Error>")
         if request.method == "HEAD":
             return web.Response(headers={**headers, "Content-Length": str(state.size)})

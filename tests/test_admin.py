@@ -14,10 +14,14 @@ from .test_http import fetch
 from .test_upstream import closed_port
 
 METRIC_NAMES = [
-    "s3proxy_requests_total", "s3proxy_request_duration_seconds",
-    "s3proxy_response_bytes_total", "s3proxy_inflight_requests",
-    "s3proxy_auth_failures_total", "s3proxy_upstream_requests_total",
-    "s3proxy_upstream_request_duration_seconds", "s3proxy_upstream_bytes_total",
+    "s3proxy_requests_total",
+    "s3proxy_request_duration_seconds",
+    "s3proxy_response_bytes_total",
+    "s3proxy_inflight_requests",
+    "s3proxy_auth_failures_total",
+    "s3proxy_upstream_requests_total",
+    "s3proxy_upstream_request_duration_seconds",
+    "s3proxy_upstream_bytes_total",
 ]
 
 
@@ -43,9 +47,11 @@ async def test_readyz_follows_the_upstream_probe(start_proxy: StartProxy) -> Non
 
 
 async def test_readyz_is_503_with_the_reason_when_s3_is_unreachable(
-        start_proxy: StartProxy) -> None:
-    config = make_config(f"http://127.0.0.1:{closed_port()}", "media",
-                         s3={"connect_timeout_s": 1, "max_attempts": 1})
+    start_proxy: StartProxy,
+) -> None:
+    config = make_config(
+        f"http://127.0.0.1:{closed_port()}", "media", s3={"connect_timeout_s": 1, "max_attempts": 1}
+    )
     running = await start_proxy(config)
     await asyncio.sleep(0.3)
     status, _, body = await fetch(running.admin_url("/readyz"))
@@ -54,7 +60,8 @@ async def test_readyz_is_503_with_the_reason_when_s3_is_unreachable(
 
 
 async def test_readyz_with_a_missing_probe_key_is_503(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     running = await start_proxy(s3={"probe_key": "health/missing.txt"})
     await asyncio.sleep(0.3)
     status, _, body = await fetch(running.admin_url("/readyz"))
@@ -65,7 +72,8 @@ async def test_readyz_with_a_missing_probe_key_is_503(
 
 
 async def test_metrics_expose_the_documented_names_without_tokens_or_assets(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     put_object(emulator, bucket, "movies/secret-title.mp4", b"x" * 5000)
     running = await start_proxy()
     token = make_token("movies/*")
@@ -90,8 +98,8 @@ async def test_metrics_expose_the_documented_names_without_tokens_or_assets(
 
 
 async def test_warm_needs_the_admin_secret_when_one_is_configured(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
     put_object(emulator, bucket, "w.mp4", b"w" * 1000)
     monkeypatch.setenv("S3PROXY_TEST_ADMIN_TOKEN", "admin-placeholder-0123456789")
     running = await start_proxy(admin={"token_env": "S3PROXY_TEST_ADMIN_TOKEN"})
@@ -99,18 +107,18 @@ async def test_warm_needs_the_admin_secret_when_one_is_configured(
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}):
             async with session.post(running.admin_url("/warm/w.mp4"), headers=headers) as r:
                 assert r.status == 401
-        async with session.post(running.admin_url("/warm/w.mp4"), headers={
-                "Authorization": "Bearer admin-placeholder-0123456789"}) as response:
+        async with session.post(
+            running.admin_url("/warm/w.mp4"),
+            headers={"Authorization": "Bearer admin-placeholder-0123456789"},
+        ) as response:
             assert response.status == 200
         async with session.get(running.admin_url("/metrics")) as response:
             assert response.status == 200, "metrics stay open"
     assert len([r for r in emulator.object_requests(bucket) if r.method == "GET"]) == 1
 
 
-def test_an_admin_listener_beyond_loopback_needs_a_secret(
-        emulator: Emulator, bucket: str) -> None:
+def test_an_admin_listener_beyond_loopback_needs_a_secret(emulator: Emulator, bucket: str) -> None:
     with pytest.raises(ConfigError) as refused:
         admin_secret(make_config(emulator.endpoint_url, bucket, admin={"host": "0.0.0.0"}))
     assert refused.value.key == "admin.token_env"
-    assert admin_secret(make_config(emulator.endpoint_url, bucket,
-                                    admin={"host": "::1"})) is None
+    assert admin_secret(make_config(emulator.endpoint_url, bucket, admin={"host": "::1"})) is None

@@ -26,7 +26,8 @@ WWW = 'Bearer realm="s3proxy", error="invalid_token"'
 
 def pem_public(private: Any) -> bytes:
     return private.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,13 @@ def private_keys() -> dict[str, Any]:
 
 
 @pytest.fixture
-async def guarded(emulator: Emulator, bucket: str, start_proxy: StartProxy,
-                  private_keys: dict[str, Any], tmp_path: Path) -> RunningProxy:
+async def guarded(
+    emulator: Emulator,
+    bucket: str,
+    start_proxy: StartProxy,
+    private_keys: dict[str, Any],
+    tmp_path: Path,
+) -> RunningProxy:
     keys: list[dict[str, Any]] = [{"kid": "k1", "secret_env": "S3PROXY_TEST_JWT_SECRET"}]
     for name, private in private_keys.items():
         path = tmp_path / f"{name}.pem"
@@ -49,9 +55,14 @@ async def guarded(emulator: Emulator, bucket: str, start_proxy: StartProxy,
     put_object(emulator, bucket, "movies/abc/master.mp4", b"MEDIA")
     put_object(emulator, bucket, "movies/abcd/master.mp4", b"OTHER")
     put_object(emulator, bucket, "secret.mp4", b"SECRET")
-    return await start_proxy(auth={
-        "algorithms": ["HS256", "HS384", "HS512", "RS256", "ES256", "EdDSA"],
-        "keys": keys, "audience": "vod", "issuer": "control-plane"})
+    return await start_proxy(
+        auth={
+            "algorithms": ["HS256", "HS384", "HS512", "RS256", "ES256", "EdDSA"],
+            "keys": keys,
+            "audience": "vod",
+            "issuer": "control-plane",
+        }
+    )
 
 
 def good_claims(**extra: Any) -> dict[str, Any]:
@@ -80,9 +91,14 @@ def unsigned(payload: dict[str, Any]) -> str:
 ASSET = "movies/abc/master.mp4"
 
 
-async def assert_rejected(emulator: Emulator, running: RunningProxy, token: str | None,
-                          status: int = 401, asset: str = ASSET, reason: str | None = None
-                          ) -> None:
+async def assert_rejected(
+    emulator: Emulator,
+    running: RunningProxy,
+    token: str | None,
+    status: int = 401,
+    asset: str = ASSET,
+    reason: str | None = None,
+) -> None:
     before_metric = running.metric("s3proxy_auth_failures_total", reason=reason or "")
     before_reads = len(emulator.object_requests(running.bucket))
     url = running.url(f"/vod/{asset}") + (f"?token={token}" if token is not None else "")
@@ -98,8 +114,9 @@ async def assert_rejected(emulator: Emulator, running: RunningProxy, token: str 
     if reason:
         after = running.metric("s3proxy_auth_failures_total", reason=reason)
         assert after == before_metric + 1
-    assert len(emulator.object_requests(running.bucket)) == before_reads, \
+    assert len(emulator.object_requests(running.bucket)) == before_reads, (
         "no S3 request before auth passes"
+    )
 
 
 async def test_missing_token(emulator: Emulator, guarded: RunningProxy) -> None:
@@ -123,7 +140,8 @@ async def test_alg_none_is_never_accepted(emulator: Emulator, guarded: RunningPr
 
 
 async def test_public_key_used_as_hmac_secret_is_rejected(
-        emulator: Emulator, guarded: RunningProxy, private_keys: dict[str, Any]) -> None:
+    emulator: Emulator, guarded: RunningProxy, private_keys: dict[str, Any]
+) -> None:
     payload = good_claims(exp=int(time.time()) + 600, assets=["**"])
     for kid in ("rsa", "ec", "ed"):
         forged = forge_hs256(payload, pem_public(private_keys[kid]), kid)
@@ -131,20 +149,19 @@ async def test_public_key_used_as_hmac_secret_is_rejected(
 
 
 async def test_expired_token(emulator: Emulator, guarded: RunningProxy) -> None:
-    await assert_rejected(emulator, guarded, make_token(ASSET, ttl=-120, **good_claims()),
-                          reason="expired")
+    await assert_rejected(
+        emulator, guarded, make_token(ASSET, ttl=-120, **good_claims()), reason="expired"
+    )
 
 
-async def test_expiry_within_leeway_is_accepted(emulator: Emulator,
-                                                guarded: RunningProxy) -> None:
+async def test_expiry_within_leeway_is_accepted(emulator: Emulator, guarded: RunningProxy) -> None:
     token = make_token(ASSET, ttl=-5, **good_claims())
     status, _, body = await fetch(guarded.url(f"/vod/{ASSET}?token={token}"))
     assert (status, body) == (200, b"MEDIA")
 
 
 async def test_token_without_exp_is_rejected(emulator: Emulator, guarded: RunningProxy) -> None:
-    token = jwt.encode(good_claims(assets=["**"]), SECRET, algorithm="HS256",
-                       headers={"kid": "k1"})
+    token = jwt.encode(good_claims(assets=["**"]), SECRET, algorithm="HS256", headers={"kid": "k1"})
     await assert_rejected(emulator, guarded, token, reason="invalid")
 
 
@@ -154,21 +171,26 @@ async def test_future_nbf(emulator: Emulator, guarded: RunningProxy) -> None:
 
 
 async def test_wrong_audience_and_issuer(emulator: Emulator, guarded: RunningProxy) -> None:
-    await assert_rejected(emulator, guarded,
-                          make_token(ASSET, **good_claims(aud="somebody-else")), reason="invalid")
-    await assert_rejected(emulator, guarded,
-                          make_token(ASSET, **good_claims(iss="mallory")), reason="invalid")
-    await assert_rejected(emulator, guarded, make_token(ASSET, iss="control-plane"),
-                          reason="invalid")  # no aud at all
+    await assert_rejected(
+        emulator, guarded, make_token(ASSET, **good_claims(aud="somebody-else")), reason="invalid"
+    )
+    await assert_rejected(
+        emulator, guarded, make_token(ASSET, **good_claims(iss="mallory")), reason="invalid"
+    )
+    await assert_rejected(
+        emulator, guarded, make_token(ASSET, iss="control-plane"), reason="invalid"
+    )  # no aud at all
 
 
 async def test_unknown_kid(emulator: Emulator, guarded: RunningProxy) -> None:
-    await assert_rejected(emulator, guarded, make_token(ASSET, kid="k9", **good_claims()),
-                          reason="invalid")
+    await assert_rejected(
+        emulator, guarded, make_token(ASSET, kid="k9", **good_claims()), reason="invalid"
+    )
 
 
 async def test_algorithm_outside_the_allowlist(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     put_object(emulator, bucket, "a.mp4", b"A")
     running = await start_proxy()  # allows HS256 only
     assert (await fetch(running.url(f"/t/{make_token('a.mp4')}/a.mp4")))[0] == 200
@@ -176,36 +198,53 @@ async def test_algorithm_outside_the_allowlist(
     await assert_rejected(emulator, running, token, asset="a.mp4", reason="invalid")
 
 
-@pytest.mark.parametrize("asset", [
-    "movies/abcd/master.mp4",      # one character more in a segment
-    "movies/abc/x/master.mp4",     # * does not cross segments
-    "movies/ab/master.mp4",
-    "secret.mp4",
-])
+@pytest.mark.parametrize(
+    "asset",
+    [
+        "movies/abcd/master.mp4",  # one character more in a segment
+        "movies/abc/x/master.mp4",  # * does not cross segments
+        "movies/ab/master.mp4",
+        "secret.mp4",
+    ],
+)
 async def test_scope_miss_is_403(emulator: Emulator, guarded: RunningProxy, asset: str) -> None:
     token = make_token("movies/abc/*", **good_claims())
     await assert_rejected(emulator, guarded, token, status=403, asset=asset, reason="forbidden")
 
 
 async def test_traversal_out_of_scope_is_400_not_served(
-        emulator: Emulator, guarded: RunningProxy) -> None:
+    emulator: Emulator, guarded: RunningProxy
+) -> None:
     token = make_token("movies/abc/*", **good_claims())
-    for path in (f"/vod/movies/abc/../../secret.mp4?token={token}",
-                 f"/vod/movies/abc/%2e%2e/%2e%2e/secret.mp4?token={token}",
-                 f"/vod/movies/abc/..%2f..%2fsecret.mp4?token={token}",
-                 f"/t/{token}/movies/abc/%2E%2E/%2E%2E/secret.mp4"):
+    for path in (
+        f"/vod/movies/abc/../../secret.mp4?token={token}",
+        f"/vod/movies/abc/%2e%2e/%2e%2e/secret.mp4?token={token}",
+        f"/vod/movies/abc/..%2f..%2fsecret.mp4?token={token}",
+        f"/t/{token}/movies/abc/%2E%2E/%2E%2E/secret.mp4",
+    ):
         status, headers, body = await fetch(guarded.url(path))
         assert (status, body) == (400, b""), path
     assert emulator.object_requests(guarded.bucket) == []
 
 
-@pytest.mark.parametrize("kid, algorithm", [
-    ("k1", "HS256"), ("k1", "HS384"), ("k1", "HS512"),
-    ("rsa", "RS256"), ("ec", "ES256"), ("ed", "EdDSA"),
-])
+@pytest.mark.parametrize(
+    "kid, algorithm",
+    [
+        ("k1", "HS256"),
+        ("k1", "HS384"),
+        ("k1", "HS512"),
+        ("rsa", "RS256"),
+        ("ec", "ES256"),
+        ("ed", "EdDSA"),
+    ],
+)
 async def test_each_algorithm_opens_its_scope(
-        emulator: Emulator, guarded: RunningProxy, private_keys: dict[str, Any],
-        kid: str, algorithm: str) -> None:
+    emulator: Emulator,
+    guarded: RunningProxy,
+    private_keys: dict[str, Any],
+    kid: str,
+    algorithm: str,
+) -> None:
     key = SECRET if kid == "k1" else private_keys[kid]
     token = make_token("movies/**", key=key, algorithm=algorithm, kid=kid, **good_claims())
     status, _, body = await fetch(guarded.url(f"/vod/{ASSET}?token={token}"))
@@ -215,17 +254,23 @@ async def test_each_algorithm_opens_its_scope(
 async def test_token_forms_path_bearer_query(emulator: Emulator, guarded: RunningProxy) -> None:
     token = make_token("movies/abc/*", **good_claims())
     assert (await fetch(guarded.url(f"/t/{token}/{ASSET}")))[2] == b"MEDIA"
-    assert (await fetch(guarded.url(f"/vod/{ASSET}"),
-                        Authorization=f"Bearer {token}"))[2] == b"MEDIA"
+    assert (await fetch(guarded.url(f"/vod/{ASSET}"), Authorization=f"Bearer {token}"))[
+        2
+    ] == b"MEDIA"
     assert (await fetch(guarded.url(f"/vod/{ASSET}?token={token}")))[2] == b"MEDIA"
 
 
 async def test_custom_query_param_and_scope_claim(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     put_object(emulator, bucket, "a.mp4", b"A")
     running = await start_proxy(auth={"query_param": "jwt", "scope_claim": "grants"})
-    token = jwt.encode({"exp": int(time.time()) + 60, "grants": ["a.mp4"]}, SECRET,
-                       algorithm="HS256", headers={"kid": "k1"})
+    token = jwt.encode(
+        {"exp": int(time.time()) + 60, "grants": ["a.mp4"]},
+        SECRET,
+        algorithm="HS256",
+        headers={"kid": "k1"},
+    )
     assert (await fetch(running.url(f"/vod/a.mp4?jwt={token}")))[:3:2] == (200, b"A")
     assert (await fetch(running.url(f"/vod/a.mp4?token={token}")))[0] == 401
 
@@ -243,25 +288,27 @@ async def test_globs() -> None:
     assert AssetScope(("a.mp4",)).allows("a.mp4") and not AssetScope(("a.mp4",)).allows("aXmp4")
 
 
-async def test_jwks_file(emulator: Emulator, bucket: str, start_proxy: StartProxy,
-                         tmp_path: Path) -> None:
+async def test_jwks_file(
+    emulator: Emulator, bucket: str, start_proxy: StartProxy, tmp_path: Path
+) -> None:
     private = ec.generate_private_key(ec.SECP256R1())
     jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(private.public_key()))
     jwk.update({"kid": "jw1", "alg": "ES256", "use": "sig"})
     jwks = tmp_path / "jwks.json"
     jwks.write_text(json.dumps({"keys": [jwk]}))
     put_object(emulator, bucket, "a.mp4", b"A")
-    running = await start_proxy(auth={"algorithms": ["ES256"], "keys": [],
-                                      "jwks_file": str(jwks)})
+    running = await start_proxy(auth={"algorithms": ["ES256"], "keys": [], "jwks_file": str(jwks)})
     token = make_token("a.mp4", key=private, algorithm="ES256", kid="jw1")
     assert (await fetch(running.url(f"/t/{token}/a.mp4")))[0] == 200
-    other = make_token("a.mp4", key=ec.generate_private_key(ec.SECP256R1()),
-                       algorithm="ES256", kid="jw1")
+    other = make_token(
+        "a.mp4", key=ec.generate_private_key(ec.SECP256R1()), algorithm="ES256", kid="jw1"
+    )
     assert (await fetch(running.url(f"/t/{other}/a.mp4")))[0] == 401
 
 
 async def test_revoked_token_ids_and_subjects(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy, tmp_path: Path) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy, tmp_path: Path
+) -> None:
     revoked = tmp_path / "revoked.txt"
     revoked.write_text("# revoked\njti:bad-id\nsub:mallory\n")
     put_object(emulator, bucket, "a.mp4", b"A")
@@ -278,8 +325,8 @@ async def test_revoked_token_ids_and_subjects(
 
 
 async def test_verified_tokens_are_remembered(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
     put_object(emulator, bucket, "a.mp4", b"A")
     running = await start_proxy()
     calls = []
@@ -297,14 +344,16 @@ async def test_verified_tokens_are_remembered(
 
 
 async def test_mode_none_serves_without_a_token(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     put_object(emulator, bucket, "a.mp4", b"A")
     running = await start_proxy(auth={"mode": "none", "keys": []})
     assert (await fetch(running.url("/vod/a.mp4")))[:3:2] == (200, b"A")
 
 
 async def test_token_never_appears_in_logs_or_metrics(
-        emulator: Emulator, guarded: RunningProxy, caplog: pytest.LogCaptureFixture) -> None:
+    emulator: Emulator, guarded: RunningProxy, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     good = make_token("movies/abc/*", **good_claims())
     expired = make_token("movies/abc/*", ttl=-300, **good_claims())

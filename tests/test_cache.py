@@ -27,15 +27,20 @@ def url(running: RunningProxy, asset: str) -> str:
 
 
 def gets_for(emulator: Emulator, bucket: str, key: str) -> int:
-    return sum(1 for r in emulator.requests_for(bucket)
-               if r.method == "GET" and r.path == f"/{bucket}/{key}")
+    return sum(
+        1
+        for r in emulator.requests_for(bucket)
+        if r.method == "GET" and r.path == f"/{bucket}/{key}"
+    )
 
 
-async def concurrent_reads(running: RunningProxy, asset: str, header: str, clients: int,
-                           amount: int | None = None) -> list[bytes]:
+async def concurrent_reads(
+    running: RunningProxy, asset: str, header: str, clients: int, amount: int | None = None
+) -> list[bytes]:
     """`clients` GETs of `asset` with one Range header at once, each reading `amount`
     bytes (None: the whole body)."""
     async with aiohttp.ClientSession() as session:
+
         async def one() -> bytes:
             async with session.get(url(running, asset), headers={"Range": header}) as response:
                 assert response.status == 206
@@ -55,11 +60,13 @@ async def wait_cached(running: RunningProxy, nbytes: int) -> None:
 
 
 async def test_random_ranges_under_eviction_pressure_match_byte_for_byte(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     data = random.Random(1).randbytes(600 * KIB + 7)
     put_object(emulator, bucket, "pressure.bin", data)
-    running = await start_proxy(cache={"block_size": "16KiB", "max_bytes": "64KiB",
-                                       "readahead_blocks": 2})
+    running = await start_proxy(
+        cache={"block_size": "16KiB", "max_bytes": "64KiB", "readahead_blocks": 2}
+    )
     rng = random.Random(42)
     limit = asyncio.Semaphore(16)
     peak = 0.0
@@ -68,15 +75,19 @@ async def test_random_ranges_under_eviction_pressure_match_byte_for_byte(
         nonlocal peak
         start = rng.randrange(len(data))
         end = min(len(data) - 1, start + rng.randrange(1, 80 * KIB))
-        header = rng.choice([f"bytes={start}-{end}", f"bytes={start}-", f"bytes=-{end - start + 1}"])
-        async with limit, session.get(url(running, "pressure.bin"),
-                                      headers={"Range": header}) as response:
+        header = rng.choice(
+            [f"bytes={start}-{end}", f"bytes={start}-", f"bytes=-{end - start + 1}"]
+        )
+        async with (
+            limit,
+            session.get(url(running, "pressure.bin"), headers={"Range": header}) as response,
+        ):
             body = await response.read()
         first, _, last = header[6:].partition("-")
         if first == "":
-            expected = data[-int(last):]
+            expected = data[-int(last) :]
         else:
-            expected = data[int(first):int(last) + 1] if last else data[int(first):]
+            expected = data[int(first) : int(last) + 1] if last else data[int(first) :]
         assert response.status == 206
         assert body == expected, header
         peak = max(peak, running.metric("s3proxy_cache_bytes", tier="memory"))
@@ -88,12 +99,13 @@ async def test_random_ranges_under_eviction_pressure_match_byte_for_byte(
 
 
 async def test_fifty_cold_requests_for_one_block_make_one_get(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     data = os.urandom(3 << 20)
     put_object(emulator, bucket, "hot.mp4", data)
     running = await start_proxy(cache={"readahead_blocks": 0})
     bodies = await concurrent_reads(running, "hot.mp4", "bytes=1048576-1049599", 50)
-    assert all(body == data[1 << 20:(1 << 20) + 1024] for body in bodies)
+    assert all(body == data[1 << 20 : (1 << 20) + 1024] for body in bodies)
     assert gets_for(emulator, bucket, "hot.mp4") == 1
     heads = [r for r in emulator.object_requests(bucket) if r.method == "HEAD"]
     assert heads == [], "the metadata came with that one GET"
@@ -108,7 +120,8 @@ async def test_fifty_cold_requests_for_one_block_make_one_get(
 
 
 async def test_many_cold_open_ended_reads_share_one_probe_and_one_block_fetch(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     data = os.urandom(3 << 20)
     put_object(emulator, bucket, "start.mp4", data)
     running = await start_proxy(cache={"readahead_blocks": 0})
@@ -119,18 +132,22 @@ async def test_many_cold_open_ended_reads_share_one_probe_and_one_block_fetch(
 
 
 async def test_a_waiter_hanging_up_does_not_cancel_the_fetch_for_the_others(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     state = OriginState(size=8 << 20, chunk_delay_s=0.01)  # 1 MiB takes ~160 ms
-    running = await start_with_origin(aiohttp_server, start_proxy, state,
-                                      cache={"readahead_blocks": 0})
+    running = await start_with_origin(
+        aiohttp_server, start_proxy, state, cache={"readahead_blocks": 0}
+    )
     reader, writer = await asyncio.open_connection(running.server.host, running.server.port)
-    writer.write(f"GET /t/{TOKEN}/a.mp4 HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1048575\r\n\r\n"
-                 .encode())
+    writer.write(
+        f"GET /t/{TOKEN}/a.mp4 HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1048575\r\n\r\n".encode()
+    )
     await writer.drain()
     await reader.readuntil(b"\r\n\r\n")
     async with aiohttp.ClientSession() as session:
-        async with session.get(url(running, "a.mp4"),
-                               headers={"Range": "bytes=0-1048575"}) as response:
+        async with session.get(
+            url(running, "a.mp4"), headers={"Range": "bytes=0-1048575"}
+        ) as response:
             writer.transport.abort()  # the first reader leaves
             body = await response.read()
     assert body == pattern(0, 1 << 20)
@@ -138,13 +155,15 @@ async def test_a_waiter_hanging_up_does_not_cancel_the_fetch_for_the_others(
 
 
 async def test_a_reader_arriving_as_the_last_one_leaves_gets_a_fetch_of_its_own(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     """The last reader of a fetch leaves (its cancellation is under way) and, in the same
     turn of the event loop, another asks for that block: it must not join the dying
     fetch and be cut short."""
     state = OriginState(size=8 << 20, chunk_delay_s=0.01)
-    running = await start_with_origin(aiohttp_server, start_proxy, state,
-                                      cache={"readahead_blocks": 0})
+    running = await start_with_origin(
+        aiohttp_server, start_proxy, state, cache={"readahead_blocks": 0}
+    )
     store = running.proxy.store
     meta = await store.stat("a.mp4")
     leaving = store.open(meta, 0, (1 << 20) - 1)
@@ -158,11 +177,13 @@ async def test_a_reader_arriving_as_the_last_one_leaves_gets_a_fetch_of_its_own(
 
 
 async def test_a_failed_fetch_fails_its_waiters_and_caches_nothing(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     state = OriginState(size=4 << 20, behaviour="get_error_500")
     running = await start_with_origin(aiohttp_server, start_proxy, state)
-    results = await asyncio.gather(*(fetch(url(running, "a.mp4"), Range="bytes=0-99")
-                                     for _ in range(10)))
+    results = await asyncio.gather(
+        *(fetch(url(running, "a.mp4"), Range="bytes=0-99") for _ in range(10))
+    )
     assert all(status == 502 and body == b"" for status, _, body in results)
     assert running.metric("s3proxy_cache_bytes", tier="memory") == 0
     state.behaviour = "ok"
@@ -171,12 +192,19 @@ async def test_a_failed_fetch_fails_its_waiters_and_caches_nothing(
 
 
 async def test_overwrites_never_mix_versions(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     size = 256 * KIB
     versions = [bytes([v]) * 16 + random.Random(v).randbytes(size - 16) for v in range(4)]
     put_object(emulator, bucket, "live.mp4", versions[0])
-    running = await start_proxy(cache={"block_size": "16KiB", "max_bytes": "1MiB",
-                                       "metadata_ttl_s": 0, "readahead_blocks": 2})
+    running = await start_proxy(
+        cache={
+            "block_size": "16KiB",
+            "max_bytes": "1MiB",
+            "metadata_ttl_s": 0,
+            "readahead_blocks": 2,
+        }
+    )
     rng = random.Random(7)
     outcomes = {"whole": 0, "cut": 0}
 
@@ -185,14 +213,15 @@ async def test_overwrites_never_mix_versions(
             start = rng.randrange(0, size // 2)
             end = start + rng.randrange(32 * KIB, size // 2)
             try:
-                async with session.get(url(running, "live.mp4"),
-                                       headers={"Range": f"bytes={start}-{end}"}) as response:
+                async with session.get(
+                    url(running, "live.mp4"), headers={"Range": f"bytes={start}-{end}"}
+                ) as response:
                     body = await response.read()
             except aiohttp.ClientPayloadError:
                 outcomes["cut"] += 1  # changed mid-body: the connection was closed
                 continue
             assert response.status == 206
-            matches = [v for v in versions if v[start:end + 1] == body]
+            matches = [v for v in versions if v[start : end + 1] == body]
             assert len(matches) == 1, "a response is wholly one version"
             outcomes["whole"] += 1
 
@@ -209,7 +238,8 @@ async def test_overwrites_never_mix_versions(
 
 
 async def test_a_new_etag_from_head_drops_the_old_blocks(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     put_object(emulator, bucket, "v.mp4", b"a" * 100_000)
     running = await start_proxy(cache={"metadata_ttl_s": 0})
     assert (await fetch(url(running, "v.mp4")))[2] == b"a" * 100_000
@@ -220,17 +250,21 @@ async def test_a_new_etag_from_head_drops_the_old_blocks(
 
 
 async def test_sequential_reader_gets_read_ahead_and_then_hits(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     data = os.urandom(8 * 64 * KIB)
     put_object(emulator, bucket, "seq.mp4", data)
     running = await start_proxy(cache={"block_size": "64KiB", "readahead_blocks": 2})
     async with aiohttp.ClientSession() as session:  # one player, one connection
         for index in range(8):
             start = index * 64 * KIB
-            async with session.get(url(running, "seq.mp4"), headers={
-                    "Range": f"bytes={start}-{start + 64 * KIB - 1}"}) as response:
+            async with session.get(
+                url(running, "seq.mp4"), headers={"Range": f"bytes={start}-{start + 64 * KIB - 1}"}
+            ) as response:
                 assert (response.status, await response.read()) == (
-                    206, data[start:start + 64 * KIB])
+                    206,
+                    data[start : start + 64 * KIB],
+                )
             await asyncio.sleep(0.05)  # let the read-ahead land
     assert running.metric("s3proxy_readahead_blocks_total") >= 6
     # blocks 2..7 were fetched ahead of the reader: its own requests found them in memory
@@ -243,8 +277,9 @@ async def seek(running: RunningProxy, offset: int, amount: int) -> bytes:
     """Mist at a seek: `bytes=N-` on a new connection, `amount` bytes read, hang up."""
     reader, writer = await asyncio.open_connection(running.server.host, running.server.port)
     try:
-        writer.write(f"GET /t/{TOKEN}/a.mp4 HTTP/1.1\r\nHost: x\r\n"
-                     f"Range: bytes={offset}-\r\n\r\n".encode())
+        writer.write(
+            f"GET /t/{TOKEN}/a.mp4 HTTP/1.1\r\nHost: x\r\nRange: bytes={offset}-\r\n\r\n".encode()
+        )
         await writer.drain()
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 206"), head
@@ -254,12 +289,14 @@ async def seek(running: RunningProxy, offset: int, amount: int) -> bytes:
 
 
 async def test_a_cold_seek_that_reads_a_box_header_costs_only_its_probe(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     """The proxy streams a small probe first; the block would follow only if the client
     were still there after the seek grace, and Mist hangs up at once."""
     state = OriginState(size=1 << 30, chunk_delay_s=0.01)  # an origin some way off
-    running = await start_with_origin(aiohttp_server, start_proxy, state,
-                                      cache={"readahead_blocks": 2})
+    running = await start_with_origin(
+        aiohttp_server, start_proxy, state, cache={"readahead_blocks": 2}
+    )
     running.proxy.store.seek_grace_s = 0.5  # the hang-up must win even on a loaded machine
     mib = 1 << 20
     # mid-block, 20 KiB before a block's end (the probe takes the rest of it: nothing
@@ -276,10 +313,12 @@ async def test_a_cold_seek_that_reads_a_box_header_costs_only_its_probe(
 
 
 async def test_a_second_seek_to_a_probed_block_caches_it(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     state = OriginState(size=64 << 20, chunk_delay_s=0.01)  # 1 MiB takes ~160 ms
-    running = await start_with_origin(aiohttp_server, start_proxy, state,
-                                      cache={"readahead_blocks": 2})
+    running = await start_with_origin(
+        aiohttp_server, start_proxy, state, cache={"readahead_blocks": 2}
+    )
     running.proxy.store.seek_grace_s = 0.5
     offset = 9_500_000  # in block 9
     assert await seek(running, offset, 16) == pattern(offset, 16)  # a probe
@@ -295,10 +334,12 @@ async def test_a_second_seek_to_a_probed_block_caches_it(
 
 
 async def test_cold_seeks_that_keep_reading_stream_on_across_blocks(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     state = OriginState(size=16 << 20, chunk_delay_s=0.002)
-    running = await start_with_origin(aiohttp_server, start_proxy, state,
-                                      cache={"readahead_blocks": 2})
+    running = await start_with_origin(
+        aiohttp_server, start_proxy, state, cache={"readahead_blocks": 2}
+    )
     size = 3 << 20
     # just before a block's end (the probe takes the rest of it), mid-block, and two at
     # once (one probes, the other fetches the block; then both share what follows)
@@ -309,11 +350,16 @@ async def test_cold_seeks_that_keep_reading_stream_on_across_blocks(
 
 
 async def test_disk_tier_survives_restart_and_discards_damaged_blocks(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy, tmp_path: Path) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy, tmp_path: Path
+) -> None:
     data = os.urandom(6 * 64 * KIB)
     put_object(emulator, bucket, "d.mp4", data)
-    cache = {"block_size": "64KiB", "max_bytes": "64KiB", "readahead_blocks": 0,
-             "disk": {"path": str(tmp_path / "blocks"), "max_bytes": "1MiB"}}
+    cache = {
+        "block_size": "64KiB",
+        "max_bytes": "64KiB",
+        "readahead_blocks": 0,
+        "disk": {"path": str(tmp_path / "blocks"), "max_bytes": "1MiB"},
+    }
     config = make_config(emulator.endpoint_url, bucket, cache=cache)
     first = await start_proxy(config)
     assert (await fetch(url(first, "d.mp4")))[2] == data
@@ -329,20 +375,26 @@ async def test_disk_tier_survives_restart_and_discards_damaged_blocks(
 
     raw = bytearray(files[0].read_bytes())
     raw[100] ^= 0xFF
-    files[0].write_bytes(bytes(raw))                         # corrupted
-    files[1].write_bytes(files[1].read_bytes()[:1000])      # truncated
+    files[0].write_bytes(bytes(raw))  # corrupted
+    files[1].write_bytes(files[1].read_bytes()[:1000])  # truncated
     third = await start_proxy(config)
     assert (await fetch(url(third, "d.mp4")))[2] == data, "damaged blocks are refetched"
     assert third.metric("s3proxy_cache_corrupt_blocks_total", tier="disk") == 2
 
 
 async def test_disk_tier_stays_within_its_bound(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy, tmp_path: Path) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy, tmp_path: Path
+) -> None:
     data = os.urandom(20 * 16 * KIB)
     put_object(emulator, bucket, "b.mp4", data)
-    running = await start_proxy(cache={
-        "block_size": "16KiB", "max_bytes": "32KiB", "readahead_blocks": 0,
-        "disk": {"path": str(tmp_path / "blocks"), "max_bytes": "100KiB"}})
+    running = await start_proxy(
+        cache={
+            "block_size": "16KiB",
+            "max_bytes": "32KiB",
+            "readahead_blocks": 0,
+            "disk": {"path": str(tmp_path / "blocks"), "max_bytes": "100KiB"},
+        }
+    )
     assert (await fetch(url(running, "b.mp4")))[2] == data
     await asyncio.sleep(0.3)
     on_disk = sum(f.stat().st_size for f in (tmp_path / "blocks").rglob("*.blk"))

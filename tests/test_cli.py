@@ -22,8 +22,13 @@ def s3proxy(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     import os
 
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "s3proxy", *args], capture_output=True,
-                          text=True, timeout=60, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-m", "s3proxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=full_env,
+    )
 
 
 PLACEHOLDER = "placeholder-secret-for-tests-only-0123456789"
@@ -36,8 +41,11 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_shipped_example_config_is_valid() -> None:
-    result = s3proxy("check-config", str(ROOT / "config" / "s3proxy.yaml"),
-                     env={"S3PROXY_JWT_SECRET": PLACEHOLDER})
+    result = s3proxy(
+        "check-config",
+        str(ROOT / "config" / "s3proxy.yaml"),
+        env={"S3PROXY_JWT_SECRET": PLACEHOLDER},
+    )
     assert result.returncode == 0, result.stderr
     effective = yaml.safe_load(result.stdout)
     assert effective["s3"]["bucket"] == "vod-assets"
@@ -46,9 +54,15 @@ def test_shipped_example_config_is_valid() -> None:
 
 def test_check_config_prints_the_effective_config_with_env_overrides(tmp_path: Path) -> None:
     path = write(tmp_path, "s3: {bucket: media}\ncache: {max_bytes: 64MiB}\n")
-    result = s3proxy("check-config", str(path),
-                     env={"S3PROXY_JWT_SECRET": PLACEHOLDER, "S3PROXY_CACHE_MAX_BYTES": "2GiB",
-                          "S3PROXY_S3_ENDPOINT_URL": "http://user:pw@minio:9000"})
+    result = s3proxy(
+        "check-config",
+        str(path),
+        env={
+            "S3PROXY_JWT_SECRET": PLACEHOLDER,
+            "S3PROXY_CACHE_MAX_BYTES": "2GiB",
+            "S3PROXY_S3_ENDPOINT_URL": "http://user:pw@minio:9000",
+        },
+    )
     assert result.returncode == 0, result.stderr
     effective = yaml.safe_load(result.stdout)
     assert effective["cache"]["max_bytes"] == "2GiB"
@@ -56,21 +70,32 @@ def test_check_config_prints_the_effective_config_with_env_overrides(tmp_path: P
     assert "pw" not in result.stdout
 
 
-@pytest.mark.parametrize("text, env, expected", [
-    ("s3: {bucket: m}\nserver: {port: 99999}\n", {}, "server.port: must be a port number"),
-    ("s3: {bucket: m}\nserver: {prot: 80}\n", {}, "server.prot: unknown key"),
-    ("s3: {bucket: m}\ncache: {max_bytes: lots}\n", {}, "cache.max_bytes: expected a size"),
-    ("s3: {bucket: m}\nhttp: {max_ranges: many}\n", {}, "http.max_ranges: must be an integer"),
-    ("s3: {bucket: m}\nauth: {mode: maybe}\n", {}, "auth.mode: must be one of jwt | none"),
-    ("s3: {bucket: m}\nauth: {algorithms: [none]}\n", {}, "auth.algorithms: must be a non-empty"),
-    ("server: {port: 80}\n", {}, "s3.bucket: is required"),
-    ("s3: {bucket: [m\n", {}, "(file): is not valid YAML"),
-    ("- a\n- b\n", {}, "(file): must be a mapping"),
-    ("s3: {bucket: m}\n", {"S3PROXY_JWT_SECRET": ""},
-     "auth.keys[0].secret_env: environment variable S3PROXY_JWT_SECRET is not set"),
-])
+@pytest.mark.parametrize(
+    "text, env, expected",
+    [
+        ("s3: {bucket: m}\nserver: {port: 99999}\n", {}, "server.port: must be a port number"),
+        ("s3: {bucket: m}\nserver: {prot: 80}\n", {}, "server.prot: unknown key"),
+        ("s3: {bucket: m}\ncache: {max_bytes: lots}\n", {}, "cache.max_bytes: expected a size"),
+        ("s3: {bucket: m}\nhttp: {max_ranges: many}\n", {}, "http.max_ranges: must be an integer"),
+        ("s3: {bucket: m}\nauth: {mode: maybe}\n", {}, "auth.mode: must be one of jwt | none"),
+        (
+            "s3: {bucket: m}\nauth: {algorithms: [none]}\n",
+            {},
+            "auth.algorithms: must be a non-empty",
+        ),
+        ("server: {port: 80}\n", {}, "s3.bucket: is required"),
+        ("s3: {bucket: [m\n", {}, "(file): is not valid YAML"),
+        ("- a\n- b\n", {}, "(file): must be a mapping"),
+        (
+            "s3: {bucket: m}\n",
+            {"S3PROXY_JWT_SECRET": ""},
+            "auth.keys[0].secret_env: environment variable S3PROXY_JWT_SECRET is not set",
+        ),
+    ],
+)
 def test_check_config_rejects_bad_files_with_one_line(
-        tmp_path: Path, text: str, env: dict[str, str], expected: str) -> None:
+    tmp_path: Path, text: str, env: dict[str, str], expected: str
+) -> None:
     path = write(tmp_path, text)
     result = s3proxy("check-config", str(path), env={"S3PROXY_JWT_SECRET": PLACEHOLDER, **env})
     assert result.returncode == 2
@@ -85,8 +110,9 @@ def test_check_config_rejects_bad_files_with_one_line(
 def test_missing_file_is_one_line(tmp_path: Path) -> None:
     result = s3proxy("check-config", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"s3proxy: {tmp_path / 'nope.yaml'}: (file): can not be "
-                                      "read: No such file or directory")
+    assert result.stderr.strip() == (
+        f"s3proxy: {tmp_path / 'nope.yaml'}: (file): can not be read: No such file or directory"
+    )
 
 
 def test_serve_with_a_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
@@ -97,10 +123,23 @@ def test_serve_with_a_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
 
 
 def test_token_command_mints_a_token_the_proxy_accepts(tmp_path: Path) -> None:
-    path = write(tmp_path, "s3: {bucket: m}\nauth: {keys: [{kid: main, secret_env: "
-                 f"{SECRET_ENV}}}]}}\n")
-    result = s3proxy("token", "--config", str(path), "--asset", "movies/**", "--asset", "x.mp4",
-                     "--ttl", "15m", "--sub", "alice", env={SECRET_ENV: SECRET})
+    path = write(
+        tmp_path, f"s3: {{bucket: m}}\nauth: {{keys: [{{kid: main, secret_env: {SECRET_ENV}}}]}}\n"
+    )
+    result = s3proxy(
+        "token",
+        "--config",
+        str(path),
+        "--asset",
+        "movies/**",
+        "--asset",
+        "x.mp4",
+        "--ttl",
+        "15m",
+        "--sub",
+        "alice",
+        env={SECRET_ENV: SECRET},
+    )
     assert result.returncode == 0, result.stderr
     token = result.stdout.strip()
     claims = jwt.decode(token, SECRET, algorithms=["HS256"])
@@ -128,10 +167,15 @@ def test_sizes() -> None:
 
 def test_env_overrides_reach_nested_keys(tmp_path: Path) -> None:
     path = write(tmp_path, "s3: {bucket: m}\n")
-    config = load_config(path, env={"S3PROXY_CACHE_DISK_PATH": "/var/cache/s3proxy",
-                                    "S3PROXY_CACHE_DISK_MAX_BYTES": "10GiB",
-                                    "S3PROXY_AUTH_ALGORITHMS": "[HS256, RS256]",
-                                    "S3PROXY_SERVER_PORT": "9000"})
+    config = load_config(
+        path,
+        env={
+            "S3PROXY_CACHE_DISK_PATH": "/var/cache/s3proxy",
+            "S3PROXY_CACHE_DISK_MAX_BYTES": "10GiB",
+            "S3PROXY_AUTH_ALGORITHMS": "[HS256, RS256]",
+            "S3PROXY_SERVER_PORT": "9000",
+        },
+    )
     assert config.cache.disk.path == "/var/cache/s3proxy"
     assert config.cache.disk.max_bytes == 10 << 30
     assert config.auth.algorithms == ["HS256", "RS256"]
@@ -154,41 +198,60 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
 
 def test_environment_values_are_read_as_the_type_of_their_key(tmp_path: Path) -> None:
     path = write(tmp_path, "s3: {bucket: m}\n")
-    config = load_config(path, env={"S3PROXY_S3_BUCKET": "0123", "S3PROXY_S3_PREFIX": "1:20",
-                                    "S3PROXY_SIDECARS_ACCEPT_PUT": "yes",
-                                    "S3PROXY_S3_ENDPOINT_URL": ""})
+    config = load_config(
+        path,
+        env={
+            "S3PROXY_S3_BUCKET": "0123",
+            "S3PROXY_S3_PREFIX": "1:20",
+            "S3PROXY_SIDECARS_ACCEPT_PUT": "yes",
+            "S3PROXY_S3_ENDPOINT_URL": "",
+        },
+    )
     assert (config.s3.bucket, config.s3.prefix) == ("0123", "1:20")
     assert config.sidecars.accept_put is True and config.s3.endpoint_url is None
 
 
 def test_an_error_in_an_environment_value_names_the_variable(tmp_path: Path) -> None:
     path = write(tmp_path, "s3: {bucket: m}\n")
-    for name, value, problem in (("S3PROXY_CACHE_BLOCK_SIZE", "12XB", "cache.block_size: expected"),
-                                 ("S3PROXY_SERVER_PORT", "99999", "server.port: must be a port"),
-                                 ("S3PROXY_SERVER_WORKERS", "two", "server.workers: must be an")):
-        line = one_line(s3proxy("check-config", str(path),
-                                env={"S3PROXY_JWT_SECRET": PLACEHOLDER, name: value}))
+    for name, value, problem in (
+        ("S3PROXY_CACHE_BLOCK_SIZE", "12XB", "cache.block_size: expected"),
+        ("S3PROXY_SERVER_PORT", "99999", "server.port: must be a port"),
+        ("S3PROXY_SERVER_WORKERS", "two", "server.workers: must be an"),
+    ):
+        line = one_line(
+            s3proxy("check-config", str(path), env={"S3PROXY_JWT_SECRET": PLACEHOLDER, name: value})
+        )
         assert line.startswith(f"s3proxy: {name}: {problem}"), line
 
 
 def test_a_misspelt_variable_stops_start_up(tmp_path: Path) -> None:
     path = write(tmp_path, "s3: {bucket: m}\n")
-    line = one_line(s3proxy("check-config", str(path),
-                            env={"S3PROXY_JWT_SECRET": PLACEHOLDER, "S3PROXY_S3_BUCKT": "x"}))
+    line = one_line(
+        s3proxy(
+            "check-config",
+            str(path),
+            env={"S3PROXY_JWT_SECRET": PLACEHOLDER, "S3PROXY_S3_BUCKT": "x"},
+        )
+    )
     assert line.startswith("s3proxy: S3PROXY_S3_BUCKT: (environment): names no configuration key")
     assert "S3PROXY_S3_BUCKET" in line
     # a secret named by the configuration is not an override
     path = write(tmp_path, "s3: {bucket: m}\nauth: {keys: [{secret_env: S3PROXY_AUTH_SECRET}]}\n")
-    assert s3proxy("check-config", str(path),
-                   env={"S3PROXY_AUTH_SECRET": PLACEHOLDER}).returncode == 0
+    assert (
+        s3proxy("check-config", str(path), env={"S3PROXY_AUTH_SECRET": PLACEHOLDER}).returncode == 0
+    )
 
 
 def test_the_region_comes_from_aws_region_unless_set(tmp_path: Path) -> None:
     path = write(tmp_path, "s3: {bucket: m}\n")
     assert load_config(path, env={"AWS_REGION": "eu-west-3"}).s3.region == "eu-west-3"
     assert load_config(path, env={"AWS_DEFAULT_REGION": "ap-south-1"}).s3.region == "ap-south-1"
-    assert load_config(path, env={"AWS_REGION": "eu-west-3",
-                                  "S3PROXY_S3_REGION": "us-west-2"}).s3.region == "us-west-2"
+    assert (
+        load_config(
+            path, env={"AWS_REGION": "eu-west-3", "S3PROXY_S3_REGION": "us-west-2"}
+        ).s3.region
+        == "us-west-2"
+    )
     path = write(tmp_path, "s3: {bucket: m, region: sa-east-1}\n")
     assert load_config(path, env={"AWS_REGION": "eu-west-3"}).s3.region == "sa-east-1"
 
@@ -204,8 +267,9 @@ def test_contradictory_and_weak_settings_are_refused(tmp_path: Path) -> None:
 
 def test_token_and_warm_need_no_bucket(tmp_path: Path) -> None:
     path = write(tmp_path, "admin: {port: 1}\n")
-    token = s3proxy("token", "--config", str(path), "--asset", "x",
-                    env={"S3PROXY_JWT_SECRET": PLACEHOLDER})
+    token = s3proxy(
+        "token", "--config", str(path), "--asset", "x", env={"S3PROXY_JWT_SECRET": PLACEHOLDER}
+    )
     assert token.returncode == 0 and token.stdout.count(".") == 2, token.stderr
     warm = s3proxy("warm", "x.mp4", "--config", str(path))
     assert warm.returncode == 1 and "no proxy answering" in warm.stderr, warm.stderr
@@ -214,7 +278,11 @@ def test_token_and_warm_need_no_bucket(tmp_path: Path) -> None:
 def test_output_into_a_pipe_that_closes_early_is_quiet(tmp_path: Path) -> None:
     path = write(tmp_path, "s3: {bucket: m}\n")
     result = subprocess.run(
-        f"{sys.executable} -m s3proxy check-config {path} | true", shell=True,
-        capture_output=True, text=True, timeout=60,
-        env={**os.environ, "S3PROXY_JWT_SECRET": PLACEHOLDER})  # `true` reads nothing
+        f"{sys.executable} -m s3proxy check-config {path} | true",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "S3PROXY_JWT_SECRET": PLACEHOLDER},
+    )  # `true` reads nothing
     assert result.stderr == "", result.stderr

@@ -16,10 +16,13 @@ SAMPLE = resources.files("s3proxy").joinpath("data", "sample.mp4").read_bytes()
 
 def test_demo_serves_the_sample_and_stops_on_sigterm() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    process = subprocess.Popen([sys.executable, "-m", "s3proxy", "demo", "--port", "0",
-                                "--admin-port", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "s3proxy", "demo", "--port", "0", "--admin-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         url = None
         deadline = time.monotonic() + 30

@@ -20,8 +20,10 @@ def reference(pattern: str) -> re.Pattern[str]:
     `**` at a segment's start or end reaches across segments from there."""
 
     def within(text: str) -> str:
-        return "".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c)
-                       for c in text.replace("**", "*"))
+        return "".join(
+            "[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c)
+            for c in text.replace("**", "*")
+        )
 
     parts = pattern.split("/")
     out = ""
@@ -46,9 +48,12 @@ names = st.lists(segment, min_size=1, max_size=4).map("/".join)
 # patterns whose `**` stand as a whole segment or at a segment's start or end (the
 # reference's `a**b`, across segments, is not a form scopes use)
 plain = st.text(alphabet="ab.*?", min_size=1, max_size=4).filter(lambda s: "**" not in s)
-pattern_segment = st.one_of(plain, st.just("**"), plain.map(lambda s: "**" + s.lstrip("*")),
-                            plain.map(lambda s: s.rstrip("*") + "**").filter(
-                                lambda s: s != "**"))
+pattern_segment = st.one_of(
+    plain,
+    st.just("**"),
+    plain.map(lambda s: "**" + s.lstrip("*")),
+    plain.map(lambda s: s.rstrip("*") + "**").filter(lambda s: s != "**"),
+)
 patterns = st.lists(pattern_segment, min_size=1, max_size=4).map("/".join)
 
 
@@ -56,12 +61,15 @@ patterns = st.lists(pattern_segment, min_size=1, max_size=4).map("/".join)
 @given(patterns, names)
 def test_the_matcher_agrees_with_the_reference(pattern: str, name: str) -> None:
     assert compile_glob(pattern).matches(name) == bool(reference(pattern).fullmatch(name)), (
-        pattern, name)
+        pattern,
+        name,
+    )
 
 
 def test_the_scopes_of_the_readme() -> None:
-    scope = AssetScope(("movies/*/master.mp4", "shows/**", "clips/a?.ts", "x/**/y.mp4",
-                        "trailers/**.mp4"))
+    scope = AssetScope(
+        ("movies/*/master.mp4", "shows/**", "clips/a?.ts", "x/**/y.mp4", "trailers/**.mp4")
+    )
     assert scope.allows("movies/abc/master.mp4")
     assert not scope.allows("movies/abc/def/master.mp4")
     assert scope.allows("shows/s1/e1/x.mp4") and not scope.allows("shows")

@@ -32,15 +32,20 @@ async def raw(running: RunningProxy, head: bytes) -> bytes:
 
 
 async def test_a_token_with_bytes_no_token_holds_is_401_before_any_crypto(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     running = await start_proxy()
     for credentials in (b"\xff", b"a.b.\xff", "é.é.é".encode(), b"a.b", b"a." * 5000 + b"b"):
-        head = await raw(running, b"GET /vod/a.mp4 HTTP/1.1\r\nHost: x\r\n"
-                                  b"Authorization: Bearer " + credentials + b"\r\n\r\n")
+        head = await raw(
+            running,
+            b"GET /vod/a.mp4 HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer " + credentials + b"\r\n\r\n",
+        )
         assert head.startswith(b"HTTP/1.1 401"), (credentials[:20], head)
     # a NUL is refused by the HTTP parser itself, before any handler
-    head = await raw(running, b"GET /vod/a.mp4 HTTP/1.1\r\nHost: x\r\n"
-                              b"Authorization: Bearer \x00x.y.z\r\n\r\n")
+    head = await raw(
+        running, b"GET /vod/a.mp4 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \x00x.y.z\r\n\r\n"
+    )
     assert head.split(b" ")[1] == b"400"
     status, _, _ = await fetch(running.url("/t/%C3%A9.%C3%A9.%C3%A9/a.mp4"))
     assert status == 401
@@ -48,14 +53,20 @@ async def test_a_token_with_bytes_no_token_holds_is_401_before_any_crypto(
 
 
 async def test_numeric_claims_too_large_for_a_time_are_refused(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     put_object(emulator, bucket, "a.mp4", b"x" * 100)
     running = await start_proxy()
     now = int(time.time())
-    for claims in ({"exp": int("9" * 400)}, {"exp": now + 600, "nbf": -int("9" * 400)},
-                   {"exp": now + 600, "iat": -int("9" * 400)}, {"exp": 1e308}):
-        token = jwt.encode({"assets": ["**"], **claims}, SECRET, algorithm="HS256",
-                           headers={"kid": "k1"})
+    for claims in (
+        {"exp": int("9" * 400)},
+        {"exp": now + 600, "nbf": -int("9" * 400)},
+        {"exp": now + 600, "iat": -int("9" * 400)},
+        {"exp": 1e308},
+    ):
+        token = jwt.encode(
+            {"assets": ["**"], **claims}, SECRET, algorithm="HS256", headers={"kid": "k1"}
+        )
         status, headers, _ = await fetch(running.url(f"/t/{token}/a.mp4"))
         assert status in (200, 401), (claims, status)
         assert status == 401 or "exp" not in claims or claims["exp"] == now + 600
@@ -63,14 +74,18 @@ async def test_numeric_claims_too_large_for_a_time_are_refused(
 
 
 async def test_dates_that_do_not_fit_are_ignored(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     put_object(emulator, bucket, "a.mp4", b"x" * 100)
     running = await start_proxy()
     url = running.url(f"/t/{make_token()}/a.mp4")
-    for bad in ("Mon, 01 Jan 2020 99999999999999999999:00:00 GMT",
-                "Mon, 99999999999999999999 Jan 2020 00:00:00 GMT",
-                "Mon, 01 Jan 99999999999999999999 00:00:00 GMT",
-                "Mon, 01 Jan 2020 00:00:00 +99999999999999999999", "x" * 10_000):
+    for bad in (
+        "Mon, 01 Jan 2020 99999999999999999999:00:00 GMT",
+        "Mon, 99999999999999999999 Jan 2020 00:00:00 GMT",
+        "Mon, 01 Jan 99999999999999999999 00:00:00 GMT",
+        "Mon, 01 Jan 2020 00:00:00 +99999999999999999999",
+        "x" * 10_000,
+    ):
         assert parse_http_date(bad) is None
         for header in ("If-Modified-Since", "If-Unmodified-Since"):
             status, _, body = await fetch(url, **{header: bad})
@@ -97,7 +112,8 @@ def test_range_offsets_of_any_length_compare_correctly() -> None:
 
 
 async def test_huge_range_offsets_through_the_proxy(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     put_object(emulator, bucket, "a.mp4", b"y" * 100)
     running = await start_proxy()
     url = running.url(f"/t/{make_token()}/a.mp4")

@@ -19,12 +19,14 @@ from .conftest import Emulator, RunningProxy, StartProxy, make_token, put_object
 TOKEN = make_token("**", ttl=3600)
 
 
-async def fetch(url: str, method: str = "GET", **headers: str
-                ) -> tuple[int, aiohttp.typedefs.LooseHeaders, bytes]:
+async def fetch(
+    url: str, method: str = "GET", **headers: str
+) -> tuple[int, aiohttp.typedefs.LooseHeaders, bytes]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         # encoded=True: send the path exactly as written (no client-side normalising)
-        async with session.request(method, yarl.URL(url, encoded=True),
-                                   headers=headers) as response:
+        async with session.request(
+            method, yarl.URL(url, encoded=True), headers=headers
+        ) as response:
             body = await response.read()
             return response.status, response.headers, body
 
@@ -43,7 +45,8 @@ def vod(running: RunningProxy, asset: str) -> str:
 
 
 async def test_full_get_returns_the_object_with_entity_headers(
-        emulator: Emulator, served: RunningProxy) -> None:
+    emulator: Emulator, served: RunningProxy
+) -> None:
     data = blob(300_001)
     put_object(emulator, served.bucket, "movies/a.mp4", data)
     status, headers, body = await fetch(vod(served, "movies/a.mp4"))
@@ -57,7 +60,8 @@ async def test_full_get_returns_the_object_with_entity_headers(
 
 
 async def test_head_carries_length_and_accept_ranges_and_no_body(
-        emulator: Emulator, served: RunningProxy) -> None:
+    emulator: Emulator, served: RunningProxy
+) -> None:
     put_object(emulator, served.bucket, "a.ts", blob(5000))
     status, headers, body = await fetch(vod(served, "a.ts"), "HEAD", Range="bytes=0-9")
     assert status == 200
@@ -68,23 +72,28 @@ async def test_head_carries_length_and_accept_ranges_and_no_body(
 
 
 async def test_uploaded_content_type_wins_over_the_extension(
-        emulator: Emulator, served: RunningProxy) -> None:
+    emulator: Emulator, served: RunningProxy
+) -> None:
     put_object(emulator, served.bucket, "a.mp4", b"xyz", content_type="video/quicktime")
     _, headers, _ = await fetch(vod(served, "a.mp4"))
     assert headers["Content-Type"] == "video/quicktime"
 
 
-@pytest.mark.parametrize("header, expected", [
-    ("bytes=0-", (0, 999)),
-    ("bytes=0-0", (0, 0)),
-    ("bytes=10-19", (10, 19)),
-    ("bytes=990-5000", (990, 999)),
-    ("bytes=-100", (900, 999)),
-    ("bytes=-5000", (0, 999)),
-    ("bytes=999-", (999, 999)),
-])
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        ("bytes=0-", (0, 999)),
+        ("bytes=0-0", (0, 0)),
+        ("bytes=10-19", (10, 19)),
+        ("bytes=990-5000", (990, 999)),
+        ("bytes=-100", (900, 999)),
+        ("bytes=-5000", (0, 999)),
+        ("bytes=999-", (999, 999)),
+    ],
+)
 async def test_single_range_is_206_with_exact_bytes(
-        emulator: Emulator, served: RunningProxy, header: str, expected: tuple[int, int]) -> None:
+    emulator: Emulator, served: RunningProxy, header: str, expected: tuple[int, int]
+) -> None:
     data = blob(1000)
     put_object(emulator, served.bucket, "r.mp4", data)
     status, headers, body = await fetch(vod(served, "r.mp4"), Range=header)
@@ -92,12 +101,13 @@ async def test_single_range_is_206_with_exact_bytes(
     assert status == 206
     assert headers["Content-Range"] == f"bytes {start}-{end}/1000"
     assert headers["Content-Length"] == str(end - start + 1)
-    assert body == data[start:end + 1]
+    assert body == data[start : end + 1]
 
 
 @pytest.mark.parametrize("header", ["bytes=1000-", "bytes=5000-6000", "bytes=-0"])
 async def test_unsatisfiable_range_is_416_with_star_content_range(
-        emulator: Emulator, served: RunningProxy, header: str) -> None:
+    emulator: Emulator, served: RunningProxy, header: str
+) -> None:
     put_object(emulator, served.bucket, "r.mp4", blob(1000))
     status, headers, body = await fetch(vod(served, "r.mp4"), Range=header)
     assert status == 416
@@ -105,10 +115,12 @@ async def test_unsatisfiable_range_is_416_with_star_content_range(
     assert body == b""
 
 
-@pytest.mark.parametrize("header", ["bytes=5-1", "bytes=abc", "items=0-5", "bytes=", "0-5",
-                                    "bytes=1-2-3", "bytes=--5"])
+@pytest.mark.parametrize(
+    "header", ["bytes=5-1", "bytes=abc", "items=0-5", "bytes=", "0-5", "bytes=1-2-3", "bytes=--5"]
+)
 async def test_invalid_range_is_ignored(
-        emulator: Emulator, served: RunningProxy, header: str) -> None:
+    emulator: Emulator, served: RunningProxy, header: str
+) -> None:
     data = blob(1000)
     put_object(emulator, served.bucket, "r.mp4", data)
     status, _, body = await fetch(vod(served, "r.mp4"), Range=header)
@@ -118,8 +130,9 @@ async def test_invalid_range_is_ignored(
 
 @pytest.mark.parametrize("size", [0, 1])
 @pytest.mark.parametrize("cold_first", [False, True])
-async def test_tiny_objects(emulator: Emulator, served: RunningProxy, size: int,
-                            cold_first: bool) -> None:
+async def test_tiny_objects(
+    emulator: Emulator, served: RunningProxy, size: int, cold_first: bool
+) -> None:
     data = blob(size)
     put_object(emulator, served.bucket, "tiny.bin", data)
     if cold_first:  # a closed range first: metadata comes from that GET, not a HEAD
@@ -145,14 +158,15 @@ async def test_tiny_objects(emulator: Emulator, served: RunningProxy, size: int,
 
 def parse_multipart(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body
+    )
     assert message.is_multipart()
-    return [(part["Content-Range"], part.get_payload(decode=True))
-            for part in message.iter_parts()]
+    return [(part["Content-Range"], part.get_payload(decode=True)) for part in message.iter_parts()]
 
 
 async def test_several_ranges_are_multipart_byteranges(
-        emulator: Emulator, served: RunningProxy) -> None:
+    emulator: Emulator, served: RunningProxy
+) -> None:
     data = blob(10_000)
     put_object(emulator, served.bucket, "m.mp4", data)
     status, headers, body = await fetch(vod(served, "m.mp4"), Range="bytes=0-9, 100-199, -5")
@@ -160,12 +174,16 @@ async def test_several_ranges_are_multipart_byteranges(
     assert headers["Content-Type"].startswith("multipart/byteranges; boundary=")
     assert headers["Content-Length"] == str(len(body))
     parts = parse_multipart(headers["Content-Type"], body)
-    assert parts == [("bytes 0-9/10000", data[0:10]), ("bytes 100-199/10000", data[100:200]),
-                     ("bytes 9995-9999/10000", data[9995:])]
+    assert parts == [
+        ("bytes 0-9/10000", data[0:10]),
+        ("bytes 100-199/10000", data[100:200]),
+        ("bytes 9995-9999/10000", data[9995:]),
+    ]
 
 
 async def test_too_many_or_overlapping_ranges_get_the_whole_body(
-        emulator: Emulator, served: RunningProxy) -> None:
+    emulator: Emulator, served: RunningProxy
+) -> None:
     data = blob(5000)
     put_object(emulator, served.bucket, "m.mp4", data)
     many = "bytes=" + ",".join(f"{i * 10}-{i * 10 + 1}" for i in range(17))
@@ -176,15 +194,15 @@ async def test_too_many_or_overlapping_ranges_get_the_whole_body(
 
 
 async def test_multirange_with_one_satisfiable_range_is_a_single_part(
-        emulator: Emulator, served: RunningProxy) -> None:
+    emulator: Emulator, served: RunningProxy
+) -> None:
     data = blob(100)
     put_object(emulator, served.bucket, "m.mp4", data)
     status, headers, body = await fetch(vod(served, "m.mp4"), Range="bytes=10-19,500-600")
     assert (status, headers["Content-Range"], body) == (206, "bytes 10-19/100", data[10:20])
 
 
-async def validated(emulator: Emulator, served: RunningProxy
-                    ) -> tuple[bytes, str, str, str]:
+async def validated(emulator: Emulator, served: RunningProxy) -> tuple[bytes, str, str, str]:
     """An uploaded object: its bytes, its URL, and the ETag and Last-Modified a HEAD gave."""
     data = blob(2000)
     put_object(emulator, served.bucket, "c.mp4", data)
@@ -198,7 +216,7 @@ async def test_conditionals(emulator: Emulator, served: RunningProxy) -> None:
 
     status, h, body = await fetch(url, **{"If-None-Match": etag})
     assert (status, body, h["ETag"]) == (304, b"", etag)
-    assert (await fetch(url, **{"If-None-Match": 'W/' + etag}))[0] == 304
+    assert (await fetch(url, **{"If-None-Match": "W/" + etag}))[0] == 304
     assert (await fetch(url, **{"If-None-Match": '"other"'}))[0] == 200
     assert (await fetch(url, **{"If-Modified-Since": modified}))[0] == 304
     assert (await fetch(url, **{"If-Modified-Since": "Thu, 01 Jan 1970 00:00:00 GMT"}))[0] == 200
@@ -225,7 +243,8 @@ async def test_if_range(emulator: Emulator, served: RunningProxy) -> None:
 
 @pytest.mark.parametrize("range_header", [None, "bytes=0-99", "bytes=100-", "bytes=-5"])
 async def test_missing_object_is_404_with_empty_body(
-        served: RunningProxy, range_header: str | None) -> None:
+    served: RunningProxy, range_header: str | None
+) -> None:
     extra = {"Range": range_header} if range_header else {}
     status, headers, body = await fetch(vod(served, "nope.mp4"), **extra)
     assert (status, body) == (404, b"")
@@ -234,7 +253,8 @@ async def test_missing_object_is_404_with_empty_body(
 
 @pytest.mark.parametrize("method", ["PUT", "POST", "DELETE", "PATCH", "OPTIONS"])
 async def test_other_methods_are_405_and_never_reach_s3(
-        emulator: Emulator, served: RunningProxy, method: str) -> None:
+    emulator: Emulator, served: RunningProxy, method: str
+) -> None:
     put_object(emulator, served.bucket, "a.mp4", b"data")
     before = len(emulator.object_requests(served.bucket))
     status, headers, body = await fetch(vod(served, "a.mp4"), method)
@@ -246,8 +266,10 @@ async def test_put_with_expect_continue_is_refused_before_the_body(served: Runni
     import asyncio
 
     reader, writer = await asyncio.open_connection(served.server.host, served.server.port)
-    writer.write(f"PUT /t/{TOKEN}/a.mp4.dtsh HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
-                 "Transfer-Encoding: chunked\r\n\r\n".encode())
+    writer.write(
+        f"PUT /t/{TOKEN}/a.mp4.dtsh HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n".encode()
+    )
     await writer.drain()
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     writer.close()
@@ -255,13 +277,23 @@ async def test_put_with_expect_continue_is_refused_before_the_body(served: Runni
     assert b"100 Continue" not in head
 
 
-@pytest.mark.parametrize("path", [
-    "/vod/a/../b.mp4", "/vod/a/%2e%2e/b.mp4", "/vod/%2E%2E/x.mp4", "/vod/./a.mp4",
-    "/vod/a//b.mp4", "/vod/a%5cb.mp4", "/vod/a%00b.mp4", "/vod/a%0ab.mp4",
-    "/vod/" + "x" * 1025,
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/vod/a/../b.mp4",
+        "/vod/a/%2e%2e/b.mp4",
+        "/vod/%2E%2E/x.mp4",
+        "/vod/./a.mp4",
+        "/vod/a//b.mp4",
+        "/vod/a%5cb.mp4",
+        "/vod/a%00b.mp4",
+        "/vod/a%0ab.mp4",
+        "/vod/" + "x" * 1025,
+    ],
+)
 async def test_bad_asset_names_are_400_before_auth_or_s3(
-        emulator: Emulator, served: RunningProxy, path: str) -> None:
+    emulator: Emulator, served: RunningProxy, path: str
+) -> None:
     status, headers, body = await fetch(served.url(path))  # no token at all
     assert (status, body) == (400, b"")
     assert headers["X-S3Proxy-Error"]
@@ -269,14 +301,16 @@ async def test_bad_asset_names_are_400_before_auth_or_s3(
 
 
 async def test_percent_encoded_names_are_decoded_once(
-        emulator: Emulator, served: RunningProxy) -> None:
+    emulator: Emulator, served: RunningProxy
+) -> None:
     put_object(emulator, served.bucket, "dir/a b%20.mp4", b"spaces")
     status, _, body = await fetch(vod(served, "dir%2Fa%20b%2520.mp4"))
     assert (status, body) == (200, b"spaces")
 
 
 async def test_prefix_is_prepended_to_the_key(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     put_object(emulator, bucket, "vod/prefixed.mp4", b"prefixed")
     running = await start_proxy(s3={"prefix": "vod/"})
     status, _, body = await fetch(vod(running, "prefixed.mp4"))
@@ -286,8 +320,7 @@ async def test_prefix_is_prepended_to_the_key(
 # --- property-based: random sizes and Range headers, compared with Python slicing ------
 
 range_spec = st.one_of(
-    st.tuples(st.integers(0, 5000), st.integers(0, 5000)).map(
-        lambda t: f"{min(t)}-{max(t)}"),
+    st.tuples(st.integers(0, 5000), st.integers(0, 5000)).map(lambda t: f"{min(t)}-{max(t)}"),
     st.integers(0, 5000).map(lambda a: f"{a}-"),
     st.integers(0, 6000).map(lambda n: f"-{n}"),
 )
@@ -307,12 +340,17 @@ def expected_ranges(specs: list[str], size: int) -> list[tuple[int, int]] | None
     return out or None
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(size=st.integers(0, 4000), specs=st.lists(range_spec, min_size=1, max_size=4),
-       seed=st.integers(0, 2**16))
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    size=st.integers(0, 4000),
+    specs=st.lists(range_spec, min_size=1, max_size=4),
+    seed=st.integers(0, 2**16),
+)
 async def test_random_ranges_match_python_slicing(
-        emulator: Emulator, served: RunningProxy, size: int, specs: list[str], seed: int) -> None:
+    emulator: Emulator, served: RunningProxy, size: int, specs: list[str], seed: int
+) -> None:
     data = blob(size, seed)
     key = f"prop/{size}-{seed}.bin"
     put_object(emulator, served.bucket, key, data)
@@ -326,18 +364,17 @@ async def test_random_ranges_match_python_slicing(
     if len(expected) > 1 and overlapping:
         assert (status, body) == (200, data)
     elif len(expected) == 1:
-        (start, end), = expected
+        ((start, end),) = expected
         assert status == 206
         assert headers["Content-Range"] == f"bytes {start}-{end}/{size}"
-        assert body == data[start:end + 1]
+        assert body == data[start : end + 1]
     else:
         assert status == 206
         parts = parse_multipart(headers["Content-Type"], body)
-        assert parts == [(f"bytes {s}-{e}/{size}", data[s:e + 1]) for s, e in expected]
+        assert parts == [(f"bytes {s}-{e}/{size}", data[s : e + 1]) for s, e in expected]
 
 
-async def test_large_object_streams_byte_for_byte(
-        emulator: Emulator, served: RunningProxy) -> None:
+async def test_large_object_streams_byte_for_byte(emulator: Emulator, served: RunningProxy) -> None:
     data = os.urandom(6 * 1024 * 1024 + 123)
     put_object(emulator, served.bucket, "big.bin", data)
     status, _, body = await fetch(vod(served, "big.bin"), Range="bytes=1000000-")

@@ -28,17 +28,23 @@ from .test_serve import free_port, raw_get
 def serve(tmp_path: Path, config: dict[str, Any]) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "s3proxy.yaml"
     path.write_text(json.dumps(config))
-    return subprocess.run([sys.executable, "-m", "s3proxy", "serve", "--config", str(path)],
-                          capture_output=True, text=True, timeout=60,
-                          env={**os.environ, SECRET_ENV: SECRET})
+    return subprocess.run(
+        [sys.executable, "-m", "s3proxy", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, SECRET_ENV: SECRET},
+    )
 
 
 def base(port: int, workers: int = 1) -> dict[str, Any]:
-    return {"server": {"host": "127.0.0.1", "port": port, "workers": workers},
-            "admin": {"host": "127.0.0.1", "port": free_port()},
-            "s3": {"bucket": "m", "endpoint_url": "http://127.0.0.1:9"},
-            "auth": {"keys": [{"kid": "k1", "secret_env": SECRET_ENV}]},
-            "log": {"format": "json"}}
+    return {
+        "server": {"host": "127.0.0.1", "port": port, "workers": workers},
+        "admin": {"host": "127.0.0.1", "port": free_port()},
+        "s3": {"bucket": "m", "endpoint_url": "http://127.0.0.1:9"},
+        "auth": {"keys": [{"kid": "k1", "secret_env": SECRET_ENV}]},
+        "log": {"format": "json"},
+    }
 
 
 def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
@@ -62,8 +68,11 @@ def test_the_supervisor_gives_up_when_a_worker_can_not_start(tmp_path: Path) -> 
         result = serve(tmp_path, base(port, workers=2))
     assert result.returncode == 1, result.stderr
     assert time.monotonic() - started < 20, "it did not restart the workers forever"
-    errors = [json.loads(line) for line in result.stderr.splitlines()
-              if line.startswith("{") and '"error"' in line]
+    errors = [
+        json.loads(line)
+        for line in result.stderr.splitlines()
+        if line.startswith("{") and '"error"' in line
+    ]
     assert len(errors) == 1, result.stderr
     assert errors[0]["msg"].startswith("giving up: worker")
     assert f"can not listen on 127.0.0.1:{port}" in errors[0]["msg"]
@@ -71,7 +80,8 @@ def test_the_supervisor_gives_up_when_a_worker_can_not_start(tmp_path: Path) -> 
 
 
 def test_sigterm_drains_for_at_most_the_shutdown_timeout_in_all(
-        emulator: Emulator, bucket: str, tmp_path: Path) -> None:
+    emulator: Emulator, bucket: str, tmp_path: Path
+) -> None:
     put_object(emulator, bucket, "big.mp4", os.urandom(64 << 20))
     port = free_port()
     config = base(port)
@@ -79,9 +89,11 @@ def test_sigterm_drains_for_at_most_the_shutdown_timeout_in_all(
     config["s3"] = {"bucket": bucket, "endpoint_url": emulator.endpoint_url}
     path = tmp_path / "s3proxy.yaml"
     path.write_text(json.dumps(config))
-    process = subprocess.Popen([sys.executable, "-m", "s3proxy", "serve", "--config",
-                                str(path)], stderr=subprocess.DEVNULL,
-                               env={**os.environ, SECRET_ENV: SECRET})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "s3proxy", "serve", "--config", str(path)],
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, SECRET_ENV: SECRET},
+    )
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -104,13 +116,18 @@ def test_sigterm_drains_for_at_most_the_shutdown_timeout_in_all(
 
 
 async def test_the_default_timeouts_answer_a_silent_s3_before_mist_gives_up(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     state = OriginState(size=1000, behaviour="stall_headers")
     origin = await aiohttp_server(make_origin(state))
-    config = config_from_dict({
-        "server": {"host": "127.0.0.1", "port": 0}, "admin": {"host": "127.0.0.1", "port": 0},
-        "s3": {"bucket": "media", "endpoint_url": f"http://{origin.host}:{origin.port}"},
-        "auth": {"keys": [{"kid": "k1", "secret_env": SECRET_ENV}]}})
+    config = config_from_dict(
+        {
+            "server": {"host": "127.0.0.1", "port": 0},
+            "admin": {"host": "127.0.0.1", "port": 0},
+            "s3": {"bucket": "media", "endpoint_url": f"http://{origin.host}:{origin.port}"},
+            "auth": {"keys": [{"kid": "k1", "secret_env": SECRET_ENV}]},
+        }
+    )
     running = await start_proxy(config)
     started = time.monotonic()
     status, _, _ = await fetch(running.url(f"/t/{make_token()}/a.mp4"), Range="bytes=0-9")
@@ -119,15 +136,22 @@ async def test_the_default_timeouts_answer_a_silent_s3_before_mist_gives_up(
 
 
 async def test_healthz_answers_whatever_the_load(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     state = OriginState(size=1000, behaviour="stall_headers")
     origin = await aiohttp_server(make_origin(state))
-    config = config_from_dict({
-        "server": {"host": "127.0.0.1", "port": 0, "max_connections": 1},
-        "admin": {"host": "127.0.0.1", "port": 0},
-        "s3": {"bucket": "media", "endpoint_url": f"http://{origin.host}:{origin.port}",
-               "read_timeout_s": 5},
-        "auth": {"keys": [{"kid": "k1", "secret_env": SECRET_ENV}]}})
+    config = config_from_dict(
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "max_connections": 1},
+            "admin": {"host": "127.0.0.1", "port": 0},
+            "s3": {
+                "bucket": "media",
+                "endpoint_url": f"http://{origin.host}:{origin.port}",
+                "read_timeout_s": 5,
+            },
+            "auth": {"keys": [{"kid": "k1", "secret_env": SECRET_ENV}]},
+        }
+    )
     running = await start_proxy(config)
     async with aiohttp.ClientSession() as session:
         busy = asyncio.ensure_future(session.get(running.url(f"/t/{make_token()}/a.mp4")))

@@ -23,7 +23,8 @@ async def sample(emulator: Emulator, bucket: str, start_proxy: StartProxy) -> Ru
 
 async def run(*argv: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
     return process.returncode, stdout.decode(), stderr.decode()
@@ -33,15 +34,22 @@ def test_bundled_sample_is_small_faststart_mp4() -> None:
     assert len(SAMPLE) <= 2 << 20
     assert SAMPLE[4:8] == b"ftyp"
     ftyp_size = int.from_bytes(SAMPLE[0:4], "big")
-    assert SAMPLE[ftyp_size + 4:ftyp_size + 8] == b"moov", "the index comes first"
+    assert SAMPLE[ftyp_size + 4 : ftyp_size + 8] == b"moov", "the index comes first"
 
 
 async def test_ffprobe_reads_the_sample_through_the_proxy(sample: RunningProxy) -> None:
     ffprobe = require_tool("ffprobe")
     token = make_token("movies/*")
-    code, out, err = await run(ffprobe, "-v", "error", "-print_format", "json",
-                               "-show_format", "-show_streams",
-                               sample.url(f"/vod/movies/sample.mp4?token={token}"))
+    code, out, err = await run(
+        ffprobe,
+        "-v",
+        "error",
+        "-print_format",
+        "json",
+        "-show_format",
+        "-show_streams",
+        sample.url(f"/vod/movies/sample.mp4?token={token}"),
+    )
     assert code == 0, err
     info = json.loads(out)
     codecs = sorted(s["codec_name"] for s in info["streams"])
@@ -52,13 +60,20 @@ async def test_ffprobe_reads_the_sample_through_the_proxy(sample: RunningProxy) 
 
 
 async def test_ffmpeg_reads_the_whole_stream_with_a_query_token(
-        sample: RunningProxy, tmp_path: Path) -> None:
+    sample: RunningProxy, tmp_path: Path
+) -> None:
     ffmpeg = require_tool("ffmpeg")
     token = make_token("movies/sample.mp4")
     copy_to_md5 = ("-map", "0", "-c", "copy", "-f", "md5", "-")
     code, through_proxy, err = await run(
-        ffmpeg, "-v", "error", "-xerror",
-        "-i", sample.url(f"/vod/movies/sample.mp4?token={token}"), *copy_to_md5)
+        ffmpeg,
+        "-v",
+        "error",
+        "-xerror",
+        "-i",
+        sample.url(f"/vod/movies/sample.mp4?token={token}"),
+        *copy_to_md5,
+    )
     assert code == 0, err
     local = tmp_path / "sample.mp4"
     local.write_bytes(SAMPLE)
@@ -72,8 +87,21 @@ async def test_ffmpeg_reads_the_whole_stream_with_a_query_token(
 async def test_ffmpeg_seeks_with_ranges_through_a_path_token(sample: RunningProxy) -> None:
     ffmpeg = require_tool("ffmpeg")
     token = make_token("movies/*")
-    code, _, err = await run(ffmpeg, "-v", "error", "-ss", "6", "-i",
-                             sample.url(f"/t/{token}/movies/sample.mp4"),
-                             "-t", "2", "-c", "copy", "-f", "null", "-")
+    code, _, err = await run(
+        ffmpeg,
+        "-v",
+        "error",
+        "-ss",
+        "6",
+        "-i",
+        sample.url(f"/t/{token}/movies/sample.mp4"),
+        "-t",
+        "2",
+        "-c",
+        "copy",
+        "-f",
+        "null",
+        "-",
+    )
     assert code == 0, err
     assert sample.metric("s3proxy_requests_total", method="GET", status="206") >= 2

@@ -18,23 +18,28 @@ from .conftest import Emulator, RunningProxy, StartProxy, make_token, put_object
 ASSET = "obs.mp4"
 
 
-async def get(running: RunningProxy, token: str, header: str,
-              **headers: str) -> tuple[int, dict[str, str]]:
+async def get(
+    running: RunningProxy, token: str, header: str, **headers: str
+) -> tuple[int, dict[str, str]]:
     async with aiohttp.ClientSession() as session:
-        async with session.get(running.url(f"/t/{token}/{ASSET}"),
-                               headers={"Range": header, **headers}) as response:
+        async with session.get(
+            running.url(f"/t/{token}/{ASSET}"), headers={"Range": header, **headers}
+        ) as response:
             await response.read()
             return response.status, dict(response.headers)
 
 
 def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
-    return [r.fields for r in caplog.records  # type: ignore[attr-defined]
-            if r.name == "s3proxy.access"]
+    return [
+        r.fields
+        for r in caplog.records  # type: ignore[attr-defined]
+        if r.name == "s3proxy.access"
+    ]
 
 
 async def test_the_access_line_says_who_what_and_where_the_bytes_came_from(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy,
-        caplog: pytest.LogCaptureFixture) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
     put_object(emulator, bucket, ASSET, bytes(3 << 20))
     running = await start_proxy(cache={"metadata_ttl_s": 0.2, "readahead_blocks": 0})
     token = make_token("**", sub="viewer-7", jti="t-123")
@@ -60,7 +65,8 @@ async def test_the_access_line_says_who_what_and_where_the_bytes_came_from(
 
 
 async def test_metrics_for_first_bytes_readiness_build_and_the_process(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     put_object(emulator, bucket, ASSET, bytes(2 << 20))
     running = await start_proxy()
     token = make_token()

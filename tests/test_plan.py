@@ -18,8 +18,16 @@ PROBE = plan.PROBE_BYTES
 
 
 def reader(**changes: object) -> plan.Reader:
-    base: dict[str, object] = dict(index=3, lo=0, hi=PROBE * 4 - 1, block_last=PROBE * 4 - 1,
-                                   open_ended=True, sequential=False, held=True, sent=False)
+    base: dict[str, object] = dict(
+        index=3,
+        lo=0,
+        hi=PROBE * 4 - 1,
+        block_last=PROBE * 4 - 1,
+        open_ended=True,
+        sequential=False,
+        held=True,
+        sent=False,
+    )
     base.update(changes)
     return plan.Reader(**base)  # type: ignore[arg-type]
 
@@ -41,17 +49,21 @@ def test_a_probed_block_is_fetched_whole_and_kept_by_the_next_seek() -> None:
 def test_after_its_probe_a_reader_waits_out_the_grace_before_a_get() -> None:
     after_probe = reader(lo=100 + PROBE, sent=True, probed_here=True)
     assert plan.next_step(after_probe, plan.BlockState(probed=True), nothing, 2, 9) == (
-        plan.WaitGrace())
+        plan.WaitGrace()
+    )
     released = reader(lo=100 + PROBE, sent=True, probed_here=True, held=False)
     assert plan.next_step(released, plan.BlockState(probed=True), nothing, 2, 9) == (
-        plan.StartFetch(last=3, keep=False))
+        plan.StartFetch(last=3, keep=False)
+    )
 
 
 def test_a_sequential_reader_is_never_probed_and_a_fetch_in_flight_is_joined() -> None:
-    assert plan.next_step(reader(lo=100, sequential=True), plan.BlockState(), nothing, 2,
-                          9) == plan.StartFetch(last=3, keep=False)
+    assert plan.next_step(
+        reader(lo=100, sequential=True), plan.BlockState(), nothing, 2, 9
+    ) == plan.StartFetch(last=3, keep=False)
     assert plan.next_step(reader(lo=100), plan.BlockState(fetching=True), nothing, 2, 9) == (
-        plan.Join())
+        plan.Join()
+    )
     assert plan.next_step(reader(), plan.BlockState(cached=True), nothing, 2, 9) == plan.Serve()
 
 
@@ -66,29 +78,34 @@ def test_a_closed_range_fetches_what_it_needs_up_to_the_window() -> None:
     assert plan.run_end(closed, fifth_cached, 8, 9) == 4
 
 
-@given(st.integers(0, 40), st.integers(0, 8), st.integers(0, 60), st.integers(0, 4),
-       st.integers(1, 4), st.sets(st.integers(0, 60)))
+@given(
+    st.integers(0, 40),
+    st.integers(0, 8),
+    st.integers(0, 60),
+    st.integers(0, 4),
+    st.integers(1, 4),
+    st.sets(st.integers(0, 60)),
+)
 def test_readahead_runs_are_missing_blocks_within_the_window(
-        after: int, window: int, last: int, inflight: int, max_inflight: int,
-        present: set[int]) -> None:
+    after: int, window: int, last: int, inflight: int, max_inflight: int, present: set[int]
+) -> None:
     def state_of(index: int) -> plan.BlockState:
         return plan.BlockState(cached=index in present)
 
     runs = plan.readahead_runs(after, window, last, state_of, inflight, max_inflight)
     covered = [i for first, end in runs for i in range(first, end + 1)]
     assert len(covered) == len(set(covered))
-    assert all(after <= i <= min(last, after + window - 1) and i not in present
-               for i in covered)
+    assert all(after <= i <= min(last, after + window - 1) and i not in present for i in covered)
     assert inflight + len(runs) <= max(max_inflight, inflight)
     if inflight + len(runs) < max_inflight:  # not stopped by the bound: every gap taken
-        wanted = {i for i in range(after, min(last, after + window - 1) + 1)
-                  if i not in present}
+        wanted = {i for i in range(after, min(last, after + window - 1) + 1) if i not in present}
         assert set(covered) == wanted
 
 
 @given(st.integers(0, 5000), st.integers(0, 5000), st.integers(1, 6000))
 def test_an_answer_is_accepted_only_when_it_is_exactly_what_was_asked(
-        start: int, length: int, size: int) -> None:
+    start: int, length: int, size: int
+) -> None:
     end = start + length
     meta = ObjectMeta("k", size, '"v1"', datetime.now(UTC), None)
     if start >= size:
@@ -116,8 +133,11 @@ def test_an_answer_is_accepted_only_when_it_is_exactly_what_was_asked(
 
 def test_the_fetch_table_claims_all_or_nothing_and_only_owners_release() -> None:
     table = FetchTable()
-    first, overlapping, other = ModelFetch(0, 2, False), ModelFetch(2, 3, False), ModelFetch(
-        5, 5, False)
+    first, overlapping, other = (
+        ModelFetch(0, 2, False),
+        ModelFetch(2, 3, False),
+        ModelFetch(5, 5, False),
+    )
     assert table.claim(first)  # type: ignore[arg-type]
     assert not table.claim(overlapping), "block 2 is first's"  # type: ignore[arg-type]
     assert BlockKey("b", "k", "e", 3) not in table, "nothing of a refused claim is kept"
@@ -174,9 +194,11 @@ class Model:
         return BlockKey("b", "k", "e", index)
 
     def state(self, index: int) -> plan.BlockState:
-        return plan.BlockState(cached=index in self.cached,
-                               fetching=self.key(index) in self.table,
-                               probed=index in self.probed)
+        return plan.BlockState(
+            cached=index in self.cached,
+            fetching=self.key(index) in self.table,
+            probed=index in self.probed,
+        )
 
     def start_fetch(self, first: int, last: int, keep: bool) -> ModelFetch:
         fetch = ModelFetch(first, last, keep, next_block=first)
@@ -209,12 +231,18 @@ class Model:
         bs_first, bs_last = block_bounds(r.index, BS, self.size)
         lo = max(r.lo, r.start - bs_first, 0)
         hi = min(r.end, bs_last) - bs_first
-        view = plan.Reader(index=r.index, lo=lo, hi=hi, block_last=bs_last - bs_first,
-                           open_ended=r.end == self.size - 1,
-                           sequential=plan.is_sequential(r.index, r.start // BS, r.previous),
-                           held=r.held, sent=r.sent, probed_here=r.probed_here)
-        step = plan.next_step(view, self.state(r.index), self.state, self.window,
-                              r.end // BS)
+        view = plan.Reader(
+            index=r.index,
+            lo=lo,
+            hi=hi,
+            block_last=bs_last - bs_first,
+            open_ended=r.end == self.size - 1,
+            sequential=plan.is_sequential(r.index, r.start // BS, r.previous),
+            held=r.held,
+            sent=r.sent,
+            probed_here=r.probed_here,
+        )
+        step = plan.next_step(view, self.state(r.index), self.state, self.window, r.end // BS)
         if isinstance(step, plan.Probe):
             assert r.index not in self.probed and not view.sequential and r.held
             assert lo <= step.stop <= hi
@@ -252,8 +280,9 @@ class Model:
         if not plan.wants_readahead(view):
             return
         assert not r.held, "read-ahead inside the seek grace"
-        for first, last in plan.readahead_runs(r.index + 1, self.window,
-                                               last_block(self.size, BS), self.state, 0, 99):
+        for first, last in plan.readahead_runs(
+            r.index + 1, self.window, last_block(self.size, BS), self.state, 0, 99
+        ):
             assert last <= r.index + self.window, "read-ahead beyond the window"
             self.start_fetch(first, last, keep=True)
 
@@ -281,7 +310,8 @@ class Model:
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_random_interleavings_serve_exact_ranges_with_one_get_per_block(
-        data: st.DataObject) -> None:
+    data: st.DataObject,
+) -> None:
     size = data.draw(st.integers(1, 12 * BS), label="size")
     model = Model(size=size, window=data.draw(st.integers(0, 3), label="window"))
     readers: list[ModelReader] = []
@@ -289,8 +319,9 @@ def test_random_interleavings_serve_exact_ranges_with_one_get_per_block(
         start = data.draw(st.integers(0, size - 1))
         end = data.draw(st.one_of(st.just(size - 1), st.integers(start, size - 1)))
         previous = data.draw(st.one_of(st.none(), st.integers(0, 12)))
-        r = ModelReader(start=start, end=end, previous=previous, index=start // BS,
-                        held=end == size - 1)
+        r = ModelReader(
+            start=start, end=end, previous=previous, index=start // BS, held=end == size - 1
+        )
         readers.append(r)
     for _ in range(400):
         live = [r for r in readers if not r.done]

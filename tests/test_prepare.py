@@ -17,28 +17,61 @@ from s3proxy.prepare import top_level_boxes
 from .conftest import Emulator, StartProxy, make_token, require_tool
 from .test_media_clients import run as run_async
 
-SOURCES = ["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=2",
-           "-f", "lavfi", "-i", "sine=frequency=300:sample_rate=44100:duration=2"]
+SOURCES = [
+    "-f",
+    "lavfi",
+    "-i",
+    "testsrc2=size=160x120:rate=25:duration=2",
+    "-f",
+    "lavfi",
+    "-i",
+    "sine=frequency=300:sample_rate=44100:duration=2",
+]
 
 
 def ffmpeg(*args: str) -> None:
-    subprocess.run([require_tool("ffmpeg"), "-v", "error", "-y", *args], check=True,
-                   timeout=120)
+    subprocess.run([require_tool("ffmpeg"), "-v", "error", "-y", *args], check=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     require_tool("ffprobe")
     root = tmp_path_factory.mktemp("media")
-    files = {name: root / name for name in
-             ("moov_end.mp4", "clip.ts", "pcm.mkv", "text.mp4", "cut.mp4", "cut_fast.mp4",
-              "subs.srt")}
-    ffmpeg(*SOURCES, "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac",
-           str(files["moov_end.mp4"]))
-    ffmpeg(*SOURCES, "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac",
-           str(files["clip.ts"]))
-    ffmpeg(*SOURCES, "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "pcm_s16le",
-           str(files["pcm.mkv"]))
+    files = {
+        name: root / name
+        for name in (
+            "moov_end.mp4",
+            "clip.ts",
+            "pcm.mkv",
+            "text.mp4",
+            "cut.mp4",
+            "cut_fast.mp4",
+            "subs.srt",
+        )
+    }
+    ffmpeg(
+        *SOURCES,
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-c:a",
+        "aac",
+        str(files["moov_end.mp4"]),
+    )
+    ffmpeg(
+        *SOURCES, "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", str(files["clip.ts"])
+    )
+    ffmpeg(
+        *SOURCES,
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-c:a",
+        "pcm_s16le",
+        str(files["pcm.mkv"]),
+    )
     files["text.mp4"].write_text("this is not a video\n" * 100)
     whole = files["moov_end.mp4"].read_bytes()
     files["cut.mp4"].write_bytes(whole[: len(whole) // 2])  # the moov (at the end) is gone
@@ -50,17 +83,40 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return files
 
 
-def prepare(emulator: Emulator, bucket: str, tmp_path: Path, source: str, asset: str,
-            path_env: str | None = None) -> subprocess.CompletedProcess[str]:
+def prepare(
+    emulator: Emulator,
+    bucket: str,
+    tmp_path: Path,
+    source: str,
+    asset: str,
+    path_env: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     config = tmp_path / "prepare.yaml"
-    config.write_text(json.dumps({"s3": {"bucket": bucket, "prefix": "vod/",
-                                         "endpoint_url": emulator.endpoint_url}}))
+    config.write_text(
+        json.dumps(
+            {"s3": {"bucket": bucket, "prefix": "vod/", "endpoint_url": emulator.endpoint_url}}
+        )
+    )
     env = dict(os.environ)
     if path_env is not None:
         env["PATH"] = path_env
-    return subprocess.run([sys.executable, "-m", "s3proxy", "prepare", source, "--asset",
-                           asset, "--config", str(config)], capture_output=True, text=True,
-                          timeout=300, env=env)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "s3proxy",
+            "prepare",
+            source,
+            "--asset",
+            asset,
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def stored(emulator: Emulator, bucket: str, key: str) -> bytes:
@@ -69,8 +125,8 @@ def stored(emulator: Emulator, bucket: str, key: str) -> bytes:
 
 
 async def test_moov_at_end_mp4_is_remuxed_index_first_and_plays_through_the_proxy(
-        emulator: Emulator, bucket: str, tmp_path: Path, media: dict[str, Path],
-        start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, tmp_path: Path, media: dict[str, Path], start_proxy: StartProxy
+) -> None:
     assert [b[0] for b in top_level_boxes(media["moov_end.mp4"])][-1] == "moov"
     result = prepare(emulator, bucket, tmp_path, str(media["moov_end.mp4"]), "movies/a.mp4")
     assert result.returncode == 0, result.stderr
@@ -86,14 +142,21 @@ async def test_moov_at_end_mp4_is_remuxed_index_first_and_plays_through_the_prox
     assert kinds.index("moov") < kinds.index("mdat")
     running = await start_proxy(s3={"prefix": "vod/"})
     code, out, err = await run_async(
-        require_tool("ffprobe"), "-v", "error", "-print_format", "json", "-show_streams",
-        running.url(f"/t/{make_token('movies/*')}/movies/a.mp4"))
+        require_tool("ffprobe"),
+        "-v",
+        "error",
+        "-print_format",
+        "json",
+        "-show_streams",
+        running.url(f"/t/{make_token('movies/*')}/movies/a.mp4"),
+    )
     assert code == 0, err
     assert sorted(s["codec_name"] for s in json.loads(out)["streams"]) == ["aac", "h264"]
 
 
 def test_rerunning_is_safe_and_uploads_nothing_new(
-        emulator: Emulator, bucket: str, tmp_path: Path, media: dict[str, Path]) -> None:
+    emulator: Emulator, bucket: str, tmp_path: Path, media: dict[str, Path]
+) -> None:
     first = prepare(emulator, bucket, tmp_path, str(media["moov_end.mp4"]), "a.mp4")
     second = prepare(emulator, bucket, tmp_path, str(media["moov_end.mp4"]), "a.mp4")
     assert first.returncode == second.returncode == 0
@@ -101,8 +164,9 @@ def test_rerunning_is_safe_and_uploads_nothing_new(
     assert json.loads(second.stdout)["uploaded"] == "unchanged"
 
 
-def test_ts_is_remuxed_to_mp4(emulator: Emulator, bucket: str, tmp_path: Path,
-                              media: dict[str, Path]) -> None:
+def test_ts_is_remuxed_to_mp4(
+    emulator: Emulator, bucket: str, tmp_path: Path, media: dict[str, Path]
+) -> None:
     result = prepare(emulator, bucket, tmp_path, str(media["clip.ts"]), "clip.mp4")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -111,7 +175,8 @@ def test_ts_is_remuxed_to_mp4(emulator: Emulator, bucket: str, tmp_path: Path,
 
 
 def test_streams_mp4_can_not_hold_are_kept_as_they_are(
-        emulator: Emulator, bucket: str, tmp_path: Path, media: dict[str, Path]) -> None:
+    emulator: Emulator, bucket: str, tmp_path: Path, media: dict[str, Path]
+) -> None:
     result = prepare(emulator, bucket, tmp_path, str(media["pcm.mkv"]), "pcm.mkv")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -120,15 +185,18 @@ def test_streams_mp4_can_not_hold_are_kept_as_they_are(
     assert stored(emulator, bucket, "vod/pcm.mkv") == media["pcm.mkv"].read_bytes()
 
 
-@pytest.mark.parametrize("name, reason", [
-    ("text.mp4", "is not a media file ffprobe can read"),
-    ("cut.mp4", "is not a media file ffprobe can read"),
-    ("cut_fast.mp4", "is truncated or damaged"),
-    ("subs.srt", "has no audio or video stream"),
-])
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("text.mp4", "is not a media file ffprobe can read"),
+        ("cut.mp4", "is not a media file ffprobe can read"),
+        ("cut_fast.mp4", "is truncated or damaged"),
+        ("subs.srt", "has no audio or video stream"),
+    ],
+)
 def test_bad_input_is_refused_with_one_line_and_nothing_uploaded(
-        emulator: Emulator, bucket: str, tmp_path: Path, media: dict[str, Path],
-        name: str, reason: str) -> None:
+    emulator: Emulator, bucket: str, tmp_path: Path, media: dict[str, Path], name: str, reason: str
+) -> None:
     result = prepare(emulator, bucket, tmp_path, str(media[name]), "bad.mp4")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -138,10 +206,12 @@ def test_bad_input_is_refused_with_one_line_and_nothing_uploaded(
     assert listing.get("KeyCount", 0) == 0
 
 
-def test_prepare_from_an_s3_raw_upload(emulator: Emulator, bucket: str, tmp_path: Path,
-                                       media: dict[str, Path]) -> None:
-    emulator.client().put_object(Bucket=bucket, Key="raw/upload.mp4",
-                                 Body=media["moov_end.mp4"].read_bytes())
+def test_prepare_from_an_s3_raw_upload(
+    emulator: Emulator, bucket: str, tmp_path: Path, media: dict[str, Path]
+) -> None:
+    emulator.client().put_object(
+        Bucket=bucket, Key="raw/upload.mp4", Body=media["moov_end.mp4"].read_bytes()
+    )
     result = prepare(emulator, bucket, tmp_path, f"s3://{bucket}/raw/upload.mp4", "ready.mp4")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["index"] == "start"
@@ -152,18 +222,27 @@ def test_prepare_from_an_s3_raw_upload(emulator: Emulator, bucket: str, tmp_path
 
 
 def test_sidecar_goes_first_when_a_mist_input_is_installed(
-        emulator: Emulator, bucket: str, tmp_path: Path, media: dict[str, Path]) -> None:
+    emulator: Emulator, bucket: str, tmp_path: Path, media: dict[str, Path]
+) -> None:
     # No MistServer package exists in the registries this project may use; this stand-in
     # follows MistInMP4's header-only contract (`-H -s NAME FILE` writes FILE.dtsh) so the
     # ordering and upload of the sidecar are exercised.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "MistInMP4"
-    fake.write_text("#!/bin/sh\n[ \"$1\" = -H ] && [ \"$2\" = -s ] || exit 9\n"
-                    "printf 'DTSC\\000\\000\\000\\004abcd' > \"$4.dtsh\"\n")
+    fake.write_text(
+        '#!/bin/sh\n[ "$1" = -H ] && [ "$2" = -s ] || exit 9\n'
+        "printf 'DTSC\\000\\000\\000\\004abcd' > \"$4.dtsh\"\n"
+    )
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    result = prepare(emulator, bucket, tmp_path, str(media["moov_end.mp4"]), "m.mp4",
-                     path_env=f"{bin_dir}:{os.environ['PATH']}")
+    result = prepare(
+        emulator,
+        bucket,
+        tmp_path,
+        str(media["moov_end.mp4"]),
+        "m.mp4",
+        path_env=f"{bin_dir}:{os.environ['PATH']}",
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["sidecar"] == "uploaded"
     assert stored(emulator, bucket, "vod/m.mp4.dtsh") == b"DTSC\x00\x00\x00\x04abcd"

@@ -17,21 +17,28 @@ from s3proxy.logs import JsonFormatter, MalformedRequests, redact
 from .conftest import Emulator, make_token
 from .test_serve import serve_process
 
-b64url = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
-                 min_size=8, max_size=40)
-tokens = st.one_of(st.tuples(b64url, b64url, b64url).map(lambda p: "eyJ" + ".".join(p)),
-                   b64url)
+b64url = st.text(
+    alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
+    min_size=8,
+    max_size=40,
+)
+tokens = st.one_of(st.tuples(b64url, b64url, b64url).map(lambda p: "eyJ" + ".".join(p)), b64url)
 
 
 @settings(max_examples=300, deadline=None)
 @given(tokens)
 def test_no_token_survives_redaction_wherever_it_appears(token: str) -> None:
-    lines = [f"GET /t/{token}/movies/a.mp4 HTTP/1.1", f"GET /t/{token} HTTP/1.1",
-             f"/t/{token}/", f"/vod/a.mp4?token={token}&x=1", f"/vod/a?access_token={token}",
-             f"Authorization: Bearer {token}", f"authorization: {token}",
-             json.dumps({"path": f"/t/{token}/x", "headers": {"Authorization": f"Bearer {token}"}}),
-             repr(f"GET /vod/a?token={token} HTTP/1.1\r\nAuthorization: Bearer {token}\r\n"
-                  .encode())]
+    lines = [
+        f"GET /t/{token}/movies/a.mp4 HTTP/1.1",
+        f"GET /t/{token} HTTP/1.1",
+        f"/t/{token}/",
+        f"/vod/a.mp4?token={token}&x=1",
+        f"/vod/a?access_token={token}",
+        f"Authorization: Bearer {token}",
+        f"authorization: {token}",
+        json.dumps({"path": f"/t/{token}/x", "headers": {"Authorization": f"Bearer {token}"}}),
+        repr(f"GET /vod/a?token={token} HTTP/1.1\r\nAuthorization: Bearer {token}\r\n".encode()),
+    ]
     for line in lines:
         assert token not in redact(line), line
 
@@ -47,9 +54,15 @@ def test_a_malformed_request_report_becomes_one_warning_without_a_traceback() ->
     try:
         raise ValueError(f"Invalid header value char:\n\n  b'Authorization: Bearer {token}'")
     except ValueError:
-        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1,
-                                   "Error handling request from %s", ("127.0.0.1",),
-                                   __import__("sys").exc_info())
+        record = logging.LogRecord(
+            "aiohttp.server",
+            logging.ERROR,
+            __file__,
+            1,
+            "Error handling request from %s",
+            ("127.0.0.1",),
+            __import__("sys").exc_info(),
+        )
     limiter = MalformedRequests(per_second=2)
     assert limiter.filter(record)
     line = JsonFormatter().format(record)
@@ -58,12 +71,20 @@ def test_a_malformed_request_report_becomes_one_warning_without_a_traceback() ->
     assert "traceback" not in entry and token not in line
     assert entry["reason"] == "Invalid header value char:"
     for _ in range(5):  # a burst: a few pass, the rest are counted
-        again = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1,
-                                  "Error handling request from %s", ("x",), None)
+        again = logging.LogRecord(
+            "aiohttp.server",
+            logging.ERROR,
+            __file__,
+            1,
+            "Error handling request from %s",
+            ("x",),
+            None,
+        )
         limiter.filter(again)
     time.sleep(0.6)
-    later = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1,
-                              "Error handling request from %s", ("x",), None)
+    later = logging.LogRecord(
+        "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s", ("x",), None
+    )
     assert limiter.filter(later) and later.fields["dropped"] >= 3  # type: ignore[attr-defined]
 
 
@@ -81,17 +102,18 @@ def send(port: int, data: bytes) -> bytes:
 
 
 def test_no_log_line_of_a_running_proxy_holds_a_token(
-        emulator: Emulator, bucket: str, tmp_path: Path) -> None:
+    emulator: Emulator, bucket: str, tmp_path: Path
+) -> None:
     token = make_token("**")
     with serve_process(emulator, bucket, tmp_path, 1, {}) as served:
         attacks = [
             f"GET /t/{token} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
             f"GET /t/{token}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            f"GET /t/{token}/a.mp4 HTTP/1.1\nHost: x\n\n",                  # bare LF
+            f"GET /t/{token}/a.mp4 HTTP/1.1\nHost: x\n\n",  # bare LF
             f"GET /vod/a.mp4 HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n  folded\r\n"
-            f"Authorization: Bearer {token}\r\n\r\n",                       # obs-fold
+            f"Authorization: Bearer {token}\r\n\r\n",  # obs-fold
             f"GET /t/{token}/a.mp4 HTTP/1.1\r\nHost: x\r\nX-A: \x00\r\n\r\n",  # NUL
-            f"BREW /t/{token}/a.mp4 HTTP/1.1\r\nHost: x\r\n\r\n",          # unknown method
+            f"BREW /t/{token}/a.mp4 HTTP/1.1\r\nHost: x\r\n\r\n",  # unknown method
             f"GET /vod/a.mp4?token={token}&{'x' * 9000} HTTP/1.1\r\nHost: x\r\n\r\n",
         ]
         for attack in attacks:

@@ -53,22 +53,35 @@ def workers() -> int:
 
 
 @contextmanager
-def serve_process(emulator: Emulator, bucket: str, tmp_path: Path, workers: int,
-                  cache: dict[str, Any]) -> Iterator[Served]:
+def serve_process(
+    emulator: Emulator, bucket: str, tmp_path: Path, workers: int, cache: dict[str, Any]
+) -> Iterator[Served]:
     port, admin = free_port(), free_port()
     config = tmp_path / f"s3proxy-{port}.yaml"
-    config.write_text(json.dumps({
-        "server": {"host": "127.0.0.1", "port": port, "shutdown_timeout_s": 20,
-                   "workers": workers},
-        "admin": {"host": "127.0.0.1", "port": admin},
-        "s3": {"bucket": bucket, "endpoint_url": emulator.endpoint_url},
-        "auth": {"keys": [{"kid": "k1", "secret_env": SECRET_ENV}]},
-        "cache": cache,
-        "log": {"level": "info", "format": "json"},
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "server": {
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "shutdown_timeout_s": 20,
+                    "workers": workers,
+                },
+                "admin": {"host": "127.0.0.1", "port": admin},
+                "s3": {"bucket": bucket, "endpoint_url": emulator.endpoint_url},
+                "auth": {"keys": [{"kid": "k1", "secret_env": SECRET_ENV}]},
+                "cache": cache,
+                "log": {"level": "info", "format": "json"},
+            }
+        )
+    )
     env = {**os.environ, SECRET_ENV: SECRET}
-    process = subprocess.Popen([sys.executable, "-m", "s3proxy", "serve", "--config",
-                                str(config)], stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "s3proxy", "serve", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     served = Served(process, port, admin)
     try:
         for _ in range(workers):
@@ -82,8 +95,7 @@ def serve_process(emulator: Emulator, bucket: str, tmp_path: Path, workers: int,
 
 @pytest.fixture
 def served(emulator: Emulator, bucket: str, tmp_path: Path, workers: int) -> Iterator[Served]:
-    cache = {"max_bytes": "8MiB", "disk": {"path": str(tmp_path / "blocks"),
-                                           "max_bytes": "64MiB"}}
+    cache = {"max_bytes": "8MiB", "disk": {"path": str(tmp_path / "blocks"), "max_bytes": "64MiB"}}
     with serve_process(emulator, bucket, tmp_path, workers, cache) as served:
         yield served
 
@@ -100,8 +112,13 @@ def read_response(sock: socket.socket, slow: bool = False) -> tuple[bytes, bytes
     while b"\r\n\r\n" not in data:
         data += sock.recv(65536)
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length")))
+    length = int(
+        next(
+            line.split(b":")[1]
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+    )
     while len(body) < length:
         chunk = sock.recv(65536)
         if not chunk:
@@ -113,13 +130,15 @@ def read_response(sock: socket.socket, slow: bool = False) -> tuple[bytes, bytes
 
 
 def test_serve_answers_logs_reloads_and_drains_on_sigterm(
-        served: Served, emulator: Emulator, bucket: str) -> None:
+    served: Served, emulator: Emulator, bucket: str
+) -> None:
     data = os.urandom(24 << 20)
     put_object(emulator, bucket, "movies/big.mp4", data)
     token = make_token("movies/*")
 
-    head, body = read_response(raw_get(served.port, f"/vod/movies/big.mp4?token={token}",
-                                       "Range: bytes=0-99\r\n"))
+    head, body = read_response(
+        raw_get(served.port, f"/vod/movies/big.mp4?token={token}", "Range: bytes=0-99\r\n")
+    )
     assert head.startswith(b"HTTP/1.1 206") and body == data[:100]
     access = served.read_until(lambda r: r.get("logger") == "s3proxy.access")
     assert access["status"] == 206 and access["path"] == "/vod/movies/big.mp4"
@@ -138,20 +157,25 @@ def test_serve_answers_logs_reloads_and_drains_on_sigterm(
     assert served.process.stderr is not None
     rest = served.process.stderr.read()
     assert token.split(".")[2] not in rest and all(
-        token.split(".")[2] not in json.dumps(r) for r in served.lines)
+        token.split(".")[2] not in json.dumps(r) for r in served.lines
+    )
     assert '"/t/-/movies/big.mp4"' in rest
 
 
 @pytest.mark.parametrize("workers", [2])
 def test_workers_share_the_port_and_report_metrics_together(
-        served: Served, emulator: Emulator, bucket: str, workers: int) -> None:
+    served: Served, emulator: Emulator, bucket: str, workers: int
+) -> None:
     data = os.urandom(3 << 20)
     put_object(emulator, bucket, "w.mp4", data)
     token = make_token("*")
     pids = set()
     for _ in range(40):  # new connections: the kernel spreads them over the workers
-        head, body = read_response(raw_get(served.port, f"/t/{token}/w.mp4",
-                                           "Range: bytes=1000-1999\r\nConnection: close\r\n"))
+        head, body = read_response(
+            raw_get(
+                served.port, f"/t/{token}/w.mp4", "Range: bytes=1000-1999\r\nConnection: close\r\n"
+            )
+        )
         assert head.startswith(b"HTTP/1.1 206") and body == data[1000:2000]
     for record in served.lines:
         if record.get("msg") == "listening":
@@ -161,35 +185,53 @@ def test_workers_share_the_port_and_report_metrics_together(
         text = r.read().decode()
     # whichever worker answered the scrape, it counts the requests of both
     assert 's3proxy_requests_total{method="GET",status="206"} 40.0' in text
-    max_bytes = [line for line in text.splitlines()
-                 if line.startswith('s3proxy_cache_max_bytes{tier="memory"}')]
+    max_bytes = [
+        line
+        for line in text.splitlines()
+        if line.startswith('s3proxy_cache_max_bytes{tier="memory"}')
+    ]
     assert max_bytes == ['s3proxy_cache_max_bytes{tier="memory"} 8.388608e+06']
     served.process.send_signal(signal.SIGTERM)
     assert served.process.wait(timeout=30) == 0
 
 
 def object_gets(emulator: Emulator, bucket: str, key: str) -> int:
-    return sum(1 for r in emulator.object_requests(bucket)
-               if r.method == "GET" and r.path == f"/{bucket}/{key}")
+    return sum(
+        1
+        for r in emulator.object_requests(bucket)
+        if r.method == "GET" and r.path == f"/{bucket}/{key}"
+    )
 
 
 def read_sequence(served: Served, token: str, asset: str, data: bytes) -> None:
     """Each read on a new connection (as Mist seeks), one after another, each after the
     fetch before it has landed in the shared tier (a block still in flight at one worker
     is fetched again by another: the workers share blocks, not fetches)."""
-    for start, end in [(0, 99), (1 << 20, (1 << 20) + 5000), (100, 200_000), (3 << 20, -1),
-                       (2_500_000, 2_600_000), (10, 20), ((1 << 20) + 7, 2 << 20)] * 3:
+    for start, end in [
+        (0, 99),
+        (1 << 20, (1 << 20) + 5000),
+        (100, 200_000),
+        (3 << 20, -1),
+        (2_500_000, 2_600_000),
+        (10, 20),
+        ((1 << 20) + 7, 2 << 20),
+    ] * 3:
         end = len(data) - 1 if end < 0 else end
-        head, body = read_response(raw_get(served.port, f"/t/{token}/{asset}",
-                                           f"Range: bytes={start}-{end}\r\n"
-                                           "Connection: close\r\n"))
-        assert head.startswith(b"HTTP/1.1 206") and body == data[start:end + 1]
+        head, body = read_response(
+            raw_get(
+                served.port,
+                f"/t/{token}/{asset}",
+                f"Range: bytes={start}-{end}\r\nConnection: close\r\n",
+            )
+        )
+        assert head.startswith(b"HTTP/1.1 206") and body == data[start : end + 1]
         time.sleep(0.3)
 
 
 @pytest.mark.parametrize("disk", [False, True])
 def test_two_workers_fetch_no_more_than_one_and_warm_up_fills_both(
-        emulator: Emulator, bucket: str, tmp_path: Path, disk: bool) -> None:
+    emulator: Emulator, bucket: str, tmp_path: Path, disk: bool
+) -> None:
     data = os.urandom(4 << 20)
     for name in ("one.mp4", "two.mp4", "warm.mp4"):
         put_object(emulator, bucket, name, data)
@@ -206,17 +248,23 @@ def test_two_workers_fetch_no_more_than_one_and_warm_up_fills_both(
     with serve_process(emulator, bucket, tmp_path, 2, cache) as two:
         read_sequence(two, token, "two.mp4", data)
         assert object_gets(emulator, bucket, "two.mp4") <= object_gets(
-            emulator, bucket, "one.mp4"), "two workers fetch no more than one"
-        request = urllib.request.Request(f"http://127.0.0.1:{two.admin}/warm/warm.mp4",
-                                         method="POST")
+            emulator, bucket, "one.mp4"
+        ), "two workers fetch no more than one"
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{two.admin}/warm/warm.mp4", method="POST"
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             assert json.loads(response.read())["warmed_bytes"] == 4 << 20
         gets = object_gets(emulator, bucket, "warm.mp4")
         for _ in range(20):  # new connections land on either worker: all hits
-            head, body = read_response(raw_get(two.port, f"/t/{token}/warm.mp4",
-                                               "Range: bytes=1048576-2097151\r\n"
-                                               "Connection: close\r\n"))
-            assert head.startswith(b"HTTP/1.1 206") and body == data[1 << 20:2 << 20]
+            head, body = read_response(
+                raw_get(
+                    two.port,
+                    f"/t/{token}/warm.mp4",
+                    "Range: bytes=1048576-2097151\r\nConnection: close\r\n",
+                )
+            )
+            assert head.startswith(b"HTTP/1.1 206") and body == data[1 << 20 : 2 << 20]
         assert object_gets(emulator, bucket, "warm.mp4") == gets
         two.process.send_signal(signal.SIGTERM)
         assert two.process.wait(timeout=30) == 0

@@ -15,12 +15,16 @@ DTSH = b"DTSC" + (12).to_bytes(4, "big") + b"\xe0" + b"x" * 11 + b"tail"
 
 
 def heads_for(emulator: Emulator, bucket: str, key: str) -> int:
-    return sum(1 for r in emulator.requests_for(bucket)
-               if r.method == "HEAD" and r.path == f"/{bucket}/{key}")
+    return sum(
+        1
+        for r in emulator.requests_for(bucket)
+        if r.method == "HEAD" and r.path == f"/{bucket}/{key}"
+    )
 
 
-async def raw(running: RunningProxy, request: bytes, body: bytes | None = None,
-              wait_continue: bool = False) -> bytes:
+async def raw(
+    running: RunningProxy, request: bytes, body: bytes | None = None, wait_continue: bool = False
+) -> bytes:
     reader, writer = await asyncio.open_connection(running.server.host, running.server.port)
     writer.write(request)
     await writer.drain()
@@ -61,29 +65,36 @@ async def test_sidecar_with_mists_query_token_form(with_sidecar: RunningProxy) -
 
 
 async def test_a_token_for_another_asset_does_not_open_the_sidecar(
-        with_sidecar: RunningProxy) -> None:
+    with_sidecar: RunningProxy,
+) -> None:
     other = make_token("shows/*")
     assert (await fetch(with_sidecar.url(f"/t/{other}/movies/a.mp4.dtsh")))[0] == 403
     assert (await fetch(with_sidecar.url(f"/vod/movies/a.mp4?token={other}.dtsh")))[0] == 403
 
 
 async def test_missing_sidecar_is_a_cached_404(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     put_object(emulator, bucket, "movies/b.mp4", b"B")
     running = await start_proxy(cache={"metadata_ttl_s": 30})
     for _ in range(10):  # Mist looks it up at every stream start
         for method in ("HEAD", "GET"):
             status, headers, body = await fetch(
-                running.url(f"/vod/movies/b.mp4?token={TOKEN}.dtsh"), method)
+                running.url(f"/vod/movies/b.mp4?token={TOKEN}.dtsh"), method
+            )
             assert (status, body) == (404, b"")
     assert heads_for(emulator, bucket, "movies/b.mp4.dtsh") == 1
 
 
-async def test_put_is_refused_at_once_by_default(with_sidecar: RunningProxy,
-                                                 emulator: Emulator) -> None:
-    head = await raw(with_sidecar, f"PUT /t/{TOKEN}/movies/a.mp4.dtsh HTTP/1.1\r\nHost: x\r\n"
-                     f"Expect: 100-continue\r\nContent-Length: {len(DTSH)}\r\n\r\n".encode(),
-                     wait_continue=True)
+async def test_put_is_refused_at_once_by_default(
+    with_sidecar: RunningProxy, emulator: Emulator
+) -> None:
+    head = await raw(
+        with_sidecar,
+        f"PUT /t/{TOKEN}/movies/a.mp4.dtsh HTTP/1.1\r\nHost: x\r\n"
+        f"Expect: 100-continue\r\nContent-Length: {len(DTSH)}\r\n\r\n".encode(),
+        wait_continue=True,
+    )
     assert head.startswith(b"HTTP/1.1 405")
 
 
@@ -94,58 +105,85 @@ async def accepting(emulator: Emulator, bucket: str, start_proxy: StartProxy) ->
 
 
 async def test_put_of_a_sidecar_is_stored_next_to_the_asset(
-        accepting: RunningProxy, emulator: Emulator, bucket: str) -> None:
+    accepting: RunningProxy, emulator: Emulator, bucket: str
+) -> None:
     # as Mist sends it: Expect: 100-continue, chunked body, query token form
     chunked = f"{len(DTSH):x}\r\n".encode() + DTSH + b"\r\n0\r\n\r\n"
-    head = await raw(accepting, f"PUT /vod/movies/a.mp4?token={TOKEN}.dtsh HTTP/1.1\r\n"
-                     "Host: x\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     .encode(), chunked, wait_continue=True)
+    head = await raw(
+        accepting,
+        f"PUT /vod/movies/a.mp4?token={TOKEN}.dtsh HTTP/1.1\r\n"
+        "Host: x\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n".encode(),
+        chunked,
+        wait_continue=True,
+    )
     assert head.startswith(b"HTTP/1.1 204")
     stored = emulator.client().get_object(Bucket=bucket, Key="movies/a.mp4.dtsh")
     assert stored["Body"].read() == DTSH
     assert (await fetch(accepting.url(f"/t/{TOKEN}/movies/a.mp4.dtsh")))[2] == DTSH
-    assert emulator.client().get_object(Bucket=bucket, Key="movies/a.mp4")["Body"].read() \
-        == b"MEDIA", "media is never written"
+    assert (
+        emulator.client().get_object(Bucket=bucket, Key="movies/a.mp4")["Body"].read() == b"MEDIA"
+    ), "media is never written"
 
 
 async def test_put_with_a_path_token_and_a_length(
-        accepting: RunningProxy, emulator: Emulator, bucket: str) -> None:
-    head = await raw(accepting, f"PUT /t/{TOKEN}/movies/a.mp4.dtsh HTTP/1.1\r\nHost: x\r\n"
-                     f"Content-Length: {len(DTSH)}\r\n\r\n".encode(), DTSH)
+    accepting: RunningProxy, emulator: Emulator, bucket: str
+) -> None:
+    head = await raw(
+        accepting,
+        f"PUT /t/{TOKEN}/movies/a.mp4.dtsh HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Length: {len(DTSH)}\r\n\r\n".encode(),
+        DTSH,
+    )
     assert head.startswith(b"HTTP/1.1 204")
     assert stored_sidecar(emulator, bucket) == DTSH
 
 
 def stored_sidecar(emulator: Emulator, bucket: str) -> bytes:
-    body: bytes = emulator.client().get_object(Bucket=bucket,
-                                               Key="movies/a.mp4.dtsh")["Body"].read()
+    body: bytes = (
+        emulator.client().get_object(Bucket=bucket, Key="movies/a.mp4.dtsh")["Body"].read()
+    )
     return body
 
 
 async def test_put_refusals_come_before_the_body(
-        accepting: RunningProxy, emulator: Emulator, bucket: str) -> None:
+    accepting: RunningProxy, emulator: Emulator, bucket: str
+) -> None:
     cases = [
-        (f"/t/{TOKEN}/movies/a.mp4", TOKEN, b"HTTP/1.1 405"),           # media, not .dtsh
-        ("/vod/movies/a.mp4.dtsh", None, b"HTTP/1.1 401"),              # no token
+        (f"/t/{TOKEN}/movies/a.mp4", TOKEN, b"HTTP/1.1 405"),  # media, not .dtsh
+        ("/vod/movies/a.mp4.dtsh", None, b"HTTP/1.1 401"),  # no token
         (f"/t/{make_token('shows/*')}/movies/a.mp4.dtsh", None, b"HTTP/1.1 403"),
     ]
     for path, _, expected in cases:
-        head = await raw(accepting, f"PUT {path} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue"
-                         f"\r\nContent-Length: {len(DTSH)}\r\n\r\n".encode(), wait_continue=True)
+        head = await raw(
+            accepting,
+            f"PUT {path} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue"
+            f"\r\nContent-Length: {len(DTSH)}\r\n\r\n".encode(),
+            wait_continue=True,
+        )
         assert head.startswith(expected), (path, head)
-    head = await raw(accepting, f"PUT /t/{TOKEN}/movies/a.mp4.dtsh HTTP/1.1\r\nHost: x\r\n"
-                     "Expect: 100-continue\r\nContent-Length: 5000\r\n\r\n".encode(),
-                     wait_continue=True)
+    head = await raw(
+        accepting,
+        f"PUT /t/{TOKEN}/movies/a.mp4.dtsh HTTP/1.1\r\nHost: x\r\n"
+        "Expect: 100-continue\r\nContent-Length: 5000\r\n\r\n".encode(),
+        wait_continue=True,
+    )
     assert head.startswith(b"HTTP/1.1 413")
-    puts = [r for r in emulator.requests_for(bucket) if r.method == "PUT"
-            and r.path.endswith(".dtsh")]
+    puts = [
+        r for r in emulator.requests_for(bucket) if r.method == "PUT" and r.path.endswith(".dtsh")
+    ]
     assert puts == []
 
 
 async def test_put_checks_the_content(accepting: RunningProxy) -> None:
-    for body, expected in ((b"<Error>not a header</Error>", b"HTTP/1.1 400"),
-                           (b"DTSC\x00\x00\x10\x00short", b"HTTP/1.1 400"),  # length lies
-                           (b"x" * 2000, b"HTTP/1.1 413")):
-        head = await raw(accepting, f"PUT /t/{TOKEN}/movies/a.mp4.dtsh HTTP/1.1\r\nHost: x\r\n"
-                         f"Content-Length: {len(body)}\r\n\r\n".encode(), body)
+    for body, expected in (
+        (b"<Error>not a header</Error>", b"HTTP/1.1 400"),
+        (b"DTSC\x00\x00\x10\x00short", b"HTTP/1.1 400"),  # length lies
+        (b"x" * 2000, b"HTTP/1.1 413"),
+    ):
+        head = await raw(
+            accepting,
+            f"PUT /t/{TOKEN}/movies/a.mp4.dtsh HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode(),
+            body,
+        )
         assert head.startswith(expected), head

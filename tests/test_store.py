@@ -33,8 +33,7 @@ def outcome(running: RunningProxy, op: str, result: str) -> float:
     return running.metric("s3proxy_upstream_requests_total", op=op, outcome=result)
 
 
-async def read_body(running: RunningProxy, asset: str, header: str
-                    ) -> tuple[int, bytes, bool]:
+async def read_body(running: RunningProxy, asset: str, header: str) -> tuple[int, bytes, bool]:
     """Status, the bytes received, and whether the body came whole."""
     received = bytearray()
     async with aiohttp.ClientSession() as session:
@@ -51,12 +50,14 @@ async def read_body(running: RunningProxy, asset: str, header: str
 
 
 async def test_the_first_seek_after_an_overwrite_within_the_ttl_gets_the_new_version(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     """The metadata is still fresh when the object is replaced: the seek's probe gets
     412, the old version goes, and the seek is served from the new one (no 502)."""
     state = OriginState(size=8 * MIB)
-    running = await start_with_origin(aiohttp_server, start_proxy, state,
-                                      cache={"metadata_ttl_s": 30})
+    running = await start_with_origin(
+        aiohttp_server, start_proxy, state, cache={"metadata_ttl_s": 30}
+    )
     status, _, _ = await fetch(url(running, "a.mp4"), "HEAD")  # Mist's HEAD
     assert status == 200
     state.overwrite()
@@ -70,14 +71,16 @@ async def test_the_first_seek_after_an_overwrite_within_the_ttl_gets_the_new_ver
 
 
 async def test_an_origin_that_ignores_if_match_never_mixes_versions(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     """Overwritten at the same size between two GETs of one response, by an origin that
     ignores If-Match: the second answer names another ETag and is discarded; the client
     gets a short body of the old version, never the new bytes under the old ETag, and
     nothing of it is cached."""
     state = OriginState(size=3 * MIB, honours_if_match=False)
-    running = await start_with_origin(aiohttp_server, start_proxy, state,
-                                      cache={"readahead_blocks": 0})
+    running = await start_with_origin(
+        aiohttp_server, start_proxy, state, cache={"readahead_blocks": 0}
+    )
     status, _, _ = await fetch(url(running, "a.mp4"), Range="bytes=0-99")  # block 0 cached
     assert status == 206
     state.overwrite()
@@ -92,29 +95,34 @@ async def test_an_origin_that_ignores_if_match_never_mixes_versions(
 
 
 async def test_answers_that_are_not_what_was_asked_are_discarded_and_counted(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     """A 200 with the whole object, a shifted range, a short Content-Length: never
     served nor cached; the read starts over from fresh metadata (no byte went out)."""
     state = OriginState(size=4 * MIB)
-    running = await start_with_origin(aiohttp_server, start_proxy, state,
-                                      cache={"readahead_blocks": 0})
+    running = await start_with_origin(
+        aiohttp_server, start_proxy, state, cache={"readahead_blocks": 0}
+    )
     await fetch(url(running, "a.mp4"), "HEAD")
     for number, fault in enumerate(("whole_200", "shifted", "short_length"), start=1):
         state.faults = [fault]
         offset = number * MIB + 12345
-        status, _, body = await fetch(url(running, "a.mp4"),
-                                      Range=f"bytes={offset}-{offset + 9999}")
+        status, _, body = await fetch(
+            url(running, "a.mp4"), Range=f"bytes={offset}-{offset + 9999}"
+        )
         assert (status, body) == (206, pattern(offset, 10_000)), fault
         assert outcome(running, "get", "invalid") == number, fault
     # and the blocks cached are the right ones
     for number in (1, 2, 3):
-        status, _, body = await fetch(url(running, "a.mp4"),
-                                      Range=f"bytes={number * MIB}-{number * MIB + 99}")
+        status, _, body = await fetch(
+            url(running, "a.mp4"), Range=f"bytes={number * MIB}-{number * MIB + 99}"
+        )
         assert (status, body) == (206, pattern(number * MIB, 100))
 
 
 async def test_a_cold_read_whose_answer_is_a_200_falls_back_to_a_head(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     state = OriginState(size=2 * MIB, faults=["whole_200"])
     running = await start_with_origin(aiohttp_server, start_proxy, state)
     status, _, body = await fetch(url(running, "a.mp4"), Range="bytes=100-199")
@@ -124,10 +132,12 @@ async def test_a_cold_read_whose_answer_is_a_200_falls_back_to_a_head(
 
 
 async def test_a_short_body_is_an_error_never_cached(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     state = OriginState(size=2 * MIB, faults=["short_body"])
-    running = await start_with_origin(aiohttp_server, start_proxy, state,
-                                      cache={"readahead_blocks": 0})
+    running = await start_with_origin(
+        aiohttp_server, start_proxy, state, cache={"readahead_blocks": 0}
+    )
     status, body, whole = await read_body(running, "a.mp4", f"bytes=0-{MIB - 1}")
     assert status == 206 and not whole and body == pattern(0, len(body))
     assert outcome(running, "get", "error") == 1
@@ -138,10 +148,12 @@ async def test_a_short_body_is_an_error_never_cached(
 
 
 async def test_overwrites_while_mist_like_readers_seek_give_whole_versions_and_no_5xx(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     state = OriginState(size=16 * MIB, chunk_delay_s=0.001)
-    running = await start_with_origin(aiohttp_server, start_proxy, state,
-                                      cache={"metadata_ttl_s": 30})
+    running = await start_with_origin(
+        aiohttp_server, start_proxy, state, cache={"metadata_ttl_s": 30}
+    )
     running.proxy.store.seek_grace_s = 0.001
     rng = random.Random(5)
     results: list[tuple[int, bytes]] = []
@@ -169,8 +181,7 @@ async def test_overwrites_while_mist_like_readers_seek_give_whole_versions_and_n
 
     await asyncio.gather(writer(), *(viewer() for _ in range(4)))
     for offset, body in results:
-        versions = [v for v in range(state.version + 1)
-                    if pattern(offset, len(body), v) == body]
+        versions = [v for v in range(state.version + 1) if pattern(offset, len(body), v) == body]
         assert versions, f"bytes at {offset} are of no version"
     assert running.metric("s3proxy_requests_total", method="GET", status="502") == 0
 
@@ -179,7 +190,8 @@ async def test_overwrites_while_mist_like_readers_seek_give_whole_versions_and_n
 
 
 async def test_a_resident_asset_is_revalidated_once_per_ttl_never_downloaded_again(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     data = os.urandom(3 * MIB)
     put_object(emulator, bucket, "r.mp4", data)
     ttl = 0.3
@@ -193,10 +205,11 @@ async def test_a_resident_asset_is_revalidated_once_per_ttl_never_downloaded_aga
         for header in ("bytes=0-199", "bytes=2000000-", f"bytes=0-{3 * MIB - 1}"):
             status, _, body = await fetch(url(running, "r.mp4"), Range=header)
             start, _, end = header[6:].partition("-")
-            assert (status, body) == (206, data[int(start):int(end) + 1 if end else None])
+            assert (status, body) == (206, data[int(start) : int(end) + 1 if end else None])
         # conditional requests from the client cost no block either
-        status, _, _ = await fetch(url(running, "r.mp4"), Range="bytes=0-9",
-                                   **{"If-Range": '"other"'})
+        status, _, _ = await fetch(
+            url(running, "r.mp4"), Range="bytes=0-9", **{"If-Range": '"other"'}
+        )
         assert status == 200
     assert gets_for(emulator, bucket, "r.mp4") == gets, "no block downloaded again"
     assert running.metric("s3proxy_upstream_bytes_total") == upstream_bytes
@@ -207,7 +220,8 @@ async def test_a_resident_asset_is_revalidated_once_per_ttl_never_downloaded_aga
 
 
 async def test_a_new_version_found_by_revalidation_replaces_the_old_blocks(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     put_object(emulator, bucket, "v.mp4", b"a" * 100_000)
     running = await start_proxy(cache={"metadata_ttl_s": 0.1})
     assert (await fetch(url(running, "v.mp4"), Range="bytes=0-9"))[2] == b"a" * 10
@@ -219,10 +233,12 @@ async def test_a_new_version_found_by_revalidation_replaces_the_old_blocks(
 
 
 async def test_a_block_in_flight_is_joined_not_fetched_again_when_metadata_expires(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     state = OriginState(size=4 * MIB, chunk_delay_s=0.01)  # 1 MiB takes ~160 ms
-    running = await start_with_origin(aiohttp_server, start_proxy, state,
-                                      cache={"metadata_ttl_s": 0, "readahead_blocks": 0})
+    running = await start_with_origin(
+        aiohttp_server, start_proxy, state, cache={"metadata_ttl_s": 0, "readahead_blocks": 0}
+    )
     first = asyncio.ensure_future(fetch(url(running, "a.mp4"), Range="bytes=0-99"))
     await asyncio.sleep(0.05)  # its GET of block 0 is under way; the metadata expired
     second = await fetch(url(running, "a.mp4"), Range=f"bytes=500000-{MIB - 1}")
@@ -235,9 +251,17 @@ async def test_a_block_in_flight_is_joined_not_fetched_again_when_metadata_expir
 
 
 def disk_config(emulator: Emulator, bucket: str, tmp_path: Path, **cache: Any) -> Any:
-    return make_config(emulator.endpoint_url, bucket, cache={
-        "block_size": "64KiB", "max_bytes": "64KiB", "readahead_blocks": 0,
-        "disk": {"path": str(tmp_path / "blocks"), "max_bytes": "4MiB"}, **cache})
+    return make_config(
+        emulator.endpoint_url,
+        bucket,
+        cache={
+            "block_size": "64KiB",
+            "max_bytes": "64KiB",
+            "readahead_blocks": 0,
+            "disk": {"path": str(tmp_path / "blocks"), "max_bytes": "4MiB"},
+            **cache,
+        },
+    )
 
 
 async def wait_files(tmp_path: Path, count: int) -> list[Path]:
@@ -250,7 +274,8 @@ async def wait_files(tmp_path: Path, count: int) -> list[Path]:
 
 
 async def test_after_a_restart_a_first_block_on_disk_is_revalidated_not_fetched(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy, tmp_path: Path) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy, tmp_path: Path
+) -> None:
     data = os.urandom(4 * 64 * KIB)
     put_object(emulator, bucket, "d.mp4", data)
     config = disk_config(emulator, bucket, tmp_path)
@@ -267,7 +292,8 @@ async def test_after_a_restart_a_first_block_on_disk_is_revalidated_not_fetched(
 
 
 async def test_blocks_cut_at_another_block_size_are_never_served(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy, tmp_path: Path) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy, tmp_path: Path
+) -> None:
     data = os.urandom(8 * 64 * KIB)
     put_object(emulator, bucket, "s.mp4", data)
     first = await start_proxy(disk_config(emulator, bucket, tmp_path))
@@ -277,11 +303,12 @@ async def test_blocks_cut_at_another_block_size_are_never_served(
     for header in (f"bytes={128 * KIB}-{128 * KIB + 99}", f"bytes=0-{len(data) - 1}"):
         start, _, end = header[6:].partition("-")
         status, _, body = await fetch(url(second, "s.mp4"), Range=header)
-        assert (status, body) == (206, data[int(start):int(end) + 1]), header
+        assert (status, body) == (206, data[int(start) : int(end) + 1]), header
 
 
 async def test_an_origin_without_etags_is_refused_not_cached(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     state = OriginState(size=MIB, send_etag=False)
     running = await start_with_origin(aiohttp_server, start_proxy, state)
     for header in ("bytes=0-99", "bytes=5000-"):
@@ -292,7 +319,8 @@ async def test_an_origin_without_etags_is_refused_not_cached(
 
 
 async def test_blocks_read_back_from_disk_are_not_written_again(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy, tmp_path: Path) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy, tmp_path: Path
+) -> None:
     data = os.urandom(5 * 64 * KIB)
     put_object(emulator, bucket, "w.mp4", data)
     running = await start_proxy(disk_config(emulator, bucket, tmp_path))
@@ -307,8 +335,7 @@ async def test_blocks_read_back_from_disk_are_not_written_again(
 
 async def test_file_writes_past_the_bound_are_dropped_and_counted(tmp_path: Path) -> None:
     metrics = Metrics()
-    files = FileTier(str(tmp_path), 64 * MIB, metrics, bucket="b", block_size=4096,
-                     tier="disk")
+    files = FileTier(str(tmp_path), 64 * MIB, metrics, bucket="b", block_size=4096, tier="disk")
     files.load_index()
     release = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -331,8 +358,7 @@ async def test_file_writes_past_the_bound_are_dropped_and_counted(tmp_path: Path
 
 
 async def test_a_disk_miss_the_index_does_not_hold_costs_no_thread(tmp_path: Path) -> None:
-    files = FileTier(str(tmp_path), MIB, Metrics(), bucket="b", block_size=4096,
-                     tier="disk")
+    files = FileTier(str(tmp_path), MIB, Metrics(), bucket="b", block_size=4096, tier="disk")
     files.load_index()
 
     def never(_key: BlockKey) -> None:
@@ -344,8 +370,19 @@ async def test_a_disk_miss_the_index_does_not_hold_costs_no_thread(tmp_path: Pat
 
 def test_a_worker_drops_only_its_own_files(tmp_path: Path) -> None:
     meta = ObjectMeta("k", 8192, '"e"', __import__("datetime").datetime.now(), None)
-    tiers = [FileTier(str(tmp_path), MIB, Metrics(), bucket="b", block_size=4096,
-                      tier="disk", worker=w, workers=2) for w in (0, 1)]
+    tiers = [
+        FileTier(
+            str(tmp_path),
+            MIB,
+            Metrics(),
+            bucket="b",
+            block_size=4096,
+            tier="disk",
+            worker=w,
+            workers=2,
+        )
+        for w in (0, 1)
+    ]
     key = BlockKey("b", "k", '"e"', 0)
     for tier in tiers:
         tier.load_index()
@@ -356,10 +393,12 @@ def test_a_worker_drops_only_its_own_files(tmp_path: Path) -> None:
 
 
 async def test_close_waits_for_the_fetches_and_look_ups_it_cancels(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     state = OriginState(size=64 * MIB, chunk_delay_s=0.05)
-    running = await start_with_origin(aiohttp_server, start_proxy, state,
-                                      cache={"readahead_blocks": 4})
+    running = await start_with_origin(
+        aiohttp_server, start_proxy, state, cache={"readahead_blocks": 4}
+    )
     store = running.proxy.store
     meta = await store.stat("a.mp4")
     reader = store.open(meta, 0, 8 * MIB - 1)
@@ -375,10 +414,12 @@ async def test_close_waits_for_the_fetches_and_look_ups_it_cancels(
 
 
 async def test_another_viewers_reads_do_not_make_a_seek_look_sequential(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     state = OriginState(size=64 * MIB, chunk_delay_s=0.002)
-    running = await start_with_origin(aiohttp_server, start_proxy, state,
-                                      cache={"readahead_blocks": 2})
+    running = await start_with_origin(
+        aiohttp_server, start_proxy, state, cache={"readahead_blocks": 2}
+    )
     running.proxy.store.seek_grace_s = 0.5
     # viewer A reads block 4 whole
     status, _, body = await fetch(url(running, "a.mp4"), Range=f"bytes={4 * MIB}-{5 * MIB - 1}")
@@ -390,13 +431,15 @@ async def test_another_viewers_reads_do_not_make_a_seek_look_sequential(
     assert await seek(running, offset, 16) == pattern(offset, 16)
     await asyncio.sleep(0.6)
     assert state.requests[-1] == ("GET", f"bytes={offset}-{offset + 64 * KIB - 1}"), (
-        "a probe, not a block")
+        "a probe, not a block"
+    )
     assert state.bytes_sent - sent <= 64 * KIB
     assert running.metric("s3proxy_readahead_blocks_total") == 0
 
 
 async def test_a_warm_up_is_read_through_the_same_checked_fetches(
-        emulator: Emulator, bucket: str, start_proxy: StartProxy) -> None:
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
     data = os.urandom(3 * MIB)
     put_object(emulator, bucket, "warm.mp4", data)
     running = await start_proxy(cache={"warm_bytes": "2MiB"})
@@ -409,5 +452,5 @@ async def test_a_warm_up_is_read_through_the_same_checked_fetches(
     async with aclosing(store.open(meta, 0, 2 * MIB - 1)) as chunks:
         async for chunk in chunks:
             got += chunk
-    assert bytes(got) == data[:2 * MIB]
+    assert bytes(got) == data[: 2 * MIB]
     assert gets_for(emulator, bucket, "warm.mp4") == 2

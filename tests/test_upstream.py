@@ -22,8 +22,13 @@ from .test_http import fetch
 TOKEN = make_token("**", ttl=3600)
 
 
-async def start_with_origin(aiohttp_server: Any, start_proxy: StartProxy, state: OriginState,
-                            cache: dict[str, Any] | None = None, **s3: Any) -> RunningProxy:
+async def start_with_origin(
+    aiohttp_server: Any,
+    start_proxy: StartProxy,
+    state: OriginState,
+    cache: dict[str, Any] | None = None,
+    **s3: Any,
+) -> RunningProxy:
     origin = await aiohttp_server(make_origin(state))
     endpoint = f"http://{origin.host}:{origin.port}"
     config = make_config(endpoint, "media", s3={"max_attempts": 1, **s3}, cache=cache or {})
@@ -37,21 +42,26 @@ def closed_port() -> int:
 
 
 async def test_s3_sees_our_user_agent_and_its_dates_come_back_unchanged(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     state = OriginState(size=4096)
     running = await start_with_origin(aiohttp_server, start_proxy, state)
     async with aiohttp.ClientSession() as session:
         for method in ("HEAD", "GET"):  # the date from a HEAD, and from a cold GET
-            async with session.request(method, running.url(f"/t/{TOKEN}/fresh-{method}.mp4"),
-                                       headers={"Range": "bytes=0-9"}) as response:
+            async with session.request(
+                method,
+                running.url(f"/t/{TOKEN}/fresh-{method}.mp4"),
+                headers={"Range": "bytes=0-9"},
+            ) as response:
                 assert response.headers["Last-Modified"] == "Mon, 02 Nov 2026 10:00:00 GMT"
     (agent,) = state.user_agents
     assert agent.startswith(f"s3proxy/{__version__} "), agent
 
 
 async def test_unreachable_upstream_is_502_quickly(start_proxy: StartProxy) -> None:
-    config = make_config(f"http://127.0.0.1:{closed_port()}", "media",
-                         s3={"connect_timeout_s": 1, "max_attempts": 2})
+    config = make_config(
+        f"http://127.0.0.1:{closed_port()}", "media", s3={"connect_timeout_s": 1, "max_attempts": 2}
+    )
     running = await start_proxy(config)
     started = time.monotonic()
     status, headers, body = await fetch(running.url(f"/vod/a.mp4?token={TOKEN}"))
@@ -62,10 +72,12 @@ async def test_unreachable_upstream_is_502_quickly(start_proxy: StartProxy) -> N
 
 
 async def test_stalled_upstream_is_504_within_the_read_timeout(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     state = OriginState(size=1000, behaviour="stall_headers")
-    running = await start_with_origin(aiohttp_server, start_proxy, state,
-                                      read_timeout_s=1, max_attempts=2)
+    running = await start_with_origin(
+        aiohttp_server, start_proxy, state, read_timeout_s=1, max_attempts=2
+    )
     started = time.monotonic()
     status, headers, body = await fetch(running.url(f"/vod/a.mp4?token={TOKEN}"))
     elapsed = time.monotonic() - started
@@ -76,14 +88,16 @@ async def test_stalled_upstream_is_504_within_the_read_timeout(
 
 
 async def test_upstream_stalling_mid_body_closes_the_connection(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     state = OriginState(size=1 << 20, behaviour="stall_body")
     running = await start_with_origin(aiohttp_server, start_proxy, state, read_timeout_s=1)
     started = time.monotonic()
     received = b""
     async with aiohttp.ClientSession() as session:
-        async with session.get(running.url(f"/vod/a.mp4?token={TOKEN}"),
-                               headers={"Range": "bytes=0-"}) as response:
+        async with session.get(
+            running.url(f"/vod/a.mp4?token={TOKEN}"), headers={"Range": "bytes=0-"}
+        ) as response:
             assert response.status == 206
             with pytest.raises(aiohttp.ClientPayloadError):
                 async for chunk in response.content.iter_any():
@@ -101,32 +115,34 @@ async def test_upstream_stalling_mid_body_closes_the_connection(
     assert running.metric("s3proxy_upstream_requests_total", op="get", outcome="ok") == 1
 
 
-async def test_upstream_server_error_is_502(aiohttp_server: Any,
-                                            start_proxy: StartProxy) -> None:
-    running = await start_with_origin(aiohttp_server, start_proxy,
-                                      OriginState(size=10, behaviour="error_500"))
+async def test_upstream_server_error_is_502(aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    running = await start_with_origin(
+        aiohttp_server, start_proxy, OriginState(size=10, behaviour="error_500")
+    )
     status, headers, body = await fetch(running.url(f"/vod/a.mp4?token={TOKEN}"))
     assert (status, body) == (502, b"")
     assert "500" in headers["X-S3Proxy-Error"]
 
 
 async def test_upstream_denied_is_502_without_upstream_details(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
-    running = await start_with_origin(aiohttp_server, start_proxy,
-                                      OriginState(size=10, behaviour="denied_403"))
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
+    running = await start_with_origin(
+        aiohttp_server, start_proxy, OriginState(size=10, behaviour="denied_403")
+    )
     status, headers, body = await fetch(running.url(f"/vod/a.mp4?token={TOKEN}"))
     assert (status, body) == (502, b"")
     assert headers["X-S3Proxy-Error"] == "upstream refused the request (403)"
 
 
 async def test_client_hangup_closes_the_upstream_get_at_once(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     # a 4 GiB object, made on the fly, sent at about 12 MiB/s
     state = OriginState(size=4 << 30, chunk_delay_s=0.005)
     running = await start_with_origin(aiohttp_server, start_proxy, state)
     reader, writer = await asyncio.open_connection(running.server.host, running.server.port)
-    writer.write(f"GET /t/{TOKEN}/big.mp4 HTTP/1.1\r\nHost: x\r\nRange: bytes=0-\r\n\r\n"
-                 .encode())
+    writer.write(f"GET /t/{TOKEN}/big.mp4 HTTP/1.1\r\nHost: x\r\nRange: bytes=0-\r\n\r\n".encode())
     await writer.drain()
     await reader.readuntil(b"\r\n\r\n")
     got = 0
@@ -140,8 +156,11 @@ async def test_client_hangup_closes_the_upstream_get_at_once(
 
 
 async def test_a_write_to_a_closed_connection_is_logged_as_499_not_as_an_error(
-        aiohttp_server: Any, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    aiohttp_server: Any,
+    start_proxy: StartProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A hang-up can land between aiohttp noticing it and the handler's cancellation:
     the handler's next write then raises ConnectionResetError (emulated here)."""
     state = OriginState(size=4096)
@@ -161,20 +180,23 @@ async def test_a_write_to_a_closed_connection_is_logged_as_499_not_as_an_error(
 
 
 async def test_open_ended_read_holds_only_a_few_mib(
-        aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
     """bytes=0- of a 4 GiB object by a slow reader: S3 reads stay just ahead of the client
     and the heap (proxy, client and origin alike: one process) stays within the cache bound
     plus a few MiB."""
     state = OriginState(size=4 << 30)
-    running = await start_with_origin(aiohttp_server, start_proxy, state,
-                                      cache={"max_bytes": "4MiB"})
+    running = await start_with_origin(
+        aiohttp_server, start_proxy, state, cache={"max_bytes": "4MiB"}
+    )
     tracemalloc.start()
     try:
         baseline, _ = tracemalloc.get_traced_memory()
         received = 0
         async with aiohttp.ClientSession() as session:
-            async with session.get(running.url(f"/vod/big.mp4?token={TOKEN}"),
-                                   headers={"Range": "bytes=0-"}) as response:
+            async with session.get(
+                running.url(f"/vod/big.mp4?token={TOKEN}"), headers={"Range": "bytes=0-"}
+            ) as response:
                 assert response.headers["Content-Length"] == str(4 << 30)
                 while received < 48 << 20:
                     chunk = await response.content.read(64 * 1024)
@@ -187,7 +209,9 @@ async def test_open_ended_read_holds_only_a_few_mib(
         tracemalloc.stop()
     # the 4 MiB cache, the client's run (1 + readahead_blocks), the read-ahead blocks, and
     # a few MiB of socket buffers in client, proxy and origin (all in this process)
-    assert peak - baseline < (4 + 3 + 2 + 4) << 20, f"heap grew by {(peak - baseline) / 2**20:.1f} MiB"
+    assert peak - baseline < (4 + 3 + 2 + 4) << 20, (
+        f"heap grew by {(peak - baseline) / 2**20:.1f} MiB"
+    )
     # What S3 sent beyond what the client took sits in loopback socket buffers (kernel).
     ahead = running.metric("s3proxy_upstream_bytes_total") - received
     assert ahead < 32 << 20, f"{ahead / 2**20:.1f} MiB read ahead of the client"

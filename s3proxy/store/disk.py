@@ -59,9 +59,19 @@ class FileTier:
     """`inline`: the files live in memory (tmpfs), so reading one is a copy, not I/O,
     and is done on the event loop rather than in a thread."""
 
-    def __init__(self, path: str, max_bytes: int, metrics: Metrics, *, bucket: str,
-                 block_size: int, tier: str, worker: int = 0, workers: int = 1,
-                 inline: bool = False) -> None:
+    def __init__(
+        self,
+        path: str,
+        max_bytes: int,
+        metrics: Metrics,
+        *,
+        bucket: str,
+        block_size: int,
+        tier: str,
+        worker: int = 0,
+        workers: int = 1,
+        inline: bool = False,
+    ) -> None:
         self.bucket = bucket
         self.block_size = block_size
         self._path, self._worker, self._workers = Path(path), worker, workers
@@ -125,9 +135,17 @@ class FileTier:
                 self._bytes += size
         self._evict_over_bound()
         self._publish()
-        log.info("cache tier ready", extra={"fields": {
-            "tier": self.tier, "path": str(self.root), "blocks": len(self._index),
-            "bytes": self._bytes}})
+        log.info(
+            "cache tier ready",
+            extra={
+                "fields": {
+                    "tier": self.tier,
+                    "path": str(self.root),
+                    "blocks": len(self._index),
+                    "bytes": self._bytes,
+                }
+            },
+        )
 
     def find_version(self, key: str) -> ObjectMeta | None:
         """The version of `key` whose blocks this worker or a peer keeps (the newest
@@ -188,14 +206,18 @@ class FileTier:
                 self._forget(relative)
             return None
         except OSError as exc:
-            log.warning("cache tier read failed", extra={"fields": {
-                "tier": self.tier, "error": exc.strerror}})
+            log.warning(
+                "cache tier read failed",
+                extra={"fields": {"tier": self.tier, "error": exc.strerror}},
+            )
             return None
         data = _decode(raw)
         if data is None:
             self._metrics.cache_corrupt_blocks.labels(tier=self.tier).inc()
-            log.warning("discarding a corrupt block file", extra={"fields": {
-                "tier": self.tier, "file": relative}})
+            log.warning(
+                "discarding a corrupt block file",
+                extra={"fields": {"tier": self.tier, "file": relative}},
+            )
             if own:  # a peer's file is the peer's to delete
                 _unlink(str(full))
                 self._forget(relative)
@@ -225,8 +247,10 @@ class FileTier:
             os.replace(temporary, full)
         except OSError as exc:
             _unlink(temporary)
-            log.warning("cache tier write failed", extra={"fields": {
-                "tier": self.tier, "error": exc.strerror}})
+            log.warning(
+                "cache tier write failed",
+                extra={"fields": {"tier": self.tier, "error": exc.strerror}},
+            )
             return
         with self._lock:
             if relative not in self._index:
@@ -258,8 +282,11 @@ class FileTier:
             pass  # a write landed meanwhile, or already gone
         path = self._key_files.pop(directory, None)
         meta = _read_meta(path, self.bucket, None) if path is not None else None
-        if path is not None and meta is not None and self._version_dir(
-                self.bucket, meta.key, meta.etag) == directory:  # not a newer version's
+        if (
+            path is not None
+            and meta is not None
+            and self._version_dir(self.bucket, meta.key, meta.etag) == directory
+        ):  # not a newer version's
             _unlink(str(path))
 
     def _release(self, relative: str) -> bool:
@@ -288,14 +315,23 @@ class FileTier:
         for entry in self._path.iterdir() if self._path.is_dir() else []:
             name = entry.name
             worker = name[1:]
-            stray = (name.startswith("w") and worker.isdigit() and int(worker) >= self._workers
-                     or len(name) == 2 and all(c in "0123456789abcdef" for c in name))
+            stray = (
+                name.startswith("w")
+                and worker.isdigit()
+                and int(worker) >= self._workers
+                or len(name) == 2
+                and all(c in "0123456789abcdef" for c in name)
+            )
             if stray and entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
         if removed:
-            log.info("removed cache directories no worker owns", extra={"fields": {
-                "tier": self.tier, "path": str(self._path), "directories": removed}})
+            log.info(
+                "removed cache directories no worker owns",
+                extra={
+                    "fields": {"tier": self.tier, "path": str(self._path), "directories": removed}
+                },
+            )
 
     def drop_version(self, version: Version) -> None:
         """Delete this worker's files of one version (peers' files are theirs to drop;
@@ -319,9 +355,17 @@ def _write_meta(path: Path, bucket: str, meta: ObjectMeta) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
     with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump({"bucket": bucket, "key": meta.key, "size": meta.size, "etag": meta.etag,
-                   "last_modified": meta.last_modified.isoformat(),
-                   "content_type": meta.content_type}, handle)
+        json.dump(
+            {
+                "bucket": bucket,
+                "key": meta.key,
+                "size": meta.size,
+                "etag": meta.etag,
+                "last_modified": meta.last_modified.isoformat(),
+                "content_type": meta.content_type,
+            },
+            handle,
+        )
     os.replace(temporary, path)
 
 
@@ -331,9 +375,13 @@ def _read_meta(path: Path, bucket: str, key: str | None) -> ObjectMeta | None:
             raw = json.load(handle)
         if raw["bucket"] != bucket or key is not None and raw["key"] != key:
             return None
-        return ObjectMeta(key=str(raw["key"]), size=int(raw["size"]), etag=str(raw["etag"]),
-                          last_modified=datetime.fromisoformat(raw["last_modified"]),
-                          content_type=raw.get("content_type"))
+        return ObjectMeta(
+            key=str(raw["key"]),
+            size=int(raw["size"]),
+            etag=str(raw["etag"]),
+            last_modified=datetime.fromisoformat(raw["last_modified"]),
+            content_type=raw.get("content_type"),
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None  # unreadable: its blocks are simply not revalidated after a restart
 
@@ -342,7 +390,7 @@ def _decode(raw: bytes) -> Block | None:
     if len(raw) < HEADER.size:
         return None
     magic, checksum, length = HEADER.unpack_from(raw)
-    data = raw[HEADER.size:]
+    data = raw[HEADER.size :]
     if magic != MAGIC or length != len(data) or zlib.crc32(data) != checksum:
         return None
     return data

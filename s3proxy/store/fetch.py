@@ -30,8 +30,15 @@ OTHER_SIZE = "another object size than the version asked for"
 NO_ETAG = "no ETag"
 
 
-def answer_problem(status: int, content_range: tuple[int, int, int] | None, length: int,
-                   etag: str, start: int, end: int, pinned: ObjectMeta | None) -> str | None:
+def answer_problem(
+    status: int,
+    content_range: tuple[int, int, int] | None,
+    length: int,
+    etag: str,
+    start: int,
+    end: int,
+    pinned: ObjectMeta | None,
+) -> str | None:
     """Why an answer to `Range: bytes=start-end` is not those bytes (None: it is).
 
     `pinned`: the version asked for (its ETag and size must match); None when the
@@ -55,14 +62,17 @@ def answer_problem(status: int, content_range: tuple[int, int, int] | None, leng
 
 def checked(answer: Answer, start: int, end: int, pinned: ObjectMeta | None) -> Answer:
     """The answer, if it is exactly what was asked; else discarded (counted `invalid`)."""
-    problem = answer_problem(answer.status, answer.content_range, answer.length,
-                             answer.meta.etag, start, end, pinned)
+    problem = answer_problem(
+        answer.status, answer.content_range, answer.length, answer.meta.etag, start, end, pinned
+    )
     if problem is None:
         return answer
     answer.discard()
     log.warning("discarded an upstream answer", extra={"fields": {"problem": problem}})
-    raise UpstreamInvalid(f"upstream answer did not match the request: {problem}",
-                          version_gone=problem in (OTHER_ETAG, OTHER_SIZE))
+    raise UpstreamInvalid(
+        f"upstream answer did not match the request: {problem}",
+        version_gone=problem in (OTHER_ETAG, OTHER_SIZE),
+    )
 
 
 class FetchTable:
@@ -111,10 +121,21 @@ class Fetch:
     `keep`: finish it (for the cache) even if every reader leaves early.
     `background`: read-ahead, counted apart."""
 
-    def __init__(self, meta: ObjectMeta, bucket: str, block_size: int, start: int, end: int,
-                 open_answer: OpenAnswer, *, on_block: OnBlock, on_end: OnEnd,
-                 answer: Answer | None = None, keep: bool = False,
-                 background: bool = False) -> None:
+    def __init__(
+        self,
+        meta: ObjectMeta,
+        bucket: str,
+        block_size: int,
+        start: int,
+        end: int,
+        open_answer: OpenAnswer,
+        *,
+        on_block: OnBlock,
+        on_end: OnEnd,
+        answer: Answer | None = None,
+        keep: bool = False,
+        background: bool = False,
+    ) -> None:
         self.meta = meta
         self.bucket = bucket
         self.block_size = block_size
@@ -134,9 +155,11 @@ class Fetch:
             first_byte, last_byte = block_bounds(index, bs, meta.size)
             self.begin[index] = max(start, first_byte) - first_byte
             self.stop[index] = min(end, last_byte) - first_byte
-        self.whole = [i for i in self.begin
-                      if self.begin[i] == 0
-                      and self.stop[i] == block_bounds(i, bs, meta.size)[1] - i * bs]
+        self.whole = [
+            i
+            for i in self.begin
+            if self.begin[i] == 0 and self.stop[i] == block_bounds(i, bs, meta.size)[1] - i * bs
+        ]
         self.filled = dict(self.begin)
         self.parts: dict[int, list[memoryview]] = {i: [] for i in self.begin}
         self.starts: dict[int, list[int]] = {i: [] for i in self.begin}
@@ -254,7 +277,7 @@ class Fetch:
                 at = bisect_right(self.starts[index], offset) - 1
                 piece, first = self.parts[index][at], self.starts[index][at]
                 stop = min(first + len(piece), hi + 1)
-                yield piece[offset - first:stop - first]
+                yield piece[offset - first : stop - first]
                 offset = stop
                 continue
             if self.error is not None:

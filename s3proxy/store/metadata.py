@@ -35,13 +35,18 @@ class _Entry:
 
 
 class MetadataCache:
-    def __init__(self, ttl_s: float, on_replaced: Callable[[ObjectMeta], None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        ttl_s: float,
+        on_replaced: Callable[[ObjectMeta], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._ttl = ttl_s
         self._on_replaced = on_replaced
         self._clock = clock
-        self._entries: LRUCache[str, _Entry] = LRUCache(maxsize=MAX_BYTES,
-                                                        getsizeof=lambda e: e.cost)
+        self._entries: LRUCache[str, _Entry] = LRUCache(
+            maxsize=MAX_BYTES, getsizeof=lambda e: e.cost
+        )
         self._lookups: dict[str, asyncio.Task[Any]] = {}
 
     def fresh(self, key: str) -> ObjectMeta | None:
@@ -90,8 +95,7 @@ class MetadataCache:
             entry.fresh_until = 0.0
 
     def _set(self, key: str, meta: ObjectMeta | None) -> None:
-        self._entries[key] = _Entry(meta, self._clock() + self._ttl,
-                                    ENTRY_OVERHEAD + len(key))
+        self._entries[key] = _Entry(meta, self._clock() + self._ttl, ENTRY_OVERHEAD + len(key))
 
     async def shared(self, key: str, look_up: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """The first asker runs `look_up`; concurrent askers of the key wait for it."""

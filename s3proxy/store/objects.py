@@ -28,9 +28,16 @@ from .tiers import build_tiers
 
 
 class ObjectStore:
-    def __init__(self, upstream: S3Upstream, prefix: str, cache: CacheConfig,
-                 metrics: Metrics, worker: int = 0, workers: int = 1,
-                 shared_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        upstream: S3Upstream,
+        prefix: str,
+        cache: CacheConfig,
+        metrics: Metrics,
+        worker: int = 0,
+        workers: int = 1,
+        shared_dir: str | None = None,
+    ) -> None:
         self.upstream = upstream
         self.bucket = upstream.bucket
         self._prefix = prefix
@@ -40,8 +47,7 @@ class ObjectStore:
         self.tiers = build_tiers(cache, metrics, self.bucket, worker, workers, shared_dir)
         self.meta = MetadataCache(cache.metadata_ttl_s, on_replaced=self._replaced)
         self.fetches = FetchTable()
-        self.reads = Reads(self.bucket, cache, metrics, self.tiers, self.fetches,
-                           self._new_fetch)
+        self.reads = Reads(self.bucket, cache, metrics, self.tiers, self.fetches, self._new_fetch)
         self._made: weakref.WeakSet[Fetch] = weakref.WeakSet()  # for close() to wait on
 
     async def start(self) -> None:
@@ -58,8 +64,9 @@ class ObjectStore:
 
     # --- metadata ---------------------------------------------------------------
 
-    async def stat(self, asset: str, first_block: int | None = None,
-                   stats: ReadStats | None = None) -> ObjectMeta:
+    async def stat(
+        self, asset: str, first_block: int | None = None, stats: ReadStats | None = None
+    ) -> ObjectMeta:
         """Size, ETag, Last-Modified and type of the asset's current version.
 
         `first_block`: the block a GET will start with. When the metadata is not fresh
@@ -73,8 +80,7 @@ class ObjectStore:
             return fresh
         asked = time.monotonic()
         try:
-            meta, revalidated = await self.meta.shared(
-                key, lambda: self._look_up(key, first_block))
+            meta, revalidated = await self.meta.shared(key, lambda: self._look_up(key, first_block))
         finally:
             if stats is not None:
                 stats.upstream_s += time.monotonic() - asked
@@ -115,8 +121,11 @@ class ObjectStore:
         """Whether block `index` of that version is cached (here or by a peer) or being
         fetched, or lies past its end (a HEAD tells more then)."""
         key = BlockKey(self.bucket, meta.key, meta.etag, index)
-        return (index > last_block(meta.size, self.block_size) or key in self.fetches
-                or await self.tiers.holds(key))
+        return (
+            index > last_block(meta.size, self.block_size)
+            or key in self.fetches
+            or await self.tiers.holds(key)
+        )
 
     async def _head(self, key: str, known: ObjectMeta | None) -> ObjectMeta:
         try:
@@ -169,8 +178,9 @@ class ObjectStore:
         meta = await self.stat(asset)
         loaded = 0
         if meta.size and nbytes:
-            async with aclosing(self.open(meta, 0, min(meta.size, nbytes) - 1,
-                                          probe=False)) as chunks:
+            async with aclosing(
+                self.open(meta, 0, min(meta.size, nbytes) - 1, probe=False)
+            ) as chunks:
                 async for chunk in chunks:
                     loaded += len(chunk)
         sidecar: ObjectMeta | None
@@ -182,10 +192,15 @@ class ObjectStore:
             async with aclosing(self.open(sidecar, 0, sidecar.size - 1, probe=False)) as chunks:
                 async for _ in chunks:
                     pass
-        return {"asset": asset, "size": meta.size, "etag": meta.etag, "warmed_bytes": loaded,
-                "blocks": -(-loaded // self.block_size),
-                "sidecar": sidecar is not None,
-                "sidecar_bytes": sidecar.size if sidecar is not None else 0}
+        return {
+            "asset": asset,
+            "size": meta.size,
+            "etag": meta.etag,
+            "warmed_bytes": loaded,
+            "blocks": -(-loaded // self.block_size),
+            "sidecar": sidecar is not None,
+            "sidecar_bytes": sidecar.size if sidecar is not None else 0,
+        }
 
     def _version_gone(self, meta: ObjectMeta, error: ObjectChanged) -> None:
         """An upstream read of `meta` found it gone (412), replaced, or answered with
@@ -202,9 +217,16 @@ class ObjectStore:
 
     # --- bytes ------------------------------------------------------------------
 
-    def open(self, meta: ObjectMeta, start: int, end: int, *,
-             history: ReadHistory | None = None, probe: bool = True,
-             stats: ReadStats | None = None) -> AsyncGenerator[Block | memoryview, None]:
+    def open(
+        self,
+        meta: ObjectMeta,
+        start: int,
+        end: int,
+        *,
+        history: ReadHistory | None = None,
+        probe: bool = True,
+        stats: ReadStats | None = None,
+    ) -> AsyncGenerator[Block | memoryview, None]:
         """Bytes start..end (inclusive) of exactly the version `meta` describes.
 
         Raises ObjectChanged (before or during the stream) when that version is gone.
@@ -223,9 +245,16 @@ class ObjectStore:
     def seek_grace_s(self, seconds: float) -> None:
         self.reads.seek_grace_s = seconds
 
-    def _new_fetch(self, meta: ObjectMeta, start: int, end: int, *,
-                   answer: Answer | None = None, keep: bool = False,
-                   background: bool = False) -> Fetch:
+    def _new_fetch(
+        self,
+        meta: ObjectMeta,
+        start: int,
+        end: int,
+        *,
+        answer: Answer | None = None,
+        keep: bool = False,
+        background: bool = False,
+    ) -> Fetch:
         """A fetch of bytes start..end of `meta`'s version: the GET carries If-Match, and
         its answer is checked against the version and range before any byte is used."""
 
@@ -235,9 +264,19 @@ class ObjectStore:
                 raise UpstreamInvalid("304 to a GET without If-None-Match")
             return checked(got, start, end, meta)
 
-        fetch = Fetch(meta, self.bucket, self.block_size, start, end, open_answer,
-                      on_block=self._block_arrived, on_end=self._fetch_ended, answer=answer,
-                      keep=keep, background=background)
+        fetch = Fetch(
+            meta,
+            self.bucket,
+            self.block_size,
+            start,
+            end,
+            open_answer,
+            on_block=self._block_arrived,
+            on_end=self._fetch_ended,
+            answer=answer,
+            keep=keep,
+            background=background,
+        )
         self._made.add(fetch)
         return fetch
 
@@ -250,4 +289,3 @@ class ObjectStore:
             self._version_gone(fetch.meta, error)
         elif isinstance(error, AssetNotFound):  # deleted meanwhile
             self.meta.missing(fetch.meta.key)
-

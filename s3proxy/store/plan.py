@@ -36,23 +36,23 @@ PROBE_BYTES = 64 * 1024
 class BlockState:
     """What the store knows of one block of the version being read."""
 
-    cached: bool = False     # in a tier this worker can read
-    fetching: bool = False   # a fetch in flight holds it
-    probed: bool = False     # a seek's probe has read into it before
+    cached: bool = False  # in a tier this worker can read
+    fetching: bool = False  # a fetch in flight holds it
+    probed: bool = False  # a seek's probe has read into it before
 
 
 @dataclass(frozen=True)
 class Reader:
     """One reader at one block."""
 
-    index: int               # the block
-    lo: int                  # first byte wanted, block-relative
-    hi: int                  # last byte wanted, block-relative
-    block_last: int          # the block's last byte, block-relative
-    open_ended: bool         # it asked up to the object's end (Mist's `bytes=N-`)
-    sequential: bool         # see `is_sequential`
-    held: bool               # an open-ended read still inside its seek grace
-    sent: bool               # its first bytes went out
+    index: int  # the block
+    lo: int  # first byte wanted, block-relative
+    hi: int  # last byte wanted, block-relative
+    block_last: int  # the block's last byte, block-relative
+    open_ended: bool  # it asked up to the object's end (Mist's `bytes=N-`)
+    sequential: bool  # see `is_sequential`
+    held: bool  # an open-ended read still inside its seek grace
+    sent: bool  # its first bytes went out
     probed_here: bool = False  # it probed this very block itself
 
 
@@ -96,13 +96,19 @@ def is_sequential(index: int, first_index: int, previous: int | None) -> bool:
     return index > first_index or previous == index - 1
 
 
-def next_step(reader: Reader, state: BlockState, state_of: StateOf,
-              readahead_blocks: int, last_needed: int) -> Step:
+def next_step(
+    reader: Reader, state: BlockState, state_of: StateOf, readahead_blocks: int, last_needed: int
+) -> Step:
     if state.cached:
         return Serve()
     stop = min(reader.hi, reader.lo + PROBE_BYTES - 1)
-    if (reader.held and not reader.sequential and not state.fetching and not state.probed
-            and (reader.lo, stop) != (0, reader.block_last)):
+    if (
+        reader.held
+        and not reader.sequential
+        and not state.fetching
+        and not state.probed
+        and (reader.lo, stop) != (0, reader.block_last)
+    ):
         return Probe(stop)
     if state.fetching:
         return Join()
@@ -112,8 +118,7 @@ def next_step(reader: Reader, state: BlockState, state_of: StateOf,
     return StartFetch(run_end(reader, state_of, readahead_blocks, last_needed), keep)
 
 
-def run_end(reader: Reader, state_of: StateOf, readahead_blocks: int,
-            last_needed: int) -> int:
+def run_end(reader: Reader, state_of: StateOf, readahead_blocks: int, last_needed: int) -> int:
     """Where a reader's own GET from its block stops: the blocks it asked for, at most
     `readahead_blocks` past this one, as long as they are missing. An open-ended read
     gets its block alone (Mist opens `bytes=N-` at every seek and mostly reads a few KiB
@@ -137,8 +142,9 @@ def wants_readahead(reader: Reader) -> bool:
     return reader.sequential and not reader.held
 
 
-def readahead_runs(after: int, window: int, last_block: int, state_of: StateOf,
-                   inflight: int, max_inflight: int) -> list[tuple[int, int]]:
+def readahead_runs(
+    after: int, window: int, last_block: int, state_of: StateOf, inflight: int, max_inflight: int
+) -> list[tuple[int, int]]:
     """Runs (first, last) of missing blocks among the `window` blocks from `after`, one
     GET each, while fewer than `max_inflight` read-ahead fetches are in flight."""
     runs: list[tuple[int, int]] = []

@@ -36,8 +36,15 @@ SEEK_GRACE_S = 0.005
 class NewFetch(Protocol):
     """Makes a (not yet started) fetch of bytes start..end of a version."""
 
-    def __call__(self, meta: ObjectMeta, start: int, end: int, *, keep: bool = False,
-                 background: bool = False) -> Fetch: ...
+    def __call__(
+        self,
+        meta: ObjectMeta,
+        start: int,
+        end: int,
+        *,
+        keep: bool = False,
+        background: bool = False,
+    ) -> Fetch: ...
 
 
 class ReadHistory:
@@ -64,10 +71,10 @@ class ReadStats:
     """What one request's reads cost, for its access line and metrics."""
 
     first_source: str | None = None  # where its first byte came from: memory, disk, upstream
-    blocks_cached: int = 0           # blocks (or parts) served from a tier
-    blocks_upstream: int = 0         # ... from S3 (a fetch or a probe)
-    upstream_s: float = 0.0          # time spent waiting on S3 (look-ups and bytes)
-    revalidated: bool = False        # the metadata was confirmed by S3 (304 or If-Match)
+    blocks_cached: int = 0  # blocks (or parts) served from a tier
+    blocks_upstream: int = 0  # ... from S3 (a fetch or a probe)
+    upstream_s: float = 0.0  # time spent waiting on S3 (look-ups and bytes)
+    revalidated: bool = False  # the metadata was confirmed by S3 (304 or If-Match)
 
     def took(self, source: str) -> None:
         if self.first_source is None:
@@ -109,8 +116,15 @@ class _Progress:
 class Reads:
     """Carries out the plan for every open read of one store."""
 
-    def __init__(self, bucket: str, cache: CacheConfig, metrics: Metrics, tiers: Tiers,
-                 fetches: FetchTable, new_fetch: NewFetch) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        cache: CacheConfig,
+        metrics: Metrics,
+        tiers: Tiers,
+        fetches: FetchTable,
+        new_fetch: NewFetch,
+    ) -> None:
         self.bucket = bucket
         self.block_size = int(cache.block_size)
         self._config = cache
@@ -126,10 +140,16 @@ class Reads:
         if fetch.background:
             self._readahead_inflight -= 1
 
-    async def open(self, meta: ObjectMeta, start: int, end: int, *,
-                   history: ReadHistory | None = None, probe: bool = True,
-                   stats: ReadStats | None = None
-                   ) -> AsyncGenerator[Block | memoryview, None]:
+    async def open(
+        self,
+        meta: ObjectMeta,
+        start: int,
+        end: int,
+        *,
+        history: ReadHistory | None = None,
+        probe: bool = True,
+        stats: ReadStats | None = None,
+    ) -> AsyncGenerator[Block | memoryview, None]:
         """See `ObjectStore.open`."""
         if end < start:
             return
@@ -155,24 +175,39 @@ class Reads:
                 data, source = await self.tiers.lookup(key)
                 sequential = plan.is_sequential(index, start // bs, previous)
                 # blocks a peer keeps on disk are not fetched again (a stat, in a thread)
-                state_of = self._state_of(meta, await self.tiers.peer_held(
-                    [BlockKey(self.bucket, meta.key, meta.etag, i)
-                     for i in range(index + 1, index + self._config.readahead_blocks + 1)])
-                    if data is None or sequential else frozenset())
+                state_of = self._state_of(
+                    meta,
+                    await self.tiers.peer_held(
+                        [
+                            BlockKey(self.bucket, meta.key, meta.etag, i)
+                            for i in range(index + 1, index + self._config.readahead_blocks + 1)
+                        ]
+                    )
+                    if data is None or sequential
+                    else frozenset(),
+                )
                 probed_here = False
                 while lo <= hi:
                     progress.update(self.seek_grace_s)
                     reader = plan.Reader(
-                        index=index, lo=lo, hi=hi, block_last=last_byte - first_byte,
+                        index=index,
+                        lo=lo,
+                        hi=hi,
+                        block_last=last_byte - first_byte,
                         open_ended=open_ended,
                         sequential=sequential,
-                        held=progress.held, sent=bool(progress.first_out),
-                        probed_here=probed_here)
-                    state = plan.BlockState(cached=data is not None,
-                                            fetching=key in self.fetches,
-                                            probed=key in self._probed)
-                    step = plan.next_step(reader, state, state_of,
-                                          self._config.readahead_blocks, last_needed)
+                        held=progress.held,
+                        sent=bool(progress.first_out),
+                        probed_here=probed_here,
+                    )
+                    state = plan.BlockState(
+                        cached=data is not None,
+                        fetching=key in self.fetches,
+                        probed=key in self._probed,
+                    )
+                    step = plan.next_step(
+                        reader, state, state_of, self._config.readahead_blocks, last_needed
+                    )
                     if isinstance(step, plan.Probe):
                         stats.took("upstream")
                         async with aclosing(self._probe(meta, key, lo, step.stop)) as chunks:
@@ -196,8 +231,11 @@ class Reads:
                         if plan.wants_readahead(reader):
                             self._read_ahead(meta, index + 1, state_of)
                         progress.sent()
-                        yield (memoryview(data)[lo:hi + 1]
-                               if (lo, hi + 1) != (0, len(data)) else data)
+                        yield (
+                            memoryview(data)[lo : hi + 1]
+                            if (lo, hi + 1) != (0, len(data))
+                            else data
+                        )
                         break
                     fetch = self._fetch_for(meta, key, index, step)
                     if fetch not in attached:
@@ -219,12 +257,17 @@ class Reads:
     def _state_of(self, meta: ObjectMeta, peer_held: frozenset[BlockKey]) -> plan.StateOf:
         def state_of(index: int) -> plan.BlockState:
             key = BlockKey(self.bucket, meta.key, meta.etag, index)
-            return plan.BlockState(cached=self.tiers.has(key) or key in peer_held,
-                                   fetching=key in self.fetches, probed=key in self._probed)
+            return plan.BlockState(
+                cached=self.tiers.has(key) or key in peer_held,
+                fetching=key in self.fetches,
+                probed=key in self._probed,
+            )
+
         return state_of
 
-    def _fetch_for(self, meta: ObjectMeta, key: BlockKey, index: int,
-                   step: plan.Join | plan.StartFetch) -> Fetch:
+    def _fetch_for(
+        self, meta: ObjectMeta, key: BlockKey, index: int, step: plan.Join | plan.StartFetch
+    ) -> Fetch:
         joined = self.fetches.get(key)
         if joined is not None:
             self._metrics.coalesced_waits.inc()
@@ -236,8 +279,9 @@ class Reads:
         assert started, "the plan starts a fetch only for blocks nobody is fetching"
         return fetch
 
-    async def _probe(self, meta: ObjectMeta, key: BlockKey, lo: int, hi: int
-                     ) -> AsyncGenerator[memoryview, None]:
+    async def _probe(
+        self, meta: ObjectMeta, key: BlockKey, lo: int, hi: int
+    ) -> AsyncGenerator[memoryview, None]:
         """Bytes lo..hi of block `key` straight from S3, not cached; marks it probed."""
         self._probed[key] = True
         first_byte = key.block * self.block_size
@@ -258,9 +302,14 @@ class Reads:
         count = self._config.readahead_blocks
         if count == 0 or meta.size == 0:
             return
-        runs = plan.readahead_runs(after, count, last_block(meta.size, self.block_size),
-                                   state_of, self._readahead_inflight,
-                                   self._config.readahead_max_inflight)
+        runs = plan.readahead_runs(
+            after,
+            count,
+            last_block(meta.size, self.block_size),
+            state_of,
+            self._readahead_inflight,
+            self._config.readahead_max_inflight,
+        )
         for first, last in runs:
             end = block_bounds(last, self.block_size, meta.size)[1]
             fetch = self._new_fetch(meta, first * self.block_size, end, background=True)
@@ -269,8 +318,9 @@ class Reads:
                 self._metrics.readahead_blocks.inc(last - first + 1)
 
 
-async def _timed(pieces: AsyncGenerator[memoryview, None], stats: ReadStats
-                 ) -> AsyncGenerator[memoryview, None]:
+async def _timed(
+    pieces: AsyncGenerator[memoryview, None], stats: ReadStats
+) -> AsyncGenerator[memoryview, None]:
     """The pieces, adding the time spent waiting for each (on S3) to `stats`."""
     while True:
         asked = time.monotonic()

@@ -30,8 +30,14 @@ MAX_PENDING_WRITES = 16
 
 
 class Tiers:
-    def __init__(self, memory_bytes: int, files: FileTier | None, metrics: Metrics, *,
-                 write_through: bool = False) -> None:
+    def __init__(
+        self,
+        memory_bytes: int,
+        files: FileTier | None,
+        metrics: Metrics,
+        *,
+        write_through: bool = False,
+    ) -> None:
         self._metrics = metrics
         self.memory = MemoryTier(memory_bytes, on_evict=self._evicted)
         self.files = files
@@ -75,8 +81,9 @@ class Tiers:
         missing = [key for key in keys if not self.has(key)]
         if not missing:
             return frozenset()
-        return frozenset(await asyncio.to_thread(
-            lambda: [key for key in missing if files.peer_holds(key)]))
+        return frozenset(
+            await asyncio.to_thread(lambda: [key for key in missing if files.peer_holds(key)])
+        )
 
     def has(self, key: BlockKey) -> bool:
         """Whether a tier holds the block, without using it (LRU order unchanged). A
@@ -84,8 +91,7 @@ class Tiers:
         if self.memory.contains(key):
             return True
         files = self.files
-        return files is not None and (files.contains(key)
-                                      or files.inline and files.peer_holds(key))
+        return files is not None and (files.contains(key) or files.inline and files.peer_holds(key))
 
     async def get(self, key: BlockKey) -> Block | None:
         return (await self.lookup(key))[0]
@@ -156,8 +162,9 @@ class Tiers:
             if self.files.inline:
                 self.files.drop_version(version)
             else:
-                self._track(asyncio.ensure_future(
-                    asyncio.to_thread(self.files.drop_version, version)))
+                self._track(
+                    asyncio.ensure_future(asyncio.to_thread(self.files.drop_version, version))
+                )
         self._publish()
 
     async def close(self) -> None:
@@ -174,8 +181,14 @@ SHM = "/dev/shm"  # tmpfs: a file read there is a copy, not I/O
 SHARED_MEMORY_FRACTION = 4
 
 
-def build_tiers(cache: CacheConfig, metrics: Metrics, bucket: str, worker: int,
-                workers: int, shared_dir: str | None) -> Tiers:
+def build_tiers(
+    cache: CacheConfig,
+    metrics: Metrics,
+    bucket: str,
+    worker: int,
+    workers: int,
+    shared_dir: str | None,
+) -> Tiers:
     """The tiers of one worker; the configured byte bounds hold for the group.
 
     One worker: memory, then the disk tier if set (written on eviction). Several: the
@@ -185,15 +198,29 @@ def build_tiers(cache: CacheConfig, metrics: Metrics, bucket: str, worker: int,
     """
     total = int(cache.max_bytes)
     if cache.disk.path and cache.disk.max_bytes > 0:
-        files = FileTier(cache.disk.path, int(cache.disk.max_bytes) // workers, metrics,
-                         bucket=bucket, block_size=int(cache.block_size), tier="disk",
-                         worker=worker, workers=workers)
+        files = FileTier(
+            cache.disk.path,
+            int(cache.disk.max_bytes) // workers,
+            metrics,
+            bucket=bucket,
+            block_size=int(cache.block_size),
+            tier="disk",
+            worker=worker,
+            workers=workers,
+        )
         return Tiers(total // workers, files, metrics, write_through=workers > 1)
     if workers > 1 and shared_dir:
         memory = total // (SHARED_MEMORY_FRACTION * workers)
-        files = FileTier(shared_dir, (total - memory * workers) // workers, metrics,
-                         bucket=bucket, block_size=int(cache.block_size), tier="shared",
-                         worker=worker, workers=workers,
-                         inline=shared_dir.startswith(SHM + "/"))
+        files = FileTier(
+            shared_dir,
+            (total - memory * workers) // workers,
+            metrics,
+            bucket=bucket,
+            block_size=int(cache.block_size),
+            tier="shared",
+            worker=worker,
+            workers=workers,
+            inline=shared_dir.startswith(SHM + "/"),
+        )
         return Tiers(memory, files, metrics, write_through=True)
     return Tiers(total // workers, None, metrics)
