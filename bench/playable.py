@@ -26,9 +26,9 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from run import BUCKET, MIB, Stack, link  # noqa: E402
+from run import BUCKET, MIB, Stack, link
 
-from tests.mistlike import mp4_start_up  # noqa: E402
+from tests.mistlike import mp4_start_up
 
 
 def make_asset(stack: Stack, size_mib: int) -> str:

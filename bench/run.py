@@ -277,7 +277,7 @@ class Proxy:
 
     def rss_peak_mib(self) -> float:
         """Peak resident memory of the proxy and its workers (VmHWM, summed)."""
-        pids = [self.process.pid] + _children(self.process.pid)
+        pids = [self.process.pid, *_children(self.process.pid)]
         total = 0
         for pid in pids:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -338,7 +338,8 @@ math.randomseed(7)
 request = function()
   local i = math.random(0, {count - 1})
   local first = i * {range_size}
-  return wrk.format("GET", "{path_prefix}", {{["Range"] = "bytes=" .. first .. "-" .. (first + {range_size - 1})}})
+  local range = "bytes=" .. first .. "-" .. (first + {range_size - 1})
+  return wrk.format("GET", "{path_prefix}", {{["Range"] = range}})
 end
 """)
     out = subprocess.run(

@@ -133,7 +133,7 @@ def run_demo(
 
         async def main() -> int:
             size = await _upload_sample(config)
-            return await run(config, on_started=lambda l: _announce(config, size, ttl_s, l))
+            return await run(config, on_started=lambda where: _announce(config, size, ttl_s, where))
 
         code = asyncio.run(main())
     finally:

@@ -11,6 +11,7 @@ complete: a failure never leaves half an asset at the ready key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import shutil
@@ -139,10 +140,8 @@ def _ffmpeg(args: list[str], duration: float | None) -> subprocess.CompletedProc
     assert process.stdout is not None and process.stderr is not None
     for line in process.stdout:
         if line.startswith("out_time_us=") and duration:
-            try:
+            with contextlib.suppress(ValueError):  # a partial line: the next one will do
                 _progress("remux", int(line.split("=", 1)[1]) / 1e6, duration)
-            except ValueError:
-                pass
     stderr = process.stderr.read()
     process.wait()
     return subprocess.CompletedProcess(command, process.returncode, "", stderr)

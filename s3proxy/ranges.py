@@ -7,11 +7,11 @@ tested directly and with hypothesis.
 from __future__ import annotations
 
 import re
-from itertools import pairwise
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
+from itertools import pairwise
 from typing import Literal
 
 _RANGE_SPEC_RE = re.compile(r"^([0-9]*)[ \t]*-[ \t]*([0-9]*)$")

@@ -326,7 +326,7 @@ def _classify(exc: BaseException) -> S3ProxyError:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        if code in ("NoSuchKey", "NotFound", "404") or status == 404 and code != "NoSuchBucket":
+        if code in ("NoSuchKey", "NotFound", "404") or (status == 404 and code != "NoSuchBucket"):
             return AssetNotFound("object not found")
         if code in ("PreconditionFailed", "412") or status == 412:
             return ObjectChanged("object changed upstream")

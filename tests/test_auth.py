@@ -222,7 +222,7 @@ async def test_traversal_out_of_scope_is_400_not_served(
         f"/vod/movies/abc/..%2f..%2fsecret.mp4?token={token}",
         f"/t/{token}/movies/abc/%2E%2E/%2E%2E/secret.mp4",
     ):
-        status, headers, body = await fetch(guarded.url(path))
+        status, _, body = await fetch(guarded.url(path))
         assert (status, body) == (400, b""), path
     assert emulator.object_requests(guarded.bucket) == []
 

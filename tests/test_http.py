@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import itertools
 import os
 import random
 import re
@@ -360,7 +361,7 @@ async def test_random_ranges_match_python_slicing(
         assert (status, headers["Content-Range"]) == (416, f"bytes */{size}")
         return
     ordered = sorted(expected)
-    overlapping = any(b[0] <= a[1] for a, b in zip(ordered, ordered[1:]))
+    overlapping = any(b[0] <= a[1] for a, b in itertools.pairwise(ordered))
     if len(expected) > 1 and overlapping:
         assert (status, body) == (200, data)
     elif len(expected) == 1:

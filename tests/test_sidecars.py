@@ -79,7 +79,7 @@ async def test_missing_sidecar_is_a_cached_404(
     running = await start_proxy(cache={"metadata_ttl_s": 30})
     for _ in range(10):  # Mist looks it up at every stream start
         for method in ("HEAD", "GET"):
-            status, headers, body = await fetch(
+            status, _, body = await fetch(
                 running.url(f"/vod/movies/b.mp4?token={TOKEN}.dtsh"), method
             )
             assert (status, body) == (404, b"")

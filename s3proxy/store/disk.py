@@ -18,6 +18,7 @@ immutable once renamed, and an unlinked file stays readable while open.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -185,10 +186,8 @@ class FileTier:
                     if relative in self._index:
                         self._index.move_to_end(relative)
                 if not self.inline:
-                    try:
-                        os.utime(self.root / relative)  # keeps LRU order across restarts
-                    except OSError:
-                        pass
+                    with contextlib.suppress(OSError):  # keeps LRU order across restarts
+                        os.utime(self.root / relative)
                 return data
         for peer in self.peers:
             data = self._read_file(peer, relative, own=False)
@@ -276,10 +275,8 @@ class FileTier:
 
     def _version_emptied(self, directory: str) -> None:
         """The last block of a version is gone: its directory and key file go too."""
-        try:
+        with contextlib.suppress(OSError):  # a write landed meanwhile, or already gone
             (self.root / directory).rmdir()
-        except OSError:
-            pass  # a write landed meanwhile, or already gone
         path = self._key_files.pop(directory, None)
         meta = _read_meta(path, self.bucket, None) if path is not None else None
         if (
@@ -316,12 +313,8 @@ class FileTier:
             name = entry.name
             worker = name[1:]
             stray = (
-                name.startswith("w")
-                and worker.isdigit()
-                and int(worker) >= self._workers
-                or len(name) == 2
-                and all(c in "0123456789abcdef" for c in name)
-            )
+                name.startswith("w") and worker.isdigit() and int(worker) >= self._workers
+            ) or (len(name) == 2 and all(c in "0123456789abcdef" for c in name))
             if stray and entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
@@ -373,7 +366,7 @@ def _read_meta(path: Path, bucket: str, key: str | None) -> ObjectMeta | None:
     try:
         with open(path, encoding="utf-8") as handle:
             raw = json.load(handle)
-        if raw["bucket"] != bucket or key is not None and raw["key"] != key:
+        if raw["bucket"] != bucket or (key is not None and raw["key"] != key):
             return None
         return ObjectMeta(
             key=str(raw["key"]),
@@ -397,7 +390,5 @@ def _decode(raw: bytes) -> Block | None:
 
 
 def _unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(path)
-    except OSError:
-        pass

@@ -91,7 +91,7 @@ class ObjectStore:
     async def _look_up(self, key: str, first_block: int | None) -> tuple[ObjectMeta, bool]:
         """The current version, and whether S3 confirmed the one known (revalidated)."""
         known = self.meta.known(key) or await self.tiers.known_version(key)
-        if first_block is None or known is not None and await self._held(known, first_block):
+        if first_block is None or (known is not None and await self._held(known, first_block)):
             meta = await self._head(key, known)  # If-None-Match: a 304 keeps the blocks
             return meta, meta is known
         if known is not None:

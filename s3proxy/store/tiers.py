@@ -91,7 +91,9 @@ class Tiers:
         if self.memory.contains(key):
             return True
         files = self.files
-        return files is not None and (files.contains(key) or files.inline and files.peer_holds(key))
+        return files is not None and (
+            files.contains(key) or (files.inline and files.peer_holds(key))
+        )
 
     async def get(self, key: BlockKey) -> Block | None:
         return (await self.lookup(key))[0]
