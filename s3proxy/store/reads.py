@@ -183,7 +183,7 @@ class Reads:
                             for i in range(index + 1, index + self._config.readahead_blocks + 1)
                         ]
                     )
-                    if data is None or sequential
+                    if self.tiers.disk_peers and (data is None or sequential)
                     else frozenset(),
                 )
                 probed_here = False

@@ -72,6 +72,11 @@ class Tiers:
             return self.files.peer_holds(key)
         return await asyncio.to_thread(self.files.peer_holds, key)
 
+    @property
+    def disk_peers(self) -> bool:
+        """Whether other workers keep blocks on disk, where only a stat tells."""
+        return self.files is not None and bool(self.files.peers) and not self.files.inline
+
     async def peer_held(self, keys: list[BlockKey]) -> frozenset[BlockKey]:
         """Which of `keys` only a peer's disk files hold (one thread call for them all;
         nothing to ask without peers, or on tmpfs, where `has` looks itself)."""
