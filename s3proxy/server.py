@@ -17,7 +17,7 @@ from aiohttp import web
 
 from .app import RUNNER_OPTIONS, Proxy, create_admin_app, create_app
 from .config import Config, ConfigError, load_config
-from .errors import StartupError
+from .errors import S3ProxyError, StartupError
 from .logs import set_level
 from .store.tiers import SHM
 
@@ -74,7 +74,10 @@ async def run(
         shutdown_timeout=CANCEL_GRACE_S / 2,
         **RUNNER_OPTIONS,
     )
-    await runner.setup()
+    try:
+        await runner.setup()  # opens the S3 client and the cache tiers
+    except (OSError, S3ProxyError) as exc:  # an unwritable cache.disk.path, say
+        raise StartupError(f"can not start: {_reason(exc)}") from None
     try:
         await admin_runner.setup()
         main_site = web.TCPSite(
@@ -131,6 +134,12 @@ async def run(
 
 
 CANCEL_GRACE_S = 0.5  # after the drain: what is still running is cancelled within this
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.strerror or exc}: {exc.filename}"
+    return str(exc) or type(exc).__name__
 
 
 async def _listen(site: web.TCPSite, what: str, host: str, port: int) -> None:

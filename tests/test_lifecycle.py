@@ -164,3 +164,15 @@ async def test_healthz_answers_whatever_the_load(
         status, _, body = await fetch(running.url("/healthz"))
         assert (status, body) == (200, b"ok\n")
         busy.cancel()
+
+
+def test_an_unusable_disk_tier_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the cache directory should be")
+    config = base(free_port())
+    config["cache"] = {"disk": {"path": str(blocker / "blocks"), "max_bytes": "1GiB"}}
+    result = serve(tmp_path, config)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "can not start" in lines[0] and "not-a-directory" in lines[0]

@@ -22,7 +22,11 @@ b64url = st.text(
     min_size=8,
     max_size=40,
 )
-tokens = st.one_of(st.tuples(b64url, b64url, b64url).map(lambda p: "eyJ" + ".".join(p)), b64url)
+# the fixed words of the lines below: a "token" that is part of one proves nothing
+WORDS = "GET /t/ movies a.mp4 HTTP/1.1 /vod/ token= x=1 access_token Authorization Bearer"
+tokens = st.one_of(
+    st.tuples(b64url, b64url, b64url).map(lambda p: "eyJ" + ".".join(p)), b64url
+).filter(lambda t: t.lower() not in WORDS.lower())
 
 
 @settings(max_examples=300, deadline=None)

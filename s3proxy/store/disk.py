@@ -19,41 +19,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import shutil
-import struct
 import threading
-import zlib
 from collections import Counter, OrderedDict
-from datetime import datetime
 from pathlib import Path
 
 from ..metrics import Metrics
 from ..upstream import ObjectMeta
+from .blockfile import (
+    KEYS,
+    SUFFIX,
+    decode,
+    encode,
+    key_file,
+    read_meta,
+    unlink,
+    version_dir,
+    write_meta,
+)
 from .blocks import Block, BlockKey, Version
 
 log = logging.getLogger("s3proxy.disk")
-
-MAGIC = b"S3PB"
-HEADER = struct.Struct(">4sIQ")  # magic, crc32, length
-SUFFIX = ".blk"
-KEYS = "keys"
-
-
-def version_dir(bucket: str, key: str, etag: str, block_size: int) -> str:
-    """A version's directory; the block size is part of it, so blocks cut at another
-    size (the setting changed) are never taken for these."""
-    text = f"{bucket}\0{key}\0{etag}\0{block_size}"
-    digest = hashlib.sha256(text.encode()).hexdigest()[:40]
-    return f"{digest[:2]}/{digest}"
-
-
-def key_file(bucket: str, key: str) -> str:
-    digest = hashlib.sha256(f"{bucket}\0{key}".encode()).hexdigest()[:40]
-    return f"{KEYS}/{digest[:2]}/{digest}.json"
 
 
 class FileTier:
@@ -112,7 +100,7 @@ class FileTier:
             for name in files:
                 full = os.path.join(dirpath, name)
                 if ".tmp." in name:  # a write cut short by a crash
-                    _unlink(full)
+                    unlink(full)
                     continue
                 if not name.endswith(SUFFIX):
                     continue
@@ -123,7 +111,7 @@ class FileTier:
                 found.append((stat.st_mtime, os.path.relpath(full, self.root), stat.st_size))
         found.sort()
         for path in (self.root / KEYS).glob("*/*.json"):
-            meta = _read_meta(path, self.bucket, None)
+            meta = read_meta(path, self.bucket, None)
             if meta is not None:
                 self._key_files[self._version_dir(self.bucket, meta.key, meta.etag)] = path
         with self._lock:
@@ -158,7 +146,7 @@ class FileTier:
                 written = path.stat().st_mtime
             except OSError:
                 continue
-            meta = _read_meta(path, self.bucket, key)
+            meta = read_meta(path, self.bucket, key)
             if meta is not None and (newest is None or written > newest[0]):
                 newest = (written, meta)
         return newest[1] if newest is not None else None
@@ -210,7 +198,7 @@ class FileTier:
                 extra={"fields": {"tier": self.tier, "error": exc.strerror}},
             )
             return None
-        data = _decode(raw)
+        data = decode(raw)
         if data is None:
             self._metrics.cache_corrupt_blocks.labels(tier=self.tier).inc()
             log.warning(
@@ -218,7 +206,7 @@ class FileTier:
                 extra={"fields": {"tier": self.tier, "file": relative}},
             )
             if own:  # a peer's file is the peer's to delete
-                _unlink(str(full))
+                unlink(str(full))
                 self._forget(relative)
             return None
         return data
@@ -230,7 +218,7 @@ class FileTier:
         if relative in self._index:
             return
         full = self.root / relative
-        raw = HEADER.pack(MAGIC, zlib.crc32(data), len(data)) + data
+        raw = encode(data)
         if len(raw) > self.max_bytes:
             return
         temporary = f"{full}.tmp.{os.getpid()}.{threading.get_ident()}"
@@ -239,13 +227,13 @@ class FileTier:
             directory = os.path.dirname(relative)
             if directory not in self._key_files:  # the version's first block
                 path = self.root / key_file(self.bucket, meta.key)
-                _write_meta(path, self.bucket, meta)
+                write_meta(path, self.bucket, meta)
                 self._key_files[directory] = path
             with open(temporary, "wb") as handle:
                 handle.write(raw)
             os.replace(temporary, full)
         except OSError as exc:
-            _unlink(temporary)
+            unlink(temporary)
             log.warning(
                 "cache tier write failed",
                 extra={"fields": {"tier": self.tier, "error": exc.strerror}},
@@ -268,7 +256,7 @@ class FileTier:
                 relative, size = self._index.popitem(last=False)
                 self._bytes -= size
                 emptied = self._release(relative)
-            _unlink(str(self.root / relative))
+            unlink(str(self.root / relative))
             if emptied:
                 self._version_emptied(os.path.dirname(relative))
             self._metrics.cache_evictions.labels(tier=self.tier).inc()
@@ -278,13 +266,13 @@ class FileTier:
         with contextlib.suppress(OSError):  # a write landed meanwhile, or already gone
             (self.root / directory).rmdir()
         path = self._key_files.pop(directory, None)
-        meta = _read_meta(path, self.bucket, None) if path is not None else None
+        meta = read_meta(path, self.bucket, None) if path is not None else None
         if (
             path is not None
             and meta is not None
             and self._version_dir(self.bucket, meta.key, meta.etag) == directory
         ):  # not a newer version's
-            _unlink(str(path))
+            unlink(str(path))
 
     def _release(self, relative: str) -> bool:
         """One block of a version is gone (lock held); True if it was the last one."""
@@ -336,59 +324,9 @@ class FileTier:
                 self._bytes -= self._index.pop(relative)
             self._per_version.pop(directory, None)
         for relative in stale:
-            _unlink(str(self.root / relative))
+            unlink(str(self.root / relative))
         self._version_emptied(directory)
         self._publish()
 
     def _publish(self) -> None:
         self._metrics.cache_bytes.labels(tier=self.tier).set(self._bytes)
-
-
-def _write_meta(path: Path, bucket: str, meta: ObjectMeta) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(
-            {
-                "bucket": bucket,
-                "key": meta.key,
-                "size": meta.size,
-                "etag": meta.etag,
-                "last_modified": meta.last_modified.isoformat(),
-                "content_type": meta.content_type,
-            },
-            handle,
-        )
-    os.replace(temporary, path)
-
-
-def _read_meta(path: Path, bucket: str, key: str | None) -> ObjectMeta | None:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            raw = json.load(handle)
-        if raw["bucket"] != bucket or (key is not None and raw["key"] != key):
-            return None
-        return ObjectMeta(
-            key=str(raw["key"]),
-            size=int(raw["size"]),
-            etag=str(raw["etag"]),
-            last_modified=datetime.fromisoformat(raw["last_modified"]),
-            content_type=raw.get("content_type"),
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # unreadable: its blocks are simply not revalidated after a restart
-
-
-def _decode(raw: bytes) -> Block | None:
-    if len(raw) < HEADER.size:
-        return None
-    magic, checksum, length = HEADER.unpack_from(raw)
-    data = raw[HEADER.size :]
-    if magic != MAGIC or length != len(data) or zlib.crc32(data) != checksum:
-        return None
-    return data
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
