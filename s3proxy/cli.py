@@ -117,7 +117,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .prepare import run_prepare
 
-    return run_prepare(args.source, args.asset, _load(args.config))
+    return run_prepare(args.source, args.asset, _load(args.config), args.require_dtsh)
 
 
 def cmd_warm(args: argparse.Namespace) -> int:
@@ -219,7 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare", help="ingest: remux to a streamable MP4 (index first), .dtsh, upload"
     )
     prepare.add_argument("source", help="a local file or s3://bucket/key (a raw upload)")
-    prepare.add_argument("--asset", required=True, help="asset name to publish it as")
+    prepare.add_argument(
+        "--asset",
+        required=True,
+        help="asset name to publish it as (without an extension: the container's is added)",
+    )
+    prepare.add_argument(
+        "--require-dtsh",
+        action="store_true",
+        help="fail (exit 2, nothing uploaded) when no .dtsh header can be made",
+    )
     prepare.add_argument(
         "--config", help="YAML file (default: $S3PROXY_CONFIG): bucket, prefix, endpoint"
     )

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,17 @@ from .config import Config
 MIST_LIMIT = 2 << 30  # Mist's Content-Length parsing overflows at 2 GiB
 PART_SIZE = 16 << 20
 SHA_META = "s3proxy-sha256"
-_MIST_INPUTS = {"mp4": "MistInMP4", "mpegts": "MistInTS", "matroska": "MistInMKV"}
+# Mist's input per container, newest name first (3.10's Matroska input is MistInEBML)
+_MIST_INPUTS = {
+    "mp4": ("MistInMP4",),
+    "mpegts": ("MistInTS",),
+    "matroska": ("MistInEBML", "MistInMKV"),
+}
+# Mist picks its input by the source's extension: a published name must carry one of these
+EXTENSIONS = {"mp4": (".mp4", ".m4v", ".mov"), "mpegts": (".ts",), "matroska": (".mkv", ".webm")}
+# A Mist input run without a controller waits for one before it writes the header; the
+# wait is bounded here (Mist's own is about 60 s), and its failure reported, not hidden.
+MIST_TIMEOUT_S = 120
 
 
 class PrepareError(Exception):
@@ -206,22 +217,68 @@ def verify_complete(path: Path, info: dict[str, Any]) -> None:
         raise PrepareError(f"{path.name} is truncated or damaged: {reason}")
 
 
-def make_sidecar(path: Path, container: str, name: str, summary: Summary) -> Path | None:
-    binary = _MIST_INPUTS.get(container)
-    found = shutil.which(binary) if binary else None
+def stream_name(asset: str) -> str:
+    """A name Mist accepts for `-s` (letters, digits, `_`, `-`, `.`; no `/`)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", asset)[:100] or "asset"
+
+
+def make_sidecar(
+    path: Path, container: str, asset: str, summary: Summary, required: bool = False
+) -> Path | None:
+    """Mist's `.dtsh` header for the prepared file, if a Mist input is installed. A
+    failure is reported with the input's exit status and last stderr line; with
+    `required` it stops the run (nothing is uploaded)."""
+    names = _MIST_INPUTS.get(container, ())
+    found = next((shutil.which(n) for n in names if shutil.which(n)), None)
+    binary = Path(found).name if found else (names[0] if names else "a Mist input")
     if found is None:
-        summary.notes.append(f"no .dtsh: {binary or 'a Mist input'} is not on PATH")
-        _say(f"skipped the .dtsh header: {binary or 'a Mist input'} is not on PATH")
-        return None
-    result = subprocess.run(
-        [found, "-H", "-s", name, str(path)], capture_output=True, text=True, timeout=600
-    )
+        return _no_sidecar(summary, f"{binary} is not on PATH", required)
+    try:
+        result = subprocess.run(
+            [found, "-H", "-s", stream_name(asset), str(path)],
+            capture_output=True,
+            text=True,
+            timeout=MIST_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return _no_sidecar(summary, f"{binary} gave no header within {MIST_TIMEOUT_S} s", required)
     sidecar = Path(str(path) + ".dtsh")
     if result.returncode != 0 or not sidecar.is_file():
-        summary.notes.append(f"no .dtsh: {binary} failed")
-        _say(f"skipped the .dtsh header: {binary} failed: {result.stderr.strip()[-200:]}")
-        return None
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        why = (
+            f"{binary} exited {result.returncode}: {last}"
+            if result.returncode
+            else (f"{binary} wrote no header: {last}")
+        )
+        return _no_sidecar(summary, why, required)
     return sidecar
+
+
+def _no_sidecar(summary: Summary, why: str, required: bool) -> Path | None:
+    if required:
+        raise PrepareError(f"no .dtsh header (--require-dtsh): {why}")
+    summary.notes.append(f"no .dtsh: {why}")
+    _say(f"skipped the .dtsh header: {why}")
+    return None
+
+
+def published_name(asset: str, container: str) -> str:
+    """The asset name to publish under: one without an extension gets its container's;
+    one whose extension Mist would take for another container is refused."""
+    allowed = EXTENSIONS.get(container)
+    if allowed is None:
+        return asset
+    suffix = Path(asset).suffix.lower()
+    if not suffix:
+        return asset + allowed[0]
+    if suffix not in allowed:
+        right = str(Path(asset).with_suffix(allowed[0]))
+        shown = {"mp4": "MP4", "mpegts": "MPEG-TS", "matroska": "Matroska"}[container]
+        raise PrepareError(
+            f"{asset}: the prepared file is {shown}, which Mist reads only under "
+            f"{', '.join(allowed)}: publish it as {right}"
+        )
+    return asset
 
 
 def _sha256(path: Path) -> str:
@@ -300,7 +357,7 @@ async def _existing_sha(client: Any, bucket: str, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-async def prepare(source: str, asset: str, config: Config) -> Summary:
+async def prepare(source: str, asset: str, config: Config, require_dtsh: bool = False) -> Summary:
     validate_asset_name(asset)
     bucket = config.s3.bucket
     key = object_key(config.s3.prefix, asset)
@@ -324,6 +381,9 @@ async def prepare(source: str, asset: str, config: Config) -> Summary:
             info = await asyncio.to_thread(probe, local)
             await asyncio.to_thread(verify_complete, local, info)
             prepared = await asyncio.to_thread(remux, local, work, info, summary)
+            asset = published_name(asset, summary.container)  # before any upload
+            summary.asset, summary.key = asset, object_key(config.s3.prefix, asset)
+            key = summary.key
             final_info = await asyncio.to_thread(probe, prepared)
             streams = final_info.get("streams", [])
             summary.codecs = [f"{s.get('codec_type')}:{s.get('codec_name')}" for s in streams]
@@ -338,7 +398,7 @@ async def prepare(source: str, asset: str, config: Config) -> Summary:
                 summary.notes.append("2 GiB or more: MistServer can not play files this large")
                 _say("warning: " + summary.notes[-1])
             sidecar = await asyncio.to_thread(
-                make_sidecar, prepared, summary.container, asset, summary
+                make_sidecar, prepared, summary.container, asset, summary, require_dtsh
             )
             sha = await asyncio.to_thread(_sha256, prepared)
             content_type = {
@@ -371,9 +431,9 @@ async def prepare(source: str, asset: str, config: Config) -> Summary:
     return summary
 
 
-def run_prepare(source: str, asset: str, config: Config) -> int:
+def run_prepare(source: str, asset: str, config: Config, require_dtsh: bool = False) -> int:
     try:
-        summary = asyncio.run(prepare(source, asset, config))
+        summary = asyncio.run(prepare(source, asset, config, require_dtsh))
     except (PrepareError, InvalidAssetName) as exc:
         print(f"s3proxy: prepare: {exc}", file=sys.stderr)
         return 2

@@ -248,3 +248,94 @@ def test_sidecar_goes_first_when_a_mist_input_is_installed(
     assert stored(emulator, bucket, "vod/m.mp4.dtsh") == b"DTSC\x00\x00\x00\x04abcd"
     puts = [r.path for r in emulator.requests_for(bucket) if r.method == "PUT"]
     assert puts.index(f"/{bucket}/vod/m.mp4.dtsh") < puts.index(f"/{bucket}/vod/m.mp4")
+
+
+def mist_stand_in(tmp_path: Path, name: str, script: str) -> str:
+    """A Mist input stand-in on PATH; returns the PATH to use."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / name
+    fake.write_text("#!/bin/sh\n" + script)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+# As Mist's inputs do: a stream name with a `/` (or other such characters) is refused.
+REFUSES_SLASH = (
+    '[ "$1" = -H ] && [ "$2" = -s ] || exit 9\n'
+    'case "$3" in */*) echo "invalid stream name" >&2; exit 1;; esac\n'
+    "printf 'DTSC\\000\\000\\000\\004abcd' > \"$4.dtsh\"\n"
+)
+
+
+def test_a_nested_asset_name_gets_its_sidecar(
+    emulator: Emulator, bucket: str, tmp_path: Path, media: dict[str, Path]
+) -> None:
+    path = mist_stand_in(tmp_path, "MistInMP4", REFUSES_SLASH)
+    result = prepare(
+        emulator,
+        bucket,
+        tmp_path,
+        str(media["moov_end.mp4"]),
+        "movies/abc/master.mp4",
+        path_env=path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["sidecar"] == "uploaded"
+    assert stored(emulator, bucket, "vod/movies/abc/master.mp4.dtsh").startswith(b"DTSC")
+
+
+def test_a_failing_mist_input_is_reported_and_can_be_made_fatal(
+    emulator: Emulator, bucket: str, tmp_path: Path, media: dict[str, Path]
+) -> None:
+    path = mist_stand_in(tmp_path, "MistInMP4", 'echo "boom: no codec" >&2\nexit 3\n')
+    result = prepare(emulator, bucket, tmp_path, str(media["moov_end.mp4"]), "f.mp4", path_env=path)
+    assert result.returncode == 0, result.stderr
+    assert "MistInMP4 exited 3: boom: no codec" in result.stderr
+    required = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "s3proxy",
+            "prepare",
+            str(media["moov_end.mp4"]),
+            "--asset",
+            "g.mp4",
+            "--require-dtsh",
+            "--config",
+            str(tmp_path / "prepare.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PATH": path},
+    )
+    assert required.returncode == 2
+    assert required.stderr.strip().endswith("MistInMP4 exited 3: boom: no codec")
+    keys = [r.path for r in emulator.requests_for(bucket) if r.method == "PUT"]
+    assert f"/{bucket}/vod/g.mp4" not in keys, "nothing uploaded"
+
+
+def test_matroska_sidecars_use_mist_in_ebml() -> None:
+    from s3proxy.prepare import _MIST_INPUTS
+
+    assert _MIST_INPUTS["matroska"][0] == "MistInEBML"
+
+
+def test_an_extension_that_does_not_match_the_container_is_refused(
+    emulator: Emulator, bucket: str, tmp_path: Path, media: dict[str, Path]
+) -> None:
+    result = prepare(emulator, bucket, tmp_path, str(media["clip.ts"]), "x.ts")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "s3proxy: prepare: x.ts: the prepared file is MP4, which Mist reads only under "
+        ".mp4, .m4v, .mov: publish it as x.mp4"
+    )
+    assert not [
+        r
+        for r in emulator.requests_for(bucket)
+        if r.method == "PUT" and r.path.startswith(f"/{bucket}/vod/")
+    ]
+    picked = prepare(emulator, bucket, tmp_path, str(media["clip.ts"]), "shows/y")
+    assert picked.returncode == 0, picked.stderr
+    assert json.loads(picked.stdout)["key"] == "vod/shows/y.mp4"
