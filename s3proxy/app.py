@@ -7,19 +7,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import re
 import secrets
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import aclosing
 from typing import Any
 
+import aiohttp
+import aiohttp.http_exceptions
 from aiohttp import web
 
-from .assets import InvalidAssetName, content_type_for, looks_like_dtsh, validate_asset_name
+from .assets import (
+    InvalidAssetName,
+    content_type_for,
+    dtsh_length,
+    looks_like_dtsh,
+    validate_asset_name,
+)
 from .auth import SIDECAR_SUFFIX, AuthFailure, Grant, TokenVerifier
 from .config import Config, admin_secret
 from .errors import AssetNotFound, ObjectChanged, S3ProxyError, UpstreamTimeout
@@ -89,12 +98,28 @@ class Proxy:
         self.probe_ok_at: float | None = None  # monotonic time of the last good probe
         self.inflight = 0
         self.worker = worker
+        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await self.upstream.start()
         await self.store.start()
 
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Work that must finish even if the request that started it is cancelled."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+        return task
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning(
+                "background upload failed", extra={"fields": {"error": str(task.exception())}}
+            )
+
     async def close(self) -> None:
+        await asyncio.gather(*list(self._background), return_exceptions=True)
         await self.store.close()
         await self.upstream.close()
 
@@ -495,16 +520,36 @@ async def _store_sidecar(proxy: Proxy, request: web.Request) -> web.Response:
         response.force_close()
         return response
     body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            response = MediaError(413, "sidecar larger than sidecars.max_bytes").response()
-            response.force_close()
-            return response
+    try:
+        async for chunk in request.content.iter_any():
+            body += chunk
+            if len(body) > limit:
+                response = MediaError(413, "sidecar larger than sidecars.max_bytes").response()
+                response.force_close()
+                return response
+    except (
+        asyncio.CancelledError,
+        ConnectionError,
+        web.HTTPException,
+        ValueError,
+        aiohttp.ClientPayloadError,
+        aiohttp.http_exceptions.HttpProcessingError,
+    ):
+        # Mist closes the socket after the last tiny chunk, with no terminator and
+        # without reading an answer: keep what arrived, and store the header if the
+        # length it gives itself has arrived whole.
+        with contextlib.suppress(Exception):  # the rest already buffered, if the stream says
+            body += request.content.read_nowait()
+        length = dtsh_length(body)
+        if length is not None and length <= limit and looks_like_dtsh(bytes(body[:length])):
+            proxy.spawn(proxy.store.put_sidecar(asset, bytes(body[:length])))
+        raise
     if not looks_like_dtsh(bytes(body)):
         raise MediaError(400, "body is not a DTSH header")
+    # stored even if the client leaves meanwhile: the upload is the proxy's, not the request's
+    stored = proxy.spawn(proxy.store.put_sidecar(asset, bytes(body)))
     try:
-        await proxy.store.put_sidecar(asset, bytes(body))
+        await asyncio.shield(stored)
     except S3ProxyError as exc:
         raise MediaError(_status_for(exc), str(exc)) from None
     return web.Response(status=204)

@@ -60,6 +60,15 @@ def looks_like_dtsh(data: bytes) -> bool:
     return 8 + int.from_bytes(data[4:8], "big") <= len(data)
 
 
+def dtsh_length(data: bytes | bytearray) -> int | None:
+    """The whole header's length (8 + its own length field) once `data` holds all of it;
+    None while it does not (or it is not a DTSH header at all)."""
+    if len(data) < 8 or data[:4] != DTSH_MAGIC:
+        return None
+    total = 8 + int.from_bytes(data[4:8], "big")
+    return total if len(data) >= total else None
+
+
 def object_key(prefix: str, asset: str) -> str:
     return f"{prefix}{asset}"
 

@@ -3,6 +3,7 @@ and the proxy on a real aiohttp server on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import threading
@@ -226,3 +227,14 @@ def put_object(
 ) -> None:
     extra = {"ContentType": content_type} if content_type else {}
     emulator.client().put_object(Bucket=bucket, Key=key, Body=data, **extra)
+
+
+async def stored_within(emulator: Emulator, bucket: str, key: str, seconds: float = 3) -> bytes:
+    """The object once it is there (an upload Mist did not wait for lands a moment later)."""
+    for _ in range(int(seconds / 0.05)):
+        try:
+            body: bytes = emulator.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            return body
+        except emulator.client().exceptions.NoSuchKey:
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{key} was never stored")

@@ -145,8 +145,10 @@ async def mp4_start_up(
 async def put_header(
     host: str, port: int, source: str, header: bytes, log: list[Exchange]
 ) -> Exchange:
-    """Mist's attempt to store the header it built: PUT with Expect: 100-continue and a
-    chunked body, which it sends only after a 100."""
+    """Mist's attempt to store the header it built (mist.md): PUT with Expect:
+    100-continue; after the 100, the header as a chunked body in tiny chunks (1 to 14
+    bytes), then the socket is closed: no final chunk, no waiting for an answer. The
+    exchange records what Mist saw: the 100, or the refusal that came instead."""
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(
         f"PUT {sidecar_target(source)} HTTP/1.1\r\nHost: origin\r\n"
@@ -156,9 +158,12 @@ async def put_header(
     await writer.drain()
     first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     if first.startswith(b"HTTP/1.1 100"):
-        writer.write(f"{len(header):x}\r\n".encode() + header + b"\r\n0\r\n\r\n")
+        offset, size = 0, 1
+        while offset < len(header):
+            piece = header[offset : offset + size]
+            writer.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            offset, size = offset + len(piece), size % 14 + 1
         await writer.drain()
-        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     writer.transport.abort()
     status_line, *header_lines = first.decode("latin-1").split("\r\n")
     headers = {

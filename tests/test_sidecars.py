@@ -4,10 +4,12 @@ refused at once or, when switched on, checked and stored next to the asset."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
-from .conftest import Emulator, RunningProxy, StartProxy, make_token, put_object
+from .conftest import Emulator, RunningProxy, StartProxy, make_token, put_object, stored_within
+from .mistlike import put_header
 from .test_http import fetch
 
 TOKEN = make_token("movies/*")
@@ -187,3 +189,38 @@ async def test_put_checks_the_content(accepting: RunningProxy) -> None:
             body,
         )
         assert head.startswith(expected), head
+
+
+async def test_a_put_as_mist_sends_it_is_stored_without_the_terminator(
+    accepting: RunningProxy, emulator: Emulator, bucket: str
+) -> None:
+    """Tiny chunks, no final chunk, and the socket closed without reading an answer."""
+    header = b"DTSC" + (300).to_bytes(4, "big") + bytes(range(256)) + b"x" * 44
+    log: list[Any] = []
+    exchange = await put_header(
+        accepting.server.host,
+        accepting.server.port,
+        f"/vod/movies/a.mp4?token={TOKEN}",
+        header,
+        log,
+    )
+    assert exchange.status == 100
+    assert await stored_within(emulator, bucket, "movies/a.mp4.dtsh") == header
+    assert (await fetch(accepting.url(f"/t/{TOKEN}/movies/a.mp4.dtsh")))[2] == header
+
+
+async def test_a_put_cut_before_its_length_stores_nothing(
+    accepting: RunningProxy, emulator: Emulator, bucket: str
+) -> None:
+    header = b"DTSC" + (300).to_bytes(4, "big") + b"y" * 300
+    log: list[Any] = []
+    await put_header(
+        accepting.server.host,
+        accepting.server.port,
+        f"/vod/movies/a.mp4?token={TOKEN}",
+        header[:200],
+        log,
+    )
+    await asyncio.sleep(0.5)
+    keys = [r.path for r in emulator.requests_for(bucket) if r.method == "PUT"]
+    assert f"/{bucket}/movies/a.mp4.dtsh" not in keys
