@@ -245,10 +245,7 @@ def read_sequence(served: Served, token: str, asset: str, data: bytes) -> None:
         time.sleep(0.3)
 
 
-# With a disk tier and two workers the same sequence sometimes costs one GET more (a
-# block fetched by a worker's revalidating GET is looked up again as missing); open, see
-# the session note. The shared-memory tier (no disk tier) is the default for workers.
-@pytest.mark.parametrize("disk", [False])
+@pytest.mark.parametrize("disk", [False, True])
 def test_two_workers_fetch_no_more_than_one_and_warm_up_fills_both(
     emulator: Emulator, bucket: str, tmp_path: Path, disk: bool
 ) -> None:

@@ -454,3 +454,29 @@ async def test_a_warm_up_is_read_through_the_same_checked_fetches(
             got += chunk
     assert bytes(got) == data[: 2 * MIB]
     assert gets_for(emulator, bucket, "warm.mp4") == 2
+
+
+async def test_a_block_that_lands_during_a_file_tier_look_up_is_not_fetched_again(
+    tmp_path: Path,
+) -> None:
+    """The look-up went to the file tier (a thread) while the block's fetch finished:
+    the block is in memory by then, and must be found there, not fetched a second time."""
+    import datetime
+
+    metrics = Metrics()
+    files = FileTier(
+        str(tmp_path), MIB, metrics, bucket="b", block_size=4096, tier="disk", worker=0, workers=2
+    )
+    files.load_index()
+    tiers = Tiers(MIB, files, metrics, write_through=True)
+    key = BlockKey("b", "k", '"e"', 0)
+    meta = ObjectMeta("k", 4096, '"e"', datetime.datetime.now(datetime.UTC), None)
+
+    async def slow_get(_key: BlockKey) -> bytes | None:
+        tiers.put(key, b"z" * 4096, meta)  # the fetch in flight completes meanwhile
+        return None
+
+    files.get = slow_get  # type: ignore[method-assign]
+    data, source = await tiers.lookup(key)
+    assert (data, source) == (b"z" * 4096, "memory")
+    await tiers.close()

@@ -115,6 +115,9 @@ class Tiers:
             return None, "upstream"
         data = await self.files.get(key)
         if data is None:
+            landed = self.memory.get(key)  # a fetch may have finished it meanwhile
+            if landed is not None:
+                return landed, "memory"
             self._metrics.cache_misses.labels(tier=self.files.tier).inc()
             return None, "upstream"
         self._metrics.cache_hits.labels(tier=self.files.tier).inc()
