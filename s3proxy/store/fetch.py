@@ -177,9 +177,6 @@ class Fetch:
     def keys(self) -> list[BlockKey]:
         return [self.key(index) for index in self.whole]
 
-    def covers(self, index: int, lo: int) -> bool:
-        return index in self.begin and self.begin[index] <= lo <= self.stop[index]
-
     def start_in(self, table: FetchTable | None) -> bool:
         """Claim its blocks in `table` (None: a probe, which caches nothing) and start;
         False, and nothing started, when one of its blocks is in flight already."""

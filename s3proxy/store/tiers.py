@@ -64,13 +64,8 @@ class Tiers:
 
     async def holds(self, key: BlockKey) -> bool:
         """Whether a tier of this worker or a peer's file tier holds the block."""
-        if self.has(key):
-            return True
-        if self.files is None or not self.files.peers:
-            return False
-        if self.files.inline:
-            return self.files.peer_holds(key)
-        return await asyncio.to_thread(self.files.peer_holds, key)
+        # `has` looks at peers on tmpfs itself; `peer_held` at peers on disk
+        return self.has(key) or key in await self.peer_held([key])
 
     @property
     def disk_peers(self) -> bool:
@@ -99,9 +94,6 @@ class Tiers:
         return files is not None and (
             files.contains(key) or (files.inline and files.peer_holds(key))
         )
-
-    async def get(self, key: BlockKey) -> Block | None:
-        return (await self.lookup(key))[0]
 
     async def lookup(self, key: BlockKey) -> tuple[Block | None, str]:
         """The block from memory, else from the file tier (counted per tier), else None;
