@@ -660,18 +660,12 @@ def _is_media(request: web.Request) -> bool:
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     proxy = request.app[PROXY]
     started = time.perf_counter()
-    if proxy.inflight >= proxy.config.server.max_connections and request.path != "/healthz":
-        response: web.StreamResponse = MediaError(
-            503, "too many requests", {"Retry-After": "1"}
-        ).response()
-        _record(request, 503, 0, started, "too many requests")
-        return response
     proxy.inflight += 1
     proxy.metrics.inflight.inc()
     reason: str | None = None
     try:
         try:
-            response = await handler(request)
+            response: web.StreamResponse = await handler(request)
         except MediaError as error:
             reason = error.reason
             response = (

@@ -79,7 +79,13 @@ class ServerConfig:
     port: int = field(default=8080, metadata=_PORT)
     workers: int = field(default=1, metadata=_POSITIVE)
     shutdown_timeout_s: float = field(default=8.0, metadata=_NON_NEGATIVE)
-    max_connections: int = field(default=4096, metadata=_POSITIVE)
+    max_connections: int = field(default=4096, metadata=_POSITIVE)  # open, at accept
+    header_timeout_s: float = field(default=10.0, metadata=_POSITIVE)
+    keepalive_timeout_s: float = field(default=75.0, metadata=_POSITIVE)
+    max_head_bytes: ByteSize = field(
+        default=ByteSize(32 << 10),
+        metadata=_check(lambda v: v >= 1024, "must be at least 1KiB"),
+    )
 
 
 @dataclass(frozen=True)

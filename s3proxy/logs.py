@@ -2,9 +2,8 @@
 
 Every line goes through `redact` on its way out, whoever logged it (s3proxy, aiohttp,
 botocore): a path token shows as `/t/-/`, and `token=` values, `Authorization` values and
-anything shaped like a JWT are removed, wherever they appear. aiohttp's report of a
-malformed request (a traceback quoting the raw bytes) becomes one warning line with the
-reason, at most a few per second, with a count of those left out.
+anything shaped like a JWT are removed, wherever they appear. Malformed requests are
+reported by `connections` (one warning each, within a `LogBudget`), never by aiohttp.
 """
 
 from __future__ import annotations
@@ -64,21 +63,17 @@ class TextFormatter(logging.Formatter):
         return redact(line)
 
 
-class MalformedRequests(logging.Filter):
-    """aiohttp's "Error handling request" (with a traceback and the raw bytes) becomes
-    one warning with the reason, at most `per_second` a second; the next line that goes
-    out says how many were left out."""
+class LogBudget:
+    """At most `per_second` lines a second (a token bucket): `take()` says whether this
+    one goes out and how many were left out since the last that did."""
 
     def __init__(self, per_second: float = 5.0) -> None:
-        super().__init__()
         self._per_second = per_second
         self._allowance = per_second
         self._checked = time.monotonic()
         self._dropped = 0
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("Error handling request"):
-            return True
+    def take(self) -> tuple[bool, int]:
         now = time.monotonic()
         self._allowance = min(
             self._per_second, self._allowance + (now - self._checked) * self._per_second
@@ -86,28 +81,16 @@ class MalformedRequests(logging.Filter):
         self._checked = now
         if self._allowance < 1:
             self._dropped += 1
-            return False
+            return False, 0
         self._allowance -= 1
-        error = record.exc_info[1] if record.exc_info else None
-        reason = getattr(error, "message", None) or (str(error) if error else "unknown")
-        fields: dict[str, Any] = {
-            "reason": redact(str(reason).splitlines()[0])[:200] if str(reason) else "",
-            "error": type(error).__name__ if error is not None else None,
-        }
-        if self._dropped:
-            fields["dropped"], self._dropped = self._dropped, 0
-        record.msg, record.args = "malformed request", ()
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
-        record.exc_info, record.exc_text = None, None
-        record.fields = fields
-        return True
+        dropped, self._dropped = self._dropped, 0
+        return True, dropped
 
 
 def configure_logging(level: str, fmt: str) -> None:
     """Route every s3proxy (and aiohttp) record to stderr in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    handler.addFilter(MalformedRequests())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from .app import RUNNER_OPTIONS, Proxy, create_admin_app, create_app
 from .config import Config, ConfigError, load_config
+from .connections import GuardedRunner, Limits
 from .errors import S3ProxyError, StartupError
 from .logs import set_level
 from .store.tiers import SHM
@@ -62,14 +63,19 @@ async def run(
     shared = workers > 1
     # aiohttp waits its shutdown timeout for handlers, then again after cancelling them:
     # the drain below is ours, so the whole stop stays within server.shutdown_timeout_s
-    runner = web.AppRunner(
+    limits = Limits.of(config.server)
+    runner = GuardedRunner(
         create_app(config, proxy),
+        limits,
+        proxy.metrics,
         handle_signals=False,
         shutdown_timeout=CANCEL_GRACE_S / 2,
         **RUNNER_OPTIONS,
     )
-    admin_runner = web.AppRunner(
+    admin_runner = GuardedRunner(
         create_admin_app(proxy),
+        limits,
+        None,
         handle_signals=False,
         shutdown_timeout=CANCEL_GRACE_S / 2,
         **RUNNER_OPTIONS,

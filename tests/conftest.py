@@ -9,7 +9,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ from moto.server import ThreadedMotoServer
 
 from s3proxy.app import RUNNER_OPTIONS, Proxy, create_admin_app, create_app
 from s3proxy.config import Config, config_from_dict
+from s3proxy.connections import GuardedRunner, Limits
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 SECRET_ENV = "S3PROXY_TEST_JWT_SECRET"
@@ -204,9 +205,21 @@ class RunningProxy:
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 
 
+class GuardedTestServer(TestServer):
+    """A TestServer whose connections carry the limits, as `s3proxy serve` runs them."""
+
+    def __init__(self, app: Any, limits: Limits, metrics: Any) -> None:
+        super().__init__(app, host="127.0.0.1")
+        self._limits, self._metrics = limits, metrics
+
+    async def _make_runner(self, **kwargs: Any) -> Any:
+        return GuardedRunner(self.app, self._limits, self._metrics, **kwargs)
+
+
 @pytest.fixture
-async def start_proxy(emulator: Emulator, bucket: str, aiohttp_server: Any) -> StartProxy:
+async def start_proxy(emulator: Emulator, bucket: str) -> AsyncIterator[StartProxy]:
     """Start the proxy (main + admin listener) on loopback against the emulator."""
+    servers: list[TestServer] = []
 
     async def start(config: Config | None = None, **overrides: Any) -> RunningProxy:
         config = config or make_config(emulator.endpoint_url, bucket, **overrides)
@@ -215,11 +228,17 @@ async def start_proxy(emulator: Emulator, bucket: str, aiohttp_server: Any) -> S
         # handler_cancellation=True itself.
         options = {k: v for k, v in RUNNER_OPTIONS.items() if k != "handler_cancellation"}
         assert RUNNER_OPTIONS["handler_cancellation"] is True
-        server = await aiohttp_server(create_app(config, proxy), **options)
-        admin = await aiohttp_server(create_admin_app(proxy), **options)
+        limits = Limits.of(config.server)
+        server = GuardedTestServer(create_app(config, proxy), limits, proxy.metrics)
+        admin = GuardedTestServer(create_admin_app(proxy), limits, None)
+        for each in (server, admin):
+            servers.append(each)
+            await each.start_server(**options)
         return RunningProxy(server, admin, proxy, config.s3.bucket)
 
-    return start
+    yield start
+    while servers:
+        await servers.pop().close()
 
 
 def put_object(

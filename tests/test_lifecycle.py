@@ -5,6 +5,7 @@ and the defaults answer a silent S3 before Mist gives up."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -135,7 +136,7 @@ async def test_the_default_timeouts_answer_a_silent_s3_before_mist_gives_up(
     assert time.monotonic() - started < 5
 
 
-async def test_healthz_answers_whatever_the_load(
+async def test_connections_over_the_limit_get_503_and_admin_healthz_still_answers(
     aiohttp_server: Any, start_proxy: StartProxy
 ) -> None:
     state = OriginState(size=1000, behaviour="stall_headers")
@@ -160,10 +161,14 @@ async def test_healthz_answers_whatever_the_load(
                 break
             await asyncio.sleep(0.02)
         status, _, _ = await fetch(running.url(f"/t/{make_token()}/b.mp4"))
-        assert status == 503, "the one slot is taken"
-        status, _, body = await fetch(running.url("/healthz"))
+        assert status == 503, "the one connection is taken"
+        assert running.metric("s3proxy_requests_total", method="-", status="503") == 1
+        # the admin listener counts its own connections
+        status, _, body = await fetch(running.admin_url("/healthz"))
         assert (status, body) == (200, b"ok\n")
         busy.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+            await busy
 
 
 def test_an_unusable_disk_tier_is_one_line_and_exit_2(tmp_path: Path) -> None:

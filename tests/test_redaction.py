@@ -4,7 +4,6 @@ any request, routable or not, well-formed or not."""
 from __future__ import annotations
 
 import json
-import logging
 import socket
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from s3proxy.logs import JsonFormatter, MalformedRequests, redact
+from s3proxy.logs import LogBudget, redact
 
 from .conftest import Emulator, make_token
 from .test_serve import serve_process
@@ -53,43 +52,14 @@ def test_redaction_keeps_what_operators_need() -> None:
     assert redact("tokens were refused: 3") == "tokens were refused: 3"
 
 
-def test_a_malformed_request_report_becomes_one_warning_without_a_traceback() -> None:
-    token = make_token()
-    try:
-        raise ValueError(f"Invalid header value char:\n\n  b'Authorization: Bearer {token}'")
-    except ValueError:
-        record = logging.LogRecord(
-            "aiohttp.server",
-            logging.ERROR,
-            __file__,
-            1,
-            "Error handling request from %s",
-            ("127.0.0.1",),
-            __import__("sys").exc_info(),
-        )
-    limiter = MalformedRequests(per_second=2)
-    assert limiter.filter(record)
-    line = JsonFormatter().format(record)
-    entry = json.loads(line)
-    assert entry["level"] == "warning" and entry["msg"] == "malformed request"
-    assert "traceback" not in entry and token not in line
-    assert entry["reason"] == "Invalid header value char:"
-    for _ in range(5):  # a burst: a few pass, the rest are counted
-        again = logging.LogRecord(
-            "aiohttp.server",
-            logging.ERROR,
-            __file__,
-            1,
-            "Error handling request from %s",
-            ("x",),
-            None,
-        )
-        limiter.filter(again)
+def test_the_log_budget_lets_a_few_lines_a_second_out_and_counts_the_rest() -> None:
+    budget = LogBudget(per_second=2)
+    assert budget.take() == (True, 0)
+    burst = [budget.take() for _ in range(5)]
+    assert burst.count((True, 0)) <= 1 and burst[-1] == (False, 0)
     time.sleep(0.6)
-    later = logging.LogRecord(
-        "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s", ("x",), None
-    )
-    assert limiter.filter(later) and later.fields["dropped"] >= 3  # type: ignore[attr-defined]
+    allowed, dropped = budget.take()
+    assert allowed and dropped >= 4
 
 
 def send(port: int, data: bytes) -> bytes:

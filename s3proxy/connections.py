@@ -1,0 +1,296 @@
+"""Client connections before a request reaches the app: how long and how large a request
+head may be, how long an idle connection stays, how many connections are open at once,
+and the one short answer (and one log line) a malformed request gets.
+
+aiohttp bounds single header lines but not a head's total size or the time it takes to
+arrive, and it answers a request line without an HTTP version as HTTP/0.9. These bounds
+live in a RequestHandler subclass; it uses a few of aiohttp's private attributes, which
+is why pyproject.toml pins aiohttp to one minor version (tests/test_connections.py
+exercises each bound with real sockets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_server import Server
+
+from .config import ServerConfig
+from .logs import LogBudget, redact
+from .metrics import Metrics
+
+log = logging.getLogger("s3proxy.connections")
+
+UNKNOWN_METHOD = "-"  # the method label of what was refused before it was parsed
+LINGER_S = 1.0  # a refused connection is read (and discarded) this long before closing
+_MAX_LINE = 8190  # aiohttp's own request-line bound; the line kept for the log is shorter
+_LOGGED_LINE = 200
+_VERSIONED = re.compile(rb" HTTP/\d\.\d\r?$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_connections: int
+    header_timeout_s: float
+    keepalive_timeout_s: float
+    max_head_bytes: int
+
+    @classmethod
+    def of(cls, server: ServerConfig) -> Limits:
+        return cls(
+            server.max_connections,
+            server.header_timeout_s,
+            server.keepalive_timeout_s,
+            server.max_head_bytes,
+        )
+
+
+def refusal(status: int) -> bytes:
+    """A whole answer sent before (or instead of) reading a request: fixed text only."""
+    phrase = HTTPStatus(status).phrase
+    body = f"{status} {phrase}\n".encode()
+    extra = "Retry-After: 1\r\n" if status == 503 else ""
+    return (
+        f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain\r\n{extra}"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+
+
+class GuardedServer(Server):
+    """aiohttp's connection manager with the limits: one per listener, so the admin
+    listener's connections never count against the main one's."""
+
+    def __init__(self, plain: Server, limits: Limits, metrics: Metrics | None) -> None:
+        super().__init__(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            loop=plain._loop,
+            **plain._kwargs,
+        )
+        self.limits = limits
+        self.metrics = metrics
+        self.malformed_log = LogBudget(per_second=5.0)
+
+    def __call__(self) -> RequestHandler:
+        return GuardedHandler(self, loop=self._loop, **self._kwargs)
+
+    @property
+    def full(self) -> bool:
+        return len(self._connections) >= self.limits.max_connections
+
+    def refused(self, status: int) -> None:
+        if self.metrics is not None:
+            self.metrics.requests.labels(method=UNKNOWN_METHOD, status=str(status)).inc()
+
+    def report(self, status: int, reason: str, line: bytes, remote: str | None) -> None:
+        """One warning per malformed request (within the log budget), no traceback."""
+        self.refused(status)
+        allowed, dropped = self.malformed_log.take()
+        if not allowed:
+            return
+        fields: dict[str, Any] = {
+            "status": status,
+            "reason": redact(reason)[:_LOGGED_LINE],
+            "request_line": redact(line[:_LOGGED_LINE].decode("ascii", "backslashreplace")),
+            "remote": remote,
+        }
+        if dropped:
+            fields["dropped"] = dropped
+        log.warning("malformed request", extra={"fields": fields})
+
+
+class GuardedHandler(RequestHandler):
+    """One client connection: aiohttp's handler, with the head bounded in time and size,
+    no HTTP/0.9, and fixed short answers to malformed requests."""
+
+    _manager: GuardedServer
+
+    def __init__(self, manager: GuardedServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._limits = manager.limits
+        self._head_bytes = 0
+        self._line: bytearray | None = bytearray()  # the request line, until its end
+        self._request_line = b""
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body: Any = None  # the payload of the last head, while it is being read
+        self._refused = False
+        self._turned_away = False
+
+    # --- connection ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._manager.full:
+            self._turn_away(transport)
+            return
+        super().connection_made(transport)
+        # from accept to the end of the first head (as nginx's client_header_timeout)
+        self._start_head_timer()
+        self._stop_idle_timer()
+
+    def _turn_away(self, transport: asyncio.BaseTransport) -> None:
+        """Over server.max_connections: a 503 at once, nothing parsed or kept; the
+        client's request is read and dropped for a moment so it sees the answer rather
+        than a reset."""
+        self._turned_away = True
+        self._manager.refused(503)
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(refusal(503))
+        transport.write_eof()
+        self._loop.call_later(LINGER_S, transport.close)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_timer()
+        if self._turned_away:
+            return
+        super().connection_lost(exc)
+
+    # --- the head -----------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._turned_away or self._refused:
+            return  # read and dropped
+        if self._force_close or self._close:
+            return
+        reading_head = self._body is None or self._body.is_eof()
+        if reading_head:
+            if self._head_timer is None:
+                # from a head's first byte to its end; no longer idle
+                self._start_head_timer()
+                self._stop_idle_timer()
+            if self._line is not None and not self._check_line(data):
+                return
+            self._head_bytes += len(data)
+        count = self._request_count
+        super().data_received(data)
+        if self._request_count > count:
+            self._heads_complete(self._request_count - count)
+        elif reading_head and self._head_bytes > self._limits.max_head_bytes:
+            self._refuse(431, "request head over server.max_head_bytes")
+
+    def _check_line(self, data: bytes) -> bool:
+        """Collect the request line; refuse one without an HTTP version (aiohttp would
+        take it for HTTP/0.9) as soon as its end arrives."""
+        assert self._line is not None
+        end = data.find(b"\n")
+        self._line += data if end < 0 else data[:end]
+        if end < 0:
+            if len(self._line) > _MAX_LINE:  # aiohttp refuses it; keep the start to log
+                self._request_line, self._line = bytes(self._line[:_LOGGED_LINE]), None
+            return True
+        line, self._line = bytes(self._line), None
+        self._request_line = line.rstrip(b"\r")[:_LOGGED_LINE]
+        if _VERSIONED.search(line) is None:
+            self._refuse(400, "request line without an HTTP version")
+            return False
+        return True
+
+    def _heads_complete(self, new: int) -> None:
+        self._cancel_head_timer()
+        queued = list(self._messages)[-new:]
+        for index, (message, payload) in enumerate(queued):
+            if isinstance(message, _ErrInfo):
+                continue
+            if _head_size(message) > self._limits.max_head_bytes:
+                position = len(self._messages) - new + index
+                self._messages[position] = (
+                    _ErrInfo(431, _TooLarge(), "request head over server.max_head_bytes"),
+                    payload,
+                )
+            self._body = payload
+        self._head_bytes = 0
+        self._line = bytearray()
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """Answer `status` in turn (after what is already queued), then close; the rest
+        of what the client sends is dropped."""
+        self._refused = True
+        self._cancel_head_timer()
+        self._messages.append((_ErrInfo(status, _Refused(reason), reason), EMPTY_PAYLOAD))
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _start_head_timer(self) -> None:
+        self._head_timer = self._loop.call_later(
+            self._limits.header_timeout_s, self._head_timed_out
+        )
+
+    def _stop_idle_timer(self) -> None:
+        """aiohttp's keep-alive timer: rescheduled by aiohttp after each response."""
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._request_in_progress or self._messages:
+            return  # a request is being answered; its head did arrive
+        if self._head_bytes == 0 and self._request_count == 0:
+            self._manager.refused(408)
+            self.force_close()  # connected and sent nothing: just closed
+            return
+        self._refuse(408, "request head not received within server.header_timeout_s")
+
+    # --- answers to malformed requests --------------------------------------------
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:  # not the client's fault: aiohttp's report, redacted on output
+            return super().handle_error(request, status, exc, message)
+        reason = (message or str(exc or "")).strip().splitlines() or ["malformed"]
+        self._manager.report(status, reason[0].rstrip(":"), self._request_line, request.remote)
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer had started: the connection is closed")
+        response = web.Response(
+            status=status, text=f"{status} {HTTPStatus(status).phrase}\n", content_type="text/plain"
+        )
+        response.force_close()
+        return response
+
+
+class GuardedRunner(web.AppRunner):
+    """An AppRunner whose connections carry the limits."""
+
+    def __init__(
+        self, app: web.Application, limits: Limits, metrics: Metrics | None, **kwargs: Any
+    ) -> None:
+        super().__init__(app, keepalive_timeout=limits.keepalive_timeout_s, **kwargs)
+        self._limits = limits
+        self._metrics = metrics
+
+    async def _make_server(self) -> Server:
+        return GuardedServer(await super()._make_server(), self._limits, self._metrics)
+
+
+class _Refused(Exception):
+    pass
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _head_size(message: Any) -> int:
+    """Bytes of a parsed request head: the request line and every header line."""
+    line = len(message.method) + len(message.path) + len(" HTTP/1.1\r\n") + 1
+    return line + sum(len(name) + len(value) + 4 for name, value in message.raw_headers) + 2
