@@ -33,6 +33,7 @@ from botocore.utils import parse_timestamp
 
 from . import __version__
 from .config import S3Config
+from .credentials import CredentialKeeper
 from .errors import (
     AssetNotFound,
     ObjectChanged,
@@ -165,6 +166,10 @@ class S3Upstream:
         session.get_component("response_parser_factory").set_parser_defaults(
             timestamp_parser=_parse_timestamp
         )
+        # resolved before the client, which then uses these very credentials
+        keeper = await CredentialKeeper.start(session)
+        if keeper is not None:
+            self._stack.push_async_callback(keeper.close)
         self._client = await self._stack.enter_async_context(
             session.create_client(
                 "s3", region_name=cfg.region, endpoint_url=cfg.endpoint_url, config=aio_config
