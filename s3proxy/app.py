@@ -29,7 +29,7 @@ from .assets import (
     looks_like_dtsh,
     validate_asset_name,
 )
-from .auth import SIDECAR_SUFFIX, AuthFailure, Grant, TokenVerifier
+from .auth import SIDECAR_SUFFIX, AuthFailure, Grant, TokenVerifier, presented_token
 from .config import Config, admin_secret
 from .errors import AssetNotFound, ObjectChanged, S3ProxyError, UpstreamTimeout
 from .logs import ACCESS_LOGGER
@@ -191,22 +191,13 @@ def _asset_from(request: web.Request) -> str:
 
 
 def _target(request: web.Request, query_param: str) -> tuple[str, str | None]:
-    """The asset asked for and the token presented (path, Bearer header or query).
-
-    Mist appends `.dtsh` to its whole source URL, query included: a query token of the
-    form `<jwt>.dtsh` means the sidecar of the asset, authorised by `<jwt>`.
-    """
-    asset = _asset_from(request)
-    if "token" in request.match_info:
-        return asset, request.match_info["token"]
-    authorization = request.headers.get("Authorization", "")
-    scheme, _, credentials = authorization.partition(" ")
-    if scheme.lower() == "bearer" and credentials.strip():
-        return asset, credentials.strip()
-    token = request.query.get(query_param)
-    if token and token.endswith(SIDECAR_SUFFIX) and not asset.endswith(SIDECAR_SUFFIX):
-        return asset + SIDECAR_SUFFIX, token[: -len(SIDECAR_SUFFIX)]
-    return asset, token
+    """The asset asked for and the token presented (path, Bearer header or query)."""
+    return presented_token(
+        _asset_from(request),
+        request.match_info.get("token"),
+        request.headers.get("Authorization"),
+        request.query.get(query_param),
+    )
 
 
 def _authorize(proxy: Proxy, asset: str, token: str | None) -> Grant:

@@ -66,6 +66,26 @@ MAX_CLAIM_TIME = 253402300799  # 9999-12-31T23:59:59Z: numeric claims beyond are
 SIDECAR_SUFFIX = ".dtsh"
 
 
+def presented_token(
+    asset: str, path_token: str | None, authorization: str | None, query_token: str | None
+) -> tuple[str, str | None]:
+    """The asset asked for and the token presented, in this order of precedence: the
+    path (`/t/<token>/`), an `Authorization: Bearer` header, the query parameter.
+
+    Mist appends `.dtsh` to its whole source URL, query included: a query token of the
+    form `<jwt>.dtsh` means the sidecar of the asset, authorised by `<jwt>`.
+    """
+    if path_token is not None:
+        return asset, path_token
+    scheme, _, credentials = (authorization or "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return asset, credentials.strip()
+    token = query_token
+    if token and token.endswith(SIDECAR_SUFFIX) and not asset.endswith(SIDECAR_SUFFIX):
+        return asset + SIDECAR_SUFFIX, token[: -len(SIDECAR_SUFFIX)]
+    return asset, token
+
+
 @dataclass(frozen=True)
 class AssetScope:
     """The asset globs a token grants; an asset's `.dtsh` sidecar comes with the asset."""
