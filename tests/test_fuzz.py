@@ -228,7 +228,7 @@ header_text = st.text(
 )
 
 
-@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_a_running_proxy_answers_random_requests_without_a_5xx(
     emulator: Emulator, bucket: str, tmp_path: Path, data: st.DataObject
@@ -236,6 +236,7 @@ def test_a_running_proxy_answers_random_requests_without_a_5xx(
     put_object(emulator, bucket, "movies/a.mp4", bytes(range(256)) * 400)
     good = make_token("movies/**")
     with serve_process(emulator, bucket, tmp_path, 1, {}) as served:
+        served.drain()
         for _ in range(60):
             token = data.draw(st.one_of(st.just(good), token_like.filter(lambda t: "/" not in t)))
             asset = data.draw(st.sampled_from(["movies/a.mp4", "movies/b.mp4", "x.mp4"]) | names)

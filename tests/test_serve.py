@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -45,6 +46,20 @@ class Served:
             if predicate(record):
                 return record
         raise AssertionError(f"not seen; got {self.lines}")
+
+    def drain(self) -> threading.Thread:
+        """Read its log from now on in a thread, into `lines`, so that a test sending many
+        requests never fills the pipe (the proxy would block writing its log)."""
+        assert self.process.stderr is not None
+        stream = self.process.stderr
+
+        def read() -> None:
+            for line in stream:
+                self.lines.append(json.loads(line))
+
+        thread = threading.Thread(target=read, daemon=True)
+        thread.start()
+        return thread
 
 
 @pytest.fixture
