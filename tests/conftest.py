@@ -4,7 +4,10 @@ and the proxy on a real aiohttp server on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -22,10 +25,69 @@ from moto.server import ThreadedMotoServer
 from s3proxy.app import RUNNER_OPTIONS, Proxy, create_admin_app, create_app
 from s3proxy.config import Config, config_from_dict
 from s3proxy.connections import GuardedRunner, Limits
+from s3proxy.logs import JsonFormatter
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 SECRET_ENV = "S3PROXY_TEST_JWT_SECRET"
 SECRET = "test-only-placeholder-secret-" + "0123456789abcdef" * 3
+
+
+class SuiteLogs:
+    """Every token the suite mints and every log line its proxies write (in-process
+    through the real formatter, subprocesses from their stderr): at the end of the
+    session no line may hold a token, nor a token's signature."""
+
+    _RUNS = re.compile(r"[A-Za-z0-9_-]{16,}")
+
+    def __init__(self) -> None:
+        self.tokens: set[str] = set()
+        self.lines: list[str] = []
+
+    def minted(self, token: str) -> str:
+        self.tokens.add(token)
+        return token
+
+    def keep(self, text: str | list[str]) -> None:
+        self.lines.extend(text.splitlines() if isinstance(text, str) else text)
+
+    def leaks(self) -> list[str]:
+        secrets = {t.rsplit(".", 1)[-1] for t in self.tokens} | {
+            part for t in self.tokens for part in t.split(".")[1:2]
+        }
+        secrets = {s for s in secrets if len(s) >= 16}
+        return [
+            line[:300]
+            for line in self.lines
+            if any(run in secrets for run in self._RUNS.findall(line))
+            or any(token in line for token in self.tokens if len(token) < 16)
+        ]
+
+
+SUITE_LOGS = SuiteLogs()
+
+
+class _KeepLines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            SUITE_LOGS.lines.append(self.format(record))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_token_in_any_log_line() -> Iterator[None]:
+    root = logging.getLogger()
+    handler, level = _KeepLines(), root.level
+    root.addHandler(handler)
+    root.setLevel(min(level, logging.INFO))  # access lines are INFO
+    yield
+    root.removeHandler(handler)
+    root.setLevel(level)
+    leaked = SUITE_LOGS.leaks()
+    assert SUITE_LOGS.tokens and SUITE_LOGS.lines
+    assert not leaked, f"{len(leaked)} log lines hold a token minted by the suite: {leaked[:5]}"
 
 
 PACKAGES = {
@@ -180,7 +242,7 @@ def make_token(
     payload.update(claims)
     payload = {k: v for k, v in payload.items() if v is not None}
     headers = {"kid": kid} if kid else {}
-    return jwt.encode(payload, key, algorithm=algorithm, headers=headers)
+    return SUITE_LOGS.minted(jwt.encode(payload, key, algorithm=algorithm, headers=headers))
 
 
 @dataclass

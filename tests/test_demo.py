@@ -11,6 +11,8 @@ import time
 import urllib.request
 from importlib import resources
 
+from .conftest import SUITE_LOGS
+
 SAMPLE = resources.files("s3proxy").joinpath("data", "sample.mp4").read_bytes()
 
 
@@ -55,6 +57,8 @@ def test_demo_serves_the_sample_and_stops_on_sigterm() -> None:
         assert "stopped" in process.stdout.read()
         assert process.stderr is not None
         log = process.stderr.read()
+        SUITE_LOGS.minted(url.split("/t/")[1].split("/")[0])
+        SUITE_LOGS.keep(log)
         assert "/t/-/sample.mp4" in log and "status=206" in log, log  # access lines, at info
         assert url.split("/t/")[1].split("/")[0] not in log, "no token in the log"
     finally:

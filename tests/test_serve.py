@@ -3,6 +3,7 @@ SIGTERM drains the response in flight and exits 0."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import SECRET, SECRET_ENV, Emulator, make_token, put_object
+from .conftest import SECRET, SECRET_ENV, SUITE_LOGS, Emulator, make_token, put_object
 
 
 def free_port() -> int:
@@ -33,6 +34,7 @@ class Served:
     def __init__(self, process: subprocess.Popen[str], port: int, admin: int) -> None:
         self.process, self.port, self.admin = process, port, admin
         self.lines: list[dict[str, Any]] = []
+        self.drainer: threading.Thread | None = None
 
     def read_until(self, predicate: Any, timeout: float = 20) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -59,6 +61,7 @@ class Served:
 
         thread = threading.Thread(target=read, daemon=True)
         thread.start()
+        self.drainer = thread
         return thread
 
 
@@ -112,6 +115,12 @@ def serve_process(
         if process.poll() is None:
             process.kill()
         process.wait()
+        if served.drainer is not None:
+            served.drainer.join(timeout=10)
+        with contextlib.suppress(ValueError, OSError):  # unless the test read it all
+            assert process.stderr is not None
+            served.lines += [{"unparsed": line} for line in process.stderr.read().splitlines()]
+        SUITE_LOGS.keep([json.dumps(line) for line in served.lines])
 
 
 @pytest.fixture
