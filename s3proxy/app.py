@@ -561,8 +561,9 @@ async def handle_readyz(request: web.Request) -> web.Response:
 
 
 async def handle_warm(request: web.Request) -> web.Response:
-    """POST /warm/{asset}: metadata, sidecar and the first cache.warm_bytes into the cache,
-    so the first viewer's start-up reads are hits."""
+    """POST /warm/{asset}: what a Mist start reads (metadata, sidecar, the MP4 index, the
+    first cache.warm_seconds of media, at most cache.warm_bytes) into the cache, so the
+    first viewer's start-up reads are hits."""
     proxy = request.app[PROXY]
     if proxy.admin_secret is not None:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -580,7 +581,8 @@ async def handle_warm(request: web.Request) -> web.Response:
         return web.json_response({"error": str(exc)}, status=400)
     started = time.perf_counter()
     try:
-        result = await proxy.store.warm(asset, int(proxy.config.cache.warm_bytes))
+        cache = proxy.config.cache
+        result = await proxy.store.warm(asset, cache.warm_seconds, int(cache.warm_bytes))
     except S3ProxyError as exc:
         return web.json_response({"asset": asset, "error": str(exc)}, status=_status_for(exc))
     result["seconds"] = round(time.perf_counter() - started, 4)

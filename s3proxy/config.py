@@ -178,7 +178,8 @@ class CacheConfig:
     metadata_ttl_s: float = field(default=30.0, metadata=_NON_NEGATIVE)
     readahead_blocks: int = field(default=2, metadata=_NON_NEGATIVE)
     readahead_max_inflight: int = field(default=8, metadata=_NON_NEGATIVE)
-    warm_bytes: ByteSize = ByteSize(4 << 20)
+    warm_seconds: float = field(default=70.0, metadata=_NON_NEGATIVE)
+    warm_bytes: ByteSize = ByteSize(128 << 20)
     disk: DiskConfig = field(default_factory=DiskConfig)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from aiobotocore.session import get_session
 
+from . import mp4
 from .assets import InvalidAssetName, object_key, validate_asset_name
 from .config import Config
 
@@ -120,17 +121,11 @@ def top_level_boxes(path: Path) -> list[tuple[str, int, int]]:
         offset = 0
         while offset + 8 <= size:
             handle.seek(offset)
-            header = handle.read(16)
-            length = int.from_bytes(header[:4], "big")
-            kind = header[4:8].decode("latin-1")
-            if length == 1:
-                length = int.from_bytes(header[8:16], "big")
-            elif length == 0:
-                length = size - offset
-            if length < 8:
+            box = mp4.box_at(handle.read(mp4.HEADER_BYTES), offset, size, known_only=False)
+            if box is None:
                 break
-            boxes.append((kind, offset, length))
-            offset += length
+            boxes.append((box.kind, box.offset, box.size))
+            offset = box.end
     return boxes
 
 

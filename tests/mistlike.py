@@ -5,7 +5,10 @@ Start-up of an MP4: HEAD (must be 2xx with Accept-Ranges and Content-Length), th
 `bytes=0-` on the same connection; the top-level boxes are walked by reading 16-byte
 headers, each seek on a new connection with `bytes=N-` that is dropped at the next seek;
 the `moov` is read whole; finally `bytes=<size>-`, expecting 416. The `.dtsh` look-up
-appends `.dtsh` to the whole source string (query included): HEAD, then GET.
+appends `.dtsh` to the whole source string (query included): HEAD, then GET. Then two
+greedy readers, each on its own connection with `bytes=<start of the mdat's media>-`,
+take the first `media_seconds` of media (Mist reads about 70 s, 78 MB of a 9 Mb/s
+asset, before its first segment) and are dropped.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class StartUp:
     sidecar: bytes
     seconds: float
     exchanges: list[Exchange] = field(default_factory=list)
+    media_bytes: int = 0  # what each greedy reader took
 
 
 class Connection:
@@ -93,10 +97,45 @@ def sidecar_target(source: str) -> str:
     return source + ".dtsh"
 
 
+def movie_seconds(moov: bytes) -> float | None:
+    """The `mvhd` duration (its own parse: the client does not borrow the proxy's)."""
+    at = moov.find(b"mvhd")
+    if at < 0:
+        return None
+    body = moov[at + 4 :]
+    if body[:1] == b"\x01":
+        scale, length = int.from_bytes(body[20:24], "big"), int.from_bytes(body[24:32], "big")
+    else:
+        scale, length = int.from_bytes(body[12:16], "big"), int.from_bytes(body[16:20], "big")
+    return length / scale if scale and length else None
+
+
+async def greedy_readers(
+    host: str, port: int, source: str, start: int, amount: int, log: list[Exchange]
+) -> None:
+    """Mist's two readers (one per track of an interleaved mdat): each streams from
+    `start` on its own connection, as fast as it can, until it has `amount` bytes."""
+
+    async def reader() -> None:
+        conn = await Connection.open(host, port, log)
+        exchange = await conn.request("GET", source, f"bytes={start}-")
+        taken = 0
+        while taken < amount:
+            taken += len(await conn.read(exchange, min(64 * 1024, amount - taken)))
+        conn.drop()
+
+    await asyncio.gather(reader(), reader())
+
+
 async def mp4_start_up(
-    host: str, port: int, source: str, *, put_sidecar: bytes | None = None
+    host: str,
+    port: int,
+    source: str,
+    *,
+    put_sidecar: bytes | None = None,
+    media_seconds: float = 70.0,
 ) -> StartUp:
-    """Everything Mist reads of an MP4 source before it can play."""
+    """Everything Mist reads of an MP4 source before its first segment."""
     started = time.perf_counter()
     log: list[Exchange] = []
     conn = await Connection.open(host, port, log)
@@ -136,10 +175,17 @@ async def mp4_start_up(
         get = await conn.request("GET", sidecar_target(source))
         sidecar = await conn.read_body(get)
     conn.drop()
+    media = 0
+    mdat = next(((offset, box) for kind, offset, box in boxes if kind == "mdat"), None)
+    duration = movie_seconds(moov) if moov else None
+    if mdat is not None and duration and media_seconds:
+        first = mdat[0] + 8  # (a 64-bit mdat size would start 8 bytes later: fine here)
+        media = min(mdat[0] + mdat[1] - first, int(media_seconds * (mdat[1] - 8) / duration))
+        await greedy_readers(host, port, source, first, media, log)
     seconds = time.perf_counter() - started
     if put_sidecar is not None:
         await put_header(host, port, source, put_sidecar, log)
-    return StartUp(size, boxes, moov, sidecar_head.status, sidecar, seconds, log)
+    return StartUp(size, boxes, moov, sidecar_head.status, sidecar, seconds, log, media)
 
 
 async def put_header(

@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
 
 import aiohttp
+import pytest
 
-from .conftest import Emulator, RunningProxy, StartProxy, make_token, put_object, stored_within
+from .conftest import (
+    Emulator,
+    RunningProxy,
+    StartProxy,
+    make_token,
+    put_object,
+    require_tool,
+    stored_within,
+)
 from .mistlike import mp4_start_up
 from .test_http import fetch
 from .test_sidecars import DTSH as WITH_TAIL
@@ -108,6 +118,82 @@ async def test_warm_up_turns_start_up_reads_into_hits(
     check_start_up(running, start, sidecar=DTSH)
     assert len(emulator.object_requests(bucket)) == reads_before, "no S3 request at all"
     assert running.metric("s3proxy_cache_misses_total", tier="memory") == misses_before
+
+
+@pytest.fixture(scope="module")
+def long_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """150 s of H.264 + AAC at about 500 kb/s: index first, and index last."""
+    root = tmp_path_factory.mktemp("long")
+    fast, last = root / "fast.mp4", root / "last.mp4"
+    ffmpeg = require_tool("ffmpeg")
+    sources = ["-f", "lavfi", "-i", "testsrc2=size=320x180:rate=25:duration=150"]
+    sources += ["-f", "lavfi", "-i", "sine=frequency=300:duration=150"]
+    codecs = ["-c:v", "libx264", "-preset", "ultrafast", "-b:v", "450k", "-c:a", "aac"]
+    run = [ffmpeg, "-v", "error", "-y"]
+    subprocess.run([*run, *sources, *codecs, "-movflags", "+faststart", str(fast)], check=True)
+    subprocess.run([*run, "-i", str(fast), "-c", "copy", str(last)], check=True)
+    return {"faststart": fast.read_bytes(), "moov_at_end": last.read_bytes()}
+
+
+@pytest.mark.parametrize("layout", ["faststart", "moov_at_end"])
+async def test_warm_up_covers_a_mist_start_and_no_more(
+    emulator: Emulator,
+    bucket: str,
+    start_proxy: StartProxy,
+    long_assets: dict[str, bytes],
+    layout: str,
+) -> None:
+    data = long_assets[layout]
+    for name in ("cold.mp4", "warm.mp4"):
+        put_object(emulator, bucket, f"movies/{name}", data, content_type="video/mp4")
+    running = await start_proxy(cache={"block_size": "256KiB"})
+    host, port = running.server.host, running.server.port
+    cold = await mp4_start_up(host, port, f"/t/{TOKEN}/movies/cold.mp4")
+    assert 60 * 450_000 / 8 < cold.media_bytes < len(data) / 2, "70 s of 150"
+    assert len(emulator.object_requests(bucket)) > 0
+    async with aiohttp.ClientSession() as session:
+        async with session.post(running.admin_url("/warm/movies/warm.mp4")) as response:
+            assert response.status == 200
+            report = await response.json()
+    assert report["index"]["box"] == "moov"
+    moov = next(offset for kind, offset, _ in cold.boxes if kind == "moov")
+    assert report["index"]["offset"] == moov
+    # whole blocks, and the read-ahead (2 x 256 KiB) reading it triggers: a little more
+    assert 70 <= report["media"]["seconds"] <= 85, report
+    assert report["warmed_bytes"] < len(data) * 0.75, "the start, not the whole asset"
+    assert not report["capped"]
+    reads = len(emulator.object_requests(bucket))
+    warm = await mp4_start_up(host, port, f"/t/{TOKEN}/movies/warm.mp4")
+    # No byte the start read came from S3. What the proxy sent past it (into the socket
+    # buffers, which Mist goes on reading) has its read-ahead GETs, past the warm range.
+    read = [
+        (int(e.range[6:-1]), int(e.range[6:-1]) + len(e.body))  # type: ignore[index]
+        for e in warm.exchanges
+        if e.body
+    ]
+    later = [
+        [int(n) for n in r.headers["Range"][6:].split("-")]
+        for r in emulator.object_requests(bucket)[reads:]
+    ]
+    assert not [(a, b) for a, b in later for lo, hi in read if a < hi and b >= lo], (read, later)
+    assert warm.media_bytes == cold.media_bytes and warm.moov == cold.moov
+    for exchange in warm.exchanges:
+        if exchange.method == "GET" and exchange.status == 206:
+            first = int(exchange.range[6:-1])  # type: ignore[index]
+            assert exchange.body == data[first : first + len(exchange.body)]
+
+
+async def test_warm_up_stops_at_warm_bytes(
+    emulator: Emulator, bucket: str, start_proxy: StartProxy, long_assets: dict[str, bytes]
+) -> None:
+    put_object(emulator, bucket, "movies/capped.mp4", long_assets["faststart"])
+    running = await start_proxy(cache={"block_size": "256KiB", "warm_bytes": "1MiB"})
+    async with aiohttp.ClientSession() as session:
+        async with session.post(running.admin_url("/warm/movies/capped.mp4")) as response:
+            report = await response.json()
+    assert report["capped"] and report["warmed_bytes"] <= 1 << 20
+    gets = [r for r in emulator.object_requests(bucket) if r.method == "GET"]
+    assert sum(1 for r in gets if r.path.endswith("/movies/capped.mp4")) <= 4
 
 
 async def test_warm_command_asks_the_running_proxy(

@@ -15,6 +15,7 @@ import weakref
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
+from .. import mp4
 from ..assets import object_key
 from ..config import CacheConfig
 from ..errors import AssetNotFound, ObjectChanged, RangeBeyondEnd, S3ProxyError, UpstreamInvalid
@@ -25,6 +26,74 @@ from .fetch import Fetch, FetchTable, checked
 from .metadata import MetadataCache
 from .reads import ReadHistory, Reads, ReadStats
 from .tiers import build_tiers
+
+MAX_BOXES = 64  # top-level boxes walked by warm-up (Mist's walk stops far sooner)
+
+
+class _Loading:
+    """The blocks one warm-up loads, within its byte budget (whole blocks count)."""
+
+    def __init__(self, store: ObjectStore, max_bytes: int) -> None:
+        self._store = store
+        self._budget = max_bytes
+        self._sizes: dict[BlockKey, int] = {}
+        self.capped = False
+
+    @property
+    def keys(self) -> list[BlockKey]:
+        return list(self._sizes)
+
+    @property
+    def room(self) -> bool:
+        return sum(self._sizes.values()) < self._budget
+
+    def bytes_of(self, meta: ObjectMeta) -> int:
+        return sum(n for k, n in self._sizes.items() if k.key == meta.key and k.etag == meta.etag)
+
+    async def read(self, meta: ObjectMeta, start: int, length: int) -> bytes:
+        """Bytes start..start+length of `meta` (fewer when the budget runs out)."""
+        out = bytearray()
+        await self._through(meta, start, length, out)
+        return bytes(out)
+
+    async def load(self, meta: ObjectMeta, start: int, length: int) -> int:
+        """Load bytes start..start+length into the cache; how many of them it covers."""
+        return await self._through(meta, start, length, None)
+
+    async def _through(
+        self, meta: ObjectMeta, start: int, length: int, out: bytearray | None
+    ) -> int:
+        end = await self._admit(meta, start, length)
+        if end < start:
+            return 0
+        async with aclosing(
+            self._store.open(meta, start, end, probe=False, readahead=False)
+        ) as chunks:
+            async for chunk in chunks:
+                if out is not None:
+                    out += chunk
+        return end - start + 1
+
+    async def _admit(self, meta: ObjectMeta, start: int, length: int) -> int:
+        """The last offset of the run that fits the budget (blocks already taken are
+        free); the blocks admitted are counted."""
+        end = min(start + length, meta.size) - 1
+        if end < start:
+            return end
+        size = self._store.block_size
+        used = sum(self._sizes.values())
+        last = start - 1
+        for index in range(start // size, end // size + 1):
+            key = BlockKey(self._store.bucket, meta.key, meta.etag, index)
+            first, final = block_bounds(index, size, meta.size)
+            if key not in self._sizes:
+                if used + (final - first + 1) > self._budget:
+                    self.capped = True
+                    break
+                used += final - first + 1
+                self._sizes[key] = final - first + 1
+            last = min(final, end)
+        return last
 
 
 class ObjectStore:
@@ -168,38 +237,65 @@ class ObjectStore:
         await self.upstream.put(key, data, "application/octet-stream")
         self.meta.invalidate(key)
 
-    async def warm(self, asset: str, nbytes: int) -> dict[str, object]:
-        """Load an asset's metadata, its sidecar and its first `nbytes` into the cache.
+    async def warm(self, asset: str, seconds: float, max_bytes: int) -> dict[str, object]:
+        """Load what a Mist start reads into every worker's cache: the metadata, the
+        sidecar, the MP4's top-level box headers and its `moov`, then the first `seconds`
+        of media (from the `mdat`'s bitrate; without one, from the start) and the
+        read-ahead blocks reading it triggers, never more than `max_bytes` in all.
+        Returns what was loaded.
 
         Looks both up afresh: warm-up follows `prepare`, and a "not found" remembered
         from before the asset was ready must not outlive it."""
         for name in (asset, asset + ".dtsh"):
             self.meta.invalidate(object_key(self._prefix, name))
         meta = await self.stat(asset)
-        loaded = 0
-        if meta.size and nbytes:
-            async with aclosing(
-                self.open(meta, 0, min(meta.size, nbytes) - 1, probe=False)
-            ) as chunks:
-                async for chunk in chunks:
-                    loaded += len(chunk)
+        loading = _Loading(self, max_bytes)
         sidecar: ObjectMeta | None
         try:
             sidecar = await self.stat(asset + ".dtsh")
         except AssetNotFound:
             sidecar = None  # remembered as missing: Mist's look-up costs nothing now
-        if sidecar is not None and sidecar.size:
-            async with aclosing(self.open(sidecar, 0, sidecar.size - 1, probe=False)) as chunks:
-                async for _ in chunks:
-                    pass
+        if sidecar is not None:
+            await loading.load(sidecar, 0, sidecar.size)
+        boxes: list[mp4.Box] = []
+        index: mp4.Box | None = None
+        moov = b""
+        offset = 0
+        while offset < meta.size and len(boxes) < MAX_BOXES and loading.room:
+            box = mp4.box_at(await loading.read(meta, offset, mp4.HEADER_BYTES), offset, meta.size)
+            if box is None:
+                break
+            boxes.append(box)
+            if box.kind == "moov":
+                index, moov = box, await loading.read(meta, box.offset, box.size)
+            offset = box.end
+        duration = mp4.duration_s(moov) if moov else None
+        media = mp4.media_extent(boxes, duration, seconds, max_bytes, meta.size)
+        # and the read-ahead the start's own reads trigger at the end of that media
+        margin = self._config.readahead_blocks * self.block_size
+        media_loaded = await loading.load(meta, media.offset, media.length + margin)
+        await self.tiers.share(loading.keys)
+        asset_bytes = loading.bytes_of(meta)
         return {
             "asset": asset,
             "size": meta.size,
             "etag": meta.etag,
-            "warmed_bytes": loaded,
-            "blocks": -(-loaded // self.block_size),
+            "warmed_bytes": asset_bytes,
+            "blocks": -(-asset_bytes // self.block_size),
             "sidecar": sidecar is not None,
-            "sidecar_bytes": sidecar.size if sidecar is not None else 0,
+            "sidecar_bytes": loading.bytes_of(sidecar) if sidecar is not None else 0,
+            "index": None
+            if index is None
+            else {"box": "moov", "offset": index.offset, "bytes": index.size},
+            "media": {
+                "offset": media.offset,
+                "bytes": media_loaded,
+                "seconds": round(media_loaded * 8 / media.bitrate_bps, 1)
+                if media.bitrate_bps
+                else None,
+                "bitrate_bps": round(media.bitrate_bps) if media.bitrate_bps else None,
+            },
+            "capped": loading.capped,
         }
 
     def _version_gone(self, meta: ObjectMeta, error: ObjectChanged) -> None:
@@ -225,6 +321,7 @@ class ObjectStore:
         *,
         history: ReadHistory | None = None,
         probe: bool = True,
+        readahead: bool = True,
         stats: ReadStats | None = None,
     ) -> AsyncGenerator[Block | memoryview, None]:
         """Bytes start..end (inclusive) of exactly the version `meta` describes.
@@ -232,10 +329,13 @@ class ObjectStore:
         Raises ObjectChanged (before or during the stream) when that version is gone.
         Close the generator to stop: fetches nobody else reads stop with it.
         `history`: the client connection's reads (sequential detection).
-        `probe=False` (warm-up) always goes through whole, cached blocks.
+        `probe=False` (warm-up) always goes through whole, cached blocks;
+        `readahead=False` (warm-up too) fetches no block past `end`.
         `stats`: what the read cost (first byte's source, blocks, time on S3).
         """
-        return self.reads.open(meta, start, end, history=history, probe=probe, stats=stats)
+        return self.reads.open(
+            meta, start, end, history=history, probe=probe, readahead=readahead, stats=stats
+        )
 
     @property
     def seek_grace_s(self) -> float:

@@ -148,6 +148,7 @@ class Reads:
         *,
         history: ReadHistory | None = None,
         probe: bool = True,
+        readahead: bool = True,
         stats: ReadStats | None = None,
     ) -> AsyncGenerator[Block | memoryview, None]:
         """See `ObjectStore.open`."""
@@ -228,7 +229,7 @@ class Reads:
                     if isinstance(step, plan.Serve):
                         assert data is not None
                         stats.took(source if source != "upstream" else "memory")  # landed since
-                        if plan.wants_readahead(reader):
+                        if readahead and plan.wants_readahead(reader):
                             self._read_ahead(meta, index + 1, state_of)
                         progress.sent()
                         yield (
@@ -241,7 +242,9 @@ class Reads:
                     if fetch not in attached:
                         fetch.attach()
                         attached.append(fetch)
-                    if plan.wants_readahead(reader):  # after its own fetch has its blocks
+                    if readahead and plan.wants_readahead(
+                        reader
+                    ):  # after its own fetch has its blocks
                         self._read_ahead(meta, index + 1, state_of)
                     stats.took("upstream")
                     async with aclosing(fetch.read(index, lo, hi)) as pieces:

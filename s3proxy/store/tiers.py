@@ -127,6 +127,23 @@ class Tiers:
         self.memory.put(key, data)
         self._publish()
 
+    async def share(self, keys: list[BlockKey]) -> None:
+        """Make sure these blocks (in memory now) are in the file tier as well, whatever
+        the bound on writes in flight dropped: warm-up loads what every worker reads."""
+        if not self._write_through:
+            return
+        assert self.files is not None
+        await asyncio.gather(*list(self._writes), return_exceptions=True)
+        for key in keys:
+            data, meta = self.memory.get(key), self._versions.get(key.version)
+            if data is None or meta is None or self.files.contains(key):
+                continue
+            if self.files.inline:
+                self.files.write(key, data, meta)
+            else:
+                await asyncio.to_thread(self.files.write, key, data, meta)
+            self._on_file.add(key)
+
     def _evicted(self, key: BlockKey, data: Block) -> None:
         self._metrics.cache_evictions.labels(tier="memory").inc()
         on_file = key in self._on_file
