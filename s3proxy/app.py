@@ -402,6 +402,9 @@ def request_id(request: web.Request) -> str:
 
 async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["X-Request-ID"] = request_id(request)
+    node = request.app[PROXY].config.server.node_name
+    if node is not None:  # which node of a pool answered (server.node_name)
+        response.headers["X-S3Proxy-Node"] = node
 
 
 STATUS_SENT = web.RequestKey("status_sent", int)  # the status line that went out

@@ -86,6 +86,13 @@ class ServerConfig:
         default=ByteSize(32 << 10),
         metadata=_check(lambda v: v >= 1024, "must be at least 1KiB"),
     )
+    node_name: str | None = field(
+        default=None,
+        metadata=_check(
+            lambda v: v is None or re.fullmatch(r"[A-Za-z0-9._-]{1,64}", v) is not None,
+            "must be 1-64 letters, digits, '.', '_' or '-'",
+        ),
+    )  # sent as X-S3Proxy-Node (pools)
 
 
 @dataclass(frozen=True)

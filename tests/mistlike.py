@@ -25,7 +25,7 @@ class Exchange:
     range: str | None
     status: int
     headers: dict[str, str]
-    body: bytes  # what the reader took (not necessarily the whole body)
+    body: bytearray  # what the reader took (not necessarily the whole body)
 
 
 @dataclass
@@ -68,7 +68,9 @@ class Connection:
             if ":" in line:
                 name, _, value = line.partition(":")
                 headers[name.strip().lower()] = value.strip()
-        exchange = Exchange(method, target, range_, int(status_line.split()[1]), headers, b"")
+        exchange = Exchange(
+            method, target, range_, int(status_line.split()[1]), headers, bytearray()
+        )
         self._log.append(exchange)
         return exchange
 
@@ -217,7 +219,7 @@ async def put_header(
         for n, _, v in (line.partition(":") for line in header_lines if ":" in line)
     }
     exchange = Exchange(
-        "PUT", sidecar_target(source), None, int(status_line.split()[1]), headers, b""
+        "PUT", sidecar_target(source), None, int(status_line.split()[1]), headers, bytearray()
     )
     log.append(exchange)
     return exchange
