@@ -275,7 +275,9 @@ async def _answer(
         return response
     ranges = _requested_ranges(proxy, request, meta)
     if ranges is None:
-        return await _stream(request, proxy, meta, 200, headers, [ByteRange(0, meta.size - 1)])
+        return await _stream(
+            request, proxy, meta, 200, headers, [ByteRange(0, meta.size - 1, open_ended=True)]
+        )
     if len(ranges) == 1:
         headers["Content-Range"] = ranges[0].content_range(meta.size)
         return await _stream(request, proxy, meta, 206, headers, ranges)
@@ -331,6 +333,7 @@ async def _stream(
             meta,
             byte_range.start,
             byte_range.end,
+            open_ended=byte_range.open_ended,
             history=proxy.history(request),
             stats=_stats(request),
         )
@@ -360,6 +363,7 @@ async def _stream_multipart(
                 meta,
                 part.range.start,
                 part.range.end,
+                open_ended=part.range.open_ended,
                 history=proxy.history(request),
                 stats=_stats(request),
             )

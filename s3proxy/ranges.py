@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from itertools import pairwise
@@ -28,6 +28,9 @@ class ByteRange:
 
     start: int
     end: int
+    # asked without a last byte (`bytes=N-`, or no Range at all): a reader that may hang
+    # up at any point, as Mist does at every seek; not part of what the range is
+    open_ended: bool = field(default=False, compare=False)
 
     @property
     def length(self) -> int:
@@ -77,7 +80,7 @@ def parse_range_header(header: str, size: int) -> list[ByteRange] | None:
             ranges.append(ByteRange(max(0, size - last), size - 1))
         elif first < size:
             end = size - 1 if last is None else min(last, size - 1)
-            ranges.append(ByteRange(first, end))
+            ranges.append(ByteRange(first, end, open_ended=last is None))
     if not ranges:
         raise RangeNotSatisfiable()
     return ranges

@@ -94,6 +94,8 @@ PACKAGES = {
     "ffprobe": "ffmpeg",
     "promtool": "prometheus",
     "prometheus": "prometheus",
+    "nginx": "nginx-light",
+    "haproxy": "haproxy",
 }
 
 

@@ -72,9 +72,17 @@ def workers() -> int:
 
 @contextmanager
 def serve_process(
-    emulator: Emulator, bucket: str, tmp_path: Path, workers: int, cache: dict[str, Any]
+    emulator: Emulator,
+    bucket: str,
+    tmp_path: Path,
+    workers: int,
+    cache: dict[str, Any],
+    server: dict[str, Any] | None = None,
 ) -> Iterator[Served]:
-    port, admin = free_port(), free_port()
+    """`s3proxy serve` in a process; `server` adds to (or overrides) its server section
+    (a port to come back on, a node name)."""
+    server = dict(server or {})
+    port, admin = int(server.pop("port", 0)) or free_port(), free_port()
     config = tmp_path / f"s3proxy-{port}.yaml"
     config.write_text(
         json.dumps(
@@ -84,6 +92,7 @@ def serve_process(
                     "port": port,
                     "shutdown_timeout_s": 20,
                     "workers": workers,
+                    **server,
                 },
                 "admin": {"host": "127.0.0.1", "port": admin},
                 # the emulator on a loaded machine is slower than S3: the short default

@@ -480,3 +480,25 @@ async def test_a_block_that_lands_during_a_file_tier_look_up_is_not_fetched_agai
     data, source = await tiers.lookup(key)
     assert (data, source) == (b"z" * 4096, "memory")
     await tiers.close()
+
+
+async def test_a_closed_range_to_the_last_byte_is_one_whole_block_get(
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
+    """Only a range without a last byte (`bytes=N-`) is a reader that may hang up at once
+    (probed first); one that names the object's last byte asked for those bytes."""
+    data = os.urandom(2 * MIB)
+    put_object(emulator, bucket, "tail.mp4", data)
+    running = await start_proxy(cache={"readahead_blocks": 0})
+    token = make_token()
+    assert (await fetch(running.url(f"/t/{token}/tail.mp4"), "HEAD"))[0] == 200  # known size
+    status, _, body = await fetch(
+        running.url(f"/t/{token}/tail.mp4"), Range=f"bytes={MIB}-{2 * MIB - 1}"
+    )
+    assert status == 206 and body == data[MIB:]
+    gets = [
+        r.headers.get("Range")
+        for r in emulator.requests_for(bucket)
+        if r.method == "GET" and r.path.endswith("/tail.mp4")
+    ]
+    assert gets == [f"bytes={MIB}-{2 * MIB - 1}"], gets

@@ -319,6 +319,7 @@ class ObjectStore:
         start: int,
         end: int,
         *,
+        open_ended: bool | None = None,
         history: ReadHistory | None = None,
         probe: bool = True,
         readahead: bool = True,
@@ -328,13 +329,22 @@ class ObjectStore:
 
         Raises ObjectChanged (before or during the stream) when that version is gone.
         Close the generator to stop: fetches nobody else reads stop with it.
+        `open_ended`: the client asked with no last byte (Mist's `bytes=N-`), and may hang
+        up at any point; None: when `end` is the object's last byte.
         `history`: the client connection's reads (sequential detection).
         `probe=False` (warm-up) always goes through whole, cached blocks;
         `readahead=False` (warm-up too) fetches no block past `end`.
         `stats`: what the read cost (first byte's source, blocks, time on S3).
         """
         return self.reads.open(
-            meta, start, end, history=history, probe=probe, readahead=readahead, stats=stats
+            meta,
+            start,
+            end,
+            open_ended=end == meta.size - 1 if open_ended is None else open_ended,
+            history=history,
+            probe=probe,
+            readahead=readahead,
+            stats=stats,
         )
 
     @property

@@ -146,6 +146,7 @@ class Reads:
         start: int,
         end: int,
         *,
+        open_ended: bool,
         history: ReadHistory | None = None,
         probe: bool = True,
         readahead: bool = True,
@@ -158,7 +159,6 @@ class Reads:
         bs = self.block_size
         version: Version = (self.bucket, meta.key, meta.etag)
         last_needed = end // bs
-        open_ended = end == meta.size - 1  # Mist's `bytes=N-`
         # An open-ended read (Mist's, at every seek) is held: no GET past its first block
         # or probe until the seek grace after its first bytes went out.
         progress = _Progress(held=probe and open_ended)
