@@ -462,6 +462,62 @@ async def mist_like(url: str, size: int, seeks: int = 40, seed: int = 3) -> None
         await asyncio.sleep(0.05)
 
 
+async def stream_first(url: str, amount: int) -> float:
+    """Seconds for one `bytes=0-` reader to take its first `amount` bytes (then it hangs
+    up), as fast as it can."""
+    started = time.perf_counter()
+    got = 0
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url, headers={"Range": "bytes=0-"}) as response:
+            assert response.status == 206, response.status
+            async for chunk in response.content.iter_any():
+                got += len(chunk)
+                if got >= amount:
+                    break
+    return time.perf_counter() - started
+
+
+async def parallel_direct(url: str, amount: int, parts: int = 16) -> float:
+    """Seconds to read `amount` bytes from the origin with `parts` ranged GETs at once."""
+    step = -(-amount // parts)
+    started = time.perf_counter()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        await asyncio.gather(
+            *(
+                read_range(session, url, f"bytes={n * step}-{min(amount, (n + 1) * step) - 1}")
+                for n in range(parts)
+            )
+        )
+    return time.perf_counter() - started
+
+
+async def hang_ups(url: str, readers: int, most: int, seed: int = 5) -> int:
+    """`readers` at once, each `bytes=0-` hanging up after a random 0..`most` bytes."""
+    import random
+
+    rng = random.Random(seed)
+    total = 0
+
+    async def one(amount: int) -> None:
+        nonlocal total
+        host_port, path = url[len("http://") :].split("/", 1)
+        host, port = host_port.split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"GET /{path} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-\r\n\r\n".encode())
+        await reader.readuntil(b"\r\n\r\n")
+        got = 0
+        while got < amount:
+            data = await reader.read(min(262144, amount - got))
+            if not data:
+                break
+            got += len(data)
+        total += got
+        writer.transport.abort()
+
+    await asyncio.gather(*(one(rng.randrange(most + 1)) for _ in range(readers)))
+    return total
+
+
 # --- the cases ------------------------------------------------------------------
 
 
@@ -590,6 +646,52 @@ def case_egress(stack: Stack, ours: Proxy, peer: Proxy, size: int) -> list[str]:
     ]
 
 
+def case_window(stack: Stack, fixed: Proxy, adaptive: Proxy, runs: int) -> list[str]:
+    """(j) one cold sequential reader, 30 ms origin: the first 75 MiB."""
+    amount = 75 * MIB
+    times: dict[str, list[float]] = {"fixed": [], "adaptive": [], "direct": []}
+    for run in range(runs):
+        for name, proxy in (("fixed", fixed), ("adaptive", adaptive)):
+            key = link(stack, "big1g.mp4", f"window-{name}-{run}.mp4")
+            times[name].append(asyncio.run(stream_first(proxy.url(key), amount)))
+        key = link(stack, "big1g.mp4", f"window-direct-{run}.mp4")
+        url = f"http://127.0.0.1:{stack.delayed_port}/{BUCKET}/{key}"
+        times["direct"].append(asyncio.run(parallel_direct(url, amount)))
+    f, a, d = (statistics.median(times[k]) for k in ("fixed", "adaptive", "direct"))
+    return [
+        f"  {'(j) cold 1 GiB, 30 ms: first 75 MiB, adaptive':<46} {a:10.3f} s "
+        f"({75 / a:.0f} MiB/s)  fixed window 2: {f:.3f} s ({75 / f:.0f} MiB/s); "
+        f"16 parallel GETs direct {d:.3f} s -> adaptive/direct {a / d:.2f}x "
+        "(target < 0.35 s, within 1.3x)"
+    ]
+
+
+def case_hangups(stack: Stack, fixed: Proxy, adaptive: Proxy, size: int) -> list[str]:
+    """(k) egress: the Mist-like reader of (g), and 200 readers hanging up at 0-8 MiB."""
+    out = []
+    for label, work in (
+        ("Mist-like (g)", lambda url: asyncio.run(mist_like(url, size))),
+        ("200 hang-ups", lambda url: asyncio.run(hang_ups(url, 200, 8 * MIB))),
+    ):
+        figures = []
+        for name, proxy in (("fixed", fixed), ("adaptive", adaptive)):
+            key = link(stack, "big1g.mp4", f"egress-{label[:4].strip()}-{name}.mp4")
+            sent_before = proxy.metric("s3proxy_response_bytes_total")
+            wasted_before = proxy.metric("s3proxy_readahead_wasted_bytes_total")
+            work(proxy.url(key))
+            time.sleep(1.0)
+            _, upstream = stack.origin_stats(key)
+            sent = proxy.metric("s3proxy_response_bytes_total") - sent_before
+            wasted = proxy.metric("s3proxy_readahead_wasted_bytes_total") - wasted_before
+            figures.append(f"{name} {upstream / max(sent, 1):.2f} ({upstream / MIB:.1f} MiB)")
+            if name == "adaptive":
+                figures.append(f"wasted so far {wasted / MIB:.1f} MiB")
+        out.append(
+            f"  {'(k) ' + label + ': upstream/sent':<46} " + ", ".join(figures) + " (target < 1.5)"
+        )
+    return out
+
+
 def case_revalidation(stack: Stack, ours: Proxy, ttl_s: float, rounds: int = 10) -> list[str]:
     """A resident asset read again and again over `rounds` metadata TTLs."""
     import random
@@ -654,7 +756,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--cases", default="a,b,c,d,e,f,g,h,i")
+    parser.add_argument("--cases", default="a,b,c,d,e,f,g,h,i,j,k")
     parser.add_argument("--seconds", type=int, default=8, help="per wrk run (a, b)")
     parser.add_argument("--quick", action="store_true", help="fewer samples, 256 MiB big file")
     args = parser.parse_args()
@@ -693,6 +795,16 @@ def main() -> int:
                 peer = stack.start_nginx_peer("nginx-mist", delayed=True)
                 lines += case_egress(stack, ours, peer, big_size)
                 stack.retire(ours, peer)
+            if cases & {"j", "k"}:
+                fixed = stack.start_s3proxy(
+                    "s3proxy-fixed", delayed=True, readahead_blocks=2, readahead_max_blocks=2
+                )
+                adaptive = stack.start_s3proxy("s3proxy-adaptive", delayed=True)
+                if "j" in cases:
+                    lines += case_window(stack, fixed, adaptive, 1 if args.quick else 3)
+                if "k" in cases:
+                    lines += case_hangups(stack, fixed, adaptive, big_size)
+                stack.retire(fixed, adaptive)
             if "h" in cases:
                 ours = stack.start_s3proxy("s3proxy-reval", delayed=True, metadata_ttl_s=1)
                 lines += case_revalidation(stack, ours, 1.0)

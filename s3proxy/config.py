@@ -183,7 +183,9 @@ class CacheConfig:
     )
     max_bytes: ByteSize = ByteSize(512 << 20)
     metadata_ttl_s: float = field(default=30.0, metadata=_NON_NEGATIVE)
-    readahead_blocks: int = field(default=2, metadata=_NON_NEGATIVE)
+    readahead_blocks: int = field(default=2, metadata=_NON_NEGATIVE)  # the first window
+    readahead_max_blocks: int = field(default=32, metadata=_NON_NEGATIVE)
+    readahead_max_bytes: ByteSize | None = None  # all windows together (None: max_bytes/4)
     readahead_max_inflight: int = field(default=8, metadata=_NON_NEGATIVE)
     warm_seconds: float = field(default=70.0, metadata=_NON_NEGATIVE)
     warm_bytes: ByteSize = ByteSize(128 << 20)

@@ -134,6 +134,11 @@ class Metrics:
             "Blocks fetched ahead of a sequential reader",
             registry=r,
         )
+        self.readahead_wasted_bytes = Counter(
+            "s3proxy_readahead_wasted_bytes",
+            "Bytes fetched ahead and evicted from memory unread",
+            registry=r,
+        )
         self.cache_disk_writes_dropped = Counter(
             "s3proxy_cache_disk_writes_dropped_total",
             "Blocks not written to the file tier because too many writes were pending",

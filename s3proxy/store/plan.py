@@ -18,11 +18,15 @@ The rules, in the order they apply:
 - else a fetch starts; it runs on when its reader leaves early only when it is the
   second seek to a probed block (so a popular block ends up cached);
 - a reader is sequential by its own progress (it read the block before, in this request
-  or an earlier one on its own connection), never by another client's.
+  or an earlier one on its own connection), never by another client's;
+- a sequential reader's read-ahead window (`readahead_window`) is sized to what it takes
+  while a GET comes back, grows while it waits and eases back while blocks wait for it;
+  a seek starts it again from `cache.readahead_blocks`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -162,3 +166,31 @@ def readahead_runs(
         runs.append((first, index))
         index += 1
     return runs
+
+
+HEADROOM = 2.0  # a window holds twice what the reader takes while one GET comes back
+
+
+def readahead_window(
+    current: int,
+    floor: int,
+    ceiling: int,
+    *,
+    waited: bool,
+    rate_bps: float,
+    latency_s: float,
+    block_size: int,
+    share: int,
+) -> int:
+    """A streaming reader's next read-ahead window, in blocks: what it needs (its rate x
+    the S3 first-byte latency, with headroom: a bandwidth-delay product), doubled while
+    it waits on fetches, easing back to what it needs while blocks wait for it; between
+    `floor` (cache.readahead_blocks) and `ceiling` (cache.readahead_max_blocks), and
+    never over its `share` of the process-wide budget. 0 when read-ahead is off."""
+    if floor == 0:
+        return 0
+    need = floor
+    if rate_bps > 0 and latency_s > 0:
+        need = math.ceil(rate_bps * latency_s * HEADROOM / block_size) + 1
+    target = max(2 * current, need) if waited else max(need, current - 1)
+    return max(1, min(max(target, floor), max(ceiling, floor), share))

@@ -47,6 +47,11 @@ class NewFetch(Protocol):
     ) -> Fetch: ...
 
 
+FIRST_LATENCY_S = 0.05  # S3's first-byte latency, until one is measured
+LATENCY_WEIGHT = 0.2  # of each new measurement in the moving average
+MIN_RATE_S = 0.02  # a reader's rate is measured once it has streamed this long
+
+
 class ReadHistory:
     """What one client connection has read: the last block per version, for a few
     versions. A reader is sequential by its own history, never by another client's."""
@@ -55,9 +60,19 @@ class ReadHistory:
 
     def __init__(self) -> None:
         self._last: OrderedDict[Version, int] = OrderedDict()
+        self._windows: dict[Version, int] = {}
 
     def last(self, version: Version) -> int | None:
         return self._last.get(version)
+
+    def window(self, version: Version) -> int | None:
+        """The read-ahead window this connection's reads of `version` had reached."""
+        return self._windows.get(version)
+
+    def keep_window(self, version: Version, blocks: int) -> None:
+        self._windows[version] = blocks
+        for gone in [v for v in self._windows if v not in self._last]:
+            del self._windows[gone]
 
     def read(self, version: Version, index: int) -> None:
         self._last[version] = index
@@ -134,11 +149,26 @@ class Reads:
         self._new_fetch = new_fetch
         self._probed: LRUCache[BlockKey, bool] = LRUCache(maxsize=65536)
         self._readahead_inflight = 0
+        self._readahead_bytes = 0  # of read-ahead GETs in flight
+        budget = cache.readahead_max_bytes
+        self.readahead_budget = int(budget) if budget is not None else int(cache.max_bytes) // 4
+        self._streams = 0  # readers streaming with a read-ahead window now
+        self.latency_s = FIRST_LATENCY_S  # S3 first-byte latency, a moving average
+        self._ahead: LRUCache[BlockKey, int] = LRUCache(maxsize=65536)  # fetched, unread
+        tiers.on_evict = self._evicted
         self.seek_grace_s = SEEK_GRACE_S
 
     def fetch_ended(self, fetch: Fetch) -> None:
         if fetch.background:
             self._readahead_inflight -= 1
+            self._readahead_bytes -= (fetch.last - fetch.first + 1) * self.block_size
+
+    def _evicted(self, key: BlockKey, size: int) -> None:
+        if self._ahead.pop(key, None) is not None:  # fetched ahead, never read
+            self._metrics.readahead_wasted_bytes.inc(size)
+
+    def _measured(self, seconds: float) -> None:
+        self.latency_s += (seconds - self.latency_s) * LATENCY_WEIGHT
 
     async def open(
         self,
@@ -163,6 +193,12 @@ class Reads:
         # or probe until the seek grace after its first bytes went out.
         progress = _Progress(held=probe and open_ended)
         previous = history.last(version) if history is not None else None
+        floor = self._config.readahead_blocks if readahead else 0
+        # a connection that goes on where it left off keeps its window; a seek starts over
+        kept = history.window(version) if history is not None else None
+        window = kept if kept is not None and previous == start // bs - 1 else floor
+        streaming = False
+        served, began = 0, 0.0
         attached: list[Fetch] = []
         completed = False
         try:
@@ -229,8 +265,14 @@ class Reads:
                     if isinstance(step, plan.Serve):
                         assert data is not None
                         stats.took(source if source != "upstream" else "memory")  # landed since
-                        if readahead and plan.wants_readahead(reader):
-                            self._read_ahead(meta, index + 1, state_of)
+                        if floor and plan.wants_readahead(reader):
+                            if not streaming:
+                                streaming, began = True, time.monotonic()
+                                self._streams += 1
+                            window = self._window(window, floor, False, served, began)
+                            self._read_ahead(meta, index + 1, state_of, window)
+                        self._ahead.pop(key, None)
+                        served += hi - lo + 1
                         progress.sent()
                         yield (
                             memoryview(data)[lo : hi + 1]
@@ -242,20 +284,48 @@ class Reads:
                     if fetch not in attached:
                         fetch.attach()
                         attached.append(fetch)
-                    if readahead and plan.wants_readahead(
-                        reader
-                    ):  # after its own fetch has its blocks
-                        self._read_ahead(meta, index + 1, state_of)
+                    # read-ahead after its own fetch has its blocks
+                    if floor and plan.wants_readahead(reader):
+                        if not streaming:
+                            streaming, began = True, time.monotonic()
+                            self._streams += 1
+                        # it waited on S3 for this block: the window was too small
+                        window = self._window(window, floor, True, served, began)
+                        self._read_ahead(meta, index + 1, state_of, window)
                     stats.took("upstream")
+                    self._ahead.pop(key, None)
+                    asked = time.monotonic()
                     async with aclosing(fetch.read(index, lo, hi)) as pieces:
                         async for piece in _timed(pieces, stats):
+                            if asked and isinstance(step, plan.StartFetch):
+                                self._measured(time.monotonic() - asked)
+                            asked = 0.0
                             progress.sent()
+                            served += len(piece)
                             yield piece
                     break
             completed = True
         finally:
             for fetch in attached:
                 fetch.detach(abandoned=not completed)
+            if streaming:
+                self._streams -= 1
+            if history is not None and floor:
+                history.keep_window(version, window)
+
+    def _window(self, current: int, floor: int, waited: bool, served: int, began: float) -> int:
+        elapsed = time.monotonic() - began
+        share = max(1, self.readahead_budget // self.block_size // max(1, self._streams))
+        return plan.readahead_window(
+            current,
+            floor,
+            self._config.readahead_max_blocks,
+            waited=waited,
+            rate_bps=served / elapsed if elapsed > MIN_RATE_S else 0.0,
+            latency_s=self.latency_s,
+            block_size=self.block_size,
+            share=share,
+        )
 
     def _state_of(self, meta: ObjectMeta, peer_held: frozenset[BlockKey]) -> plan.StateOf:
         def state_of(index: int) -> plan.BlockState:
@@ -300,25 +370,34 @@ class Reads:
         finally:
             fetch.detach(abandoned=not completed)
 
-    def _read_ahead(self, meta: ObjectMeta, after: int, state_of: plan.StateOf) -> None:
-        """Fetch the next `readahead_blocks` blocks that nobody has or is fetching."""
-        count = self._config.readahead_blocks
-        if count == 0 or meta.size == 0:
+    def _read_ahead(
+        self, meta: ObjectMeta, after: int, state_of: plan.StateOf, window: int
+    ) -> None:
+        """Fetch the next `window` blocks that nobody has or is fetching, within the
+        process-wide budget of read-ahead bytes in flight."""
+        if window == 0 or meta.size == 0:
             return
         runs = plan.readahead_runs(
             after,
-            count,
+            window,
             last_block(meta.size, self.block_size),
             state_of,
             self._readahead_inflight,
             self._config.readahead_max_inflight,
         )
         for first, last in runs:
+            room = (self.readahead_budget - self._readahead_bytes) // self.block_size
+            last = min(last, first + room - 1)
+            if last < first:
+                return
             end = block_bounds(last, self.block_size, meta.size)[1]
             fetch = self._new_fetch(meta, first * self.block_size, end, background=True)
             if fetch.start_in(self.fetches):
                 self._readahead_inflight += 1
+                self._readahead_bytes += (last - first + 1) * self.block_size
                 self._metrics.readahead_blocks.inc(last - first + 1)
+                for index in range(first, last + 1):
+                    self._ahead[BlockKey(self.bucket, meta.key, meta.etag, index)] = 1
 
 
 async def _timed(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from cachetools import LRUCache
 
@@ -40,6 +41,7 @@ class Tiers:
     ) -> None:
         self._metrics = metrics
         self.memory = MemoryTier(memory_bytes, on_evict=self._evicted)
+        self.on_evict: Callable[[BlockKey, int], None] | None = None  # told of each eviction
         self.files = files
         self._write_through = write_through and files is not None
         self._on_file: set[BlockKey] = set()  # blocks in memory a file already holds
@@ -146,6 +148,8 @@ class Tiers:
 
     def _evicted(self, key: BlockKey, data: Block) -> None:
         self._metrics.cache_evictions.labels(tier="memory").inc()
+        if self.on_evict is not None:
+            self.on_evict(key, len(data))
         on_file = key in self._on_file
         self._on_file.discard(key)
         if self.files is None or on_file or self.files.contains(key):

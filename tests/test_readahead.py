@@ -1,0 +1,138 @@
+"""The adaptive read-ahead window, through the store against a slow origin: a sequential
+reader's window grows and a seek starts it over; one byte budget bounds all windows
+with 200 readers; a reader that hangs up starts no more read-ahead. And the window's
+rule as a pure function."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from s3proxy.store.plan import readahead_window
+from s3proxy.store.reads import ReadHistory
+
+from .conftest import StartProxy
+from .origin import OriginState, pattern
+from .test_upstream import start_with_origin
+
+BS = 64 * 1024
+CACHE = {"block_size": "64KiB", "readahead_blocks": 2, "readahead_max_blocks": 32}
+
+
+async def read(store: Any, key: str, start: int, end: int, history: ReadHistory | None) -> bytes:
+    meta = await store.stat(key)
+    out = bytearray()
+    async with aclosing(store.open(meta, start, end, history=history)) as chunks:
+        async for chunk in chunks:
+            out += chunk
+    return bytes(out)
+
+
+async def test_a_streaming_reader_s_window_grows_and_a_seek_starts_it_over(
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
+    state = OriginState(size=96 * BS, chunk_delay_s=0.004)  # each GET: a pause per block
+    running = await start_with_origin(aiohttp_server, start_proxy, state, cache=CACHE)
+    store = running.proxy.store
+    store.seek_grace_s = 0
+    history = ReadHistory()
+    assert await read(store, "a.mp4", 0, state.size - 1, history) == pattern(0, state.size)
+    meta = await store.stat("a.mp4")
+    version = (store.bucket, meta.key, meta.etag)
+    grown = history.window(version)
+    assert grown is not None and grown > 2, grown
+    # a seek: a read that does not go on from where this connection left off
+    await read(store, "a.mp4", 40 * BS + 5, 40 * BS + 100, history)
+    assert history.window(version) == 2
+
+
+async def test_one_byte_budget_bounds_the_windows_of_200_readers(
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
+    state = OriginState(size=24 * BS, chunk_delay_s=0.002)
+    cache = {**CACHE, "readahead_max_bytes": "1MiB", "max_bytes": "256MiB"}
+    running = await start_with_origin(aiohttp_server, start_proxy, state, cache=cache)
+    store = running.proxy.store
+    store.seek_grace_s = 0
+    budget = store.reads.readahead_budget
+    assert budget == 1 << 20
+    peak = 0
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, store.reads._readahead_bytes)
+            await asyncio.sleep(0.001)
+
+    watcher = asyncio.ensure_future(watch())
+    bodies = await asyncio.gather(
+        *(read(store, f"r{n}.mp4", 0, state.size - 1, ReadHistory()) for n in range(200))
+    )
+    done.set()
+    await watcher
+    assert all(body == pattern(0, state.size) for body in bodies), "exact bytes"
+    assert 0 < peak <= budget, (peak, budget)
+    assert running.metric("s3proxy_readahead_blocks_total") > 0
+
+
+async def test_no_read_ahead_after_a_hang_up(aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    state = OriginState(size=256 * BS, chunk_delay_s=0.002)
+    running = await start_with_origin(aiohttp_server, start_proxy, state, cache=CACHE)
+    store = running.proxy.store
+    store.seek_grace_s = 0
+    meta = await store.stat("a.mp4")
+    taken = 0
+    async with aclosing(store.open(meta, 0, state.size - 1, history=ReadHistory())) as chunks:
+        async for chunk in chunks:
+            taken += len(chunk)
+            if taken >= 20 * BS:
+                break  # the viewer hangs up
+    started = running.metric("s3proxy_readahead_blocks_total")
+    assert started > 0 and store.reads._streams == 0
+    await asyncio.sleep(0.3)
+    assert running.metric("s3proxy_readahead_blocks_total") == started
+
+
+@given(
+    current=st.integers(1, 64),
+    floor=st.integers(1, 8),
+    ceiling=st.integers(0, 64),
+    waited=st.booleans(),
+    rate=st.floats(0, 1e9),
+    latency=st.floats(0, 1),
+    share=st.integers(1, 10_000),
+)
+def test_the_window_rule(
+    current: int,
+    floor: int,
+    ceiling: int,
+    waited: bool,
+    rate: float,
+    latency: float,
+    share: int,
+) -> None:
+    window = readahead_window(
+        current,
+        floor,
+        ceiling,
+        waited=waited,
+        rate_bps=rate,
+        latency_s=latency,
+        block_size=BS,
+        share=share,
+    )
+    assert 1 <= window <= min(max(ceiling, floor), share)
+    bound = min(max(ceiling, floor), share)
+    if waited:
+        assert window >= min(2 * current, bound)  # it waited: the window grows
+    elif rate * latency * 2 / BS + 1 <= current - 1:
+        assert window <= max(current - 1, floor)  # blocks waited for it: it eases off
+    assert (
+        readahead_window(5, 0, 32, waited=True, rate_bps=1e9, latency_s=1, block_size=BS, share=99)
+        == 0
+    )
