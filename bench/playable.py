@@ -1,9 +1,10 @@
 """Time to playable: how long a Mist-like reader (tests/mistlike.py: the box walk, the
 `moov`, then two greedy readers taking the first 70 s of media, as Mist does before its
 first segment) needs for its start-up reads of a prepared (index-first) 9 Mb/s MP4, with
-the origin 30 ms away, for assets of 50 MiB, 500 MiB and 1.5 GiB: s3proxy cold, s3proxy
-warmed (POST /warm), and the old way (download the whole file first). Also printed: the
-S3 GETs and bytes of the cold start-up, of the warm-up, and of the start-up after it.
+the origin 30 and 100 ms away, for assets of 50 MiB, 500 MiB and 1.5 GiB: s3proxy cold,
+s3proxy warmed (POST /warm), the same start with every byte cached, and the old way
+(download the whole file first). Also printed: the S3 GETs and bytes of the cold
+start-up, of the warm-up, and of the start-up after it.
 
     apt-get install nginx-light ffmpeg
     python bench/playable.py            # --sizes 50,500 for a shorter run
@@ -28,7 +29,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from run import BUCKET, MIB, Stack, link
+from run import BUCKET, MIB, Proxy, Stack, link
 
 from tests.mistlike import mp4_start_up
 
@@ -112,12 +113,51 @@ async def download_whole(url: str) -> float:
     return time.perf_counter() - started
 
 
+def measure(stack: Stack, proxy: Proxy, port: int, delay: int, name: str, runs: int) -> str:
+    actual = (stack.data / name).stat().st_size
+    cold, warm, cached, whole = [], [], [], []
+    traffic: dict[str, list[tuple[int, int]]] = {"cold": [], "warm-up": [], "after": []}
+    for run in range(runs):
+        key = link(stack, name, f"cold-{delay}-{run}-{name}")
+        source = proxy.path(key)
+        cold.append(asyncio.run(mp4_start_up("127.0.0.1", proxy.port, source)).seconds)
+        traffic["cold"].append(settled(stack, key))
+        cached.append(asyncio.run(mp4_start_up("127.0.0.1", proxy.port, source)).seconds)
+        key = link(stack, name, f"warm-{delay}-{run}-{name}")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{proxy.admin}/warm/{key}", method="POST"
+        )
+        urllib.request.urlopen(request, timeout=300).read()
+        warmed = settled(stack, key)
+        traffic["warm-up"].append(warmed)
+        warm.append(asyncio.run(mp4_start_up("127.0.0.1", proxy.port, proxy.path(key))).seconds)
+        total = settled(stack, key)
+        traffic["after"].append((total[0] - warmed[0], total[1] - warmed[1]))
+        whole.append(asyncio.run(download_whole(f"http://127.0.0.1:{port}/{BUCKET}/{name}")))
+    figures = " ".join(
+        f"{statistics.median(g for g, _ in traffic[k]):>6.0f} / "
+        f"{statistics.median(b for _, b in traffic[k]) / MIB:>6.1f}"
+        for k in ("cold", "warm-up", "after")
+    )
+    c, w, h, d = (statistics.median(x) for x in (cold, warm, cached, whole))
+    return (
+        f"  {delay:>4}ms {actual / MIB:>6.0f} MiB {c:>7.3f}s {w:>7.3f}s {h:>7.3f}s "
+        f"{c / h:>10.2f}x {d:>8.3f}s                  {figures}"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", default="50,500,1536", help="MiB, comma separated")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--delays",
+        type=lambda v: [int(n) for n in v.split(",")],
+        default=[30, 100],
+        help="origin latencies in ms (default 30,100)",
+    )
     args = parser.parse_args()
     for tool in ("nginx", "ffmpeg"):
         if shutil.which(tool) is None:
@@ -125,12 +165,13 @@ def main() -> int:
             return 2
     tmp = Path(tempfile.mkdtemp(prefix="s3proxy-playable-"))
     lines = [
-        "time to playable, origin 30 ms away (median of "
-        f"{args.runs}): seconds until the Mist-like start-up reads are done"
+        f"time to playable (median of {args.runs}): seconds until the Mist-like start-up "
+        "reads are done; cached = the same start again, every byte in the cache"
     ]
     lines.append(
-        f"  {'asset':>10} {'s3proxy cold':>13} {'s3proxy warm':>13} {'download first':>15}"
-        f"   S3 GETs / MiB: {'cold start':>14} {'warm-up':>14} {'start after it':>15}"
+        f"  {'origin':>6} {'asset':>10} {'cold':>8} {'warmed':>8} {'cached':>8} "
+        f"{'cold/cached':>11} {'download':>9}   S3 GETs / MiB: {'cold start':>14} "
+        f"{'warm-up':>14} {'start after it':>15}"
     )
     stack = Stack(tmp)
     try:
@@ -138,47 +179,17 @@ def main() -> int:
 
         make_data(stack, quick=True)
         stack.start_origin()
-        proxy = stack.start_s3proxy("s3proxy-playable", delayed=True, max_bytes="256MiB")
-        for size in (int(s) for s in args.sizes.split(",")):
-            name = make_asset(stack, size)
-            actual = (stack.data / name).stat().st_size
-            cold, warm, whole = [], [], []
-            traffic: dict[str, list[tuple[int, int]]] = {"cold": [], "warm-up": [], "after": []}
-            for run in range(args.runs):
-                key = link(stack, name, f"cold-{run}-{name}")
-                source = proxy.path(key)
-                cold.append(asyncio.run(mp4_start_up("127.0.0.1", proxy.port, source)).seconds)
-                traffic["cold"].append(settled(stack, key))
-                key = link(stack, name, f"warm-{run}-{name}")
-                request = urllib.request.Request(
-                    f"http://127.0.0.1:{proxy.admin}/warm/{key}", method="POST"
-                )
-                urllib.request.urlopen(request, timeout=120).read()
-                warmed = settled(stack, key)
-                traffic["warm-up"].append(warmed)
-                warm.append(
-                    asyncio.run(mp4_start_up("127.0.0.1", proxy.port, proxy.path(key))).seconds
-                )
-                total = settled(stack, key)
-                traffic["after"].append((total[0] - warmed[0], total[1] - warmed[1]))
-                whole.append(
-                    asyncio.run(
-                        download_whole(f"http://127.0.0.1:{stack.delayed_port}/{BUCKET}/{name}")
-                    )
-                )
-            figures = " ".join(
-                f"{statistics.median(g for g, _ in traffic[k]):>6.0f} / "
-                f"{statistics.median(b for _, b in traffic[k]) / MIB:>6.1f}"
-                for k in ("cold", "warm-up", "after")
+        names = {size: make_asset(stack, size) for size in (int(s) for s in args.sizes.split(","))}
+        for delay in args.delays:
+            port = stack.delayed_port if delay == 30 else stack.relay(delay)
+            proxy = stack.start_s3proxy(
+                f"s3proxy-playable-{delay}", delayed=True, max_bytes="512MiB", upstream_port=port
             )
-            lines.append(
-                f"  {actual / MIB:>7.0f} MiB {statistics.median(cold):>12.3f}s "
-                f"{statistics.median(warm):>12.3f}s {statistics.median(whole):>14.3f}s"
-                f"                  {figures}"
-            )
+            for name in names.values():
+                lines.append(measure(stack, proxy, port, delay, name, args.runs))
+            stack.retire(proxy)
+        for name in names.values():
             os.unlink(stack.data / name)
-            for path in stack.data.glob(f"*-{name}"):
-                os.unlink(path)
     finally:
         stack.stop()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -122,19 +122,25 @@ http {{
 }}""")
         self.spawn(["nginx", "-c", str(conf), "-e", str(self.work / "origin-error.log")])
         wait_port(self.origin_port)
+        self.relay(30, self.delayed_port)
+
+    def relay(self, delay_ms: int, port: int | None = None) -> int:
+        """A TCP relay to the origin adding `delay_ms` to each request; its port."""
+        port = port or free_port()
         self.spawn(
             [
                 sys.executable,
                 str(BENCH / "delay_proxy.py"),
                 "--listen",
-                f"127.0.0.1:{self.delayed_port}",
+                f"127.0.0.1:{port}",
                 "--target",
                 f"127.0.0.1:{self.origin_port}",
                 "--delay-ms",
-                "30",
+                str(delay_ms),
             ]
         )
-        wait_port(self.delayed_port)
+        wait_port(port)
+        return port
 
     def origin_log(self) -> list[tuple[str, str, int, int]]:
         lines = (self.work / "origin-access.log").read_text().splitlines()
@@ -154,6 +160,9 @@ http {{
     def start_s3proxy(self, name: str, delayed: bool, **cache: Any) -> Proxy:
         port, admin = free_port(), free_port()
         workers = cache.pop("workers", 1)
+        upstream = cache.pop("upstream_port", None) or (
+            self.delayed_port if delayed else self.origin_port
+        )
         config = {
             "server": {
                 "host": "127.0.0.1",
@@ -165,8 +174,7 @@ http {{
             "s3": {
                 "bucket": BUCKET,
                 "region": "us-east-1",
-                "endpoint_url": f"http://127.0.0.1:"
-                f"{self.delayed_port if delayed else self.origin_port}",
+                "endpoint_url": f"http://127.0.0.1:{upstream}",
                 "probe_key": "probe.bin",
                 "max_connections": 256,
             },
