@@ -6,6 +6,7 @@ rule as a pure function."""
 from __future__ import annotations
 
 import asyncio
+import math
 from contextlib import aclosing
 from typing import Any
 
@@ -130,7 +131,7 @@ def test_the_window_rule(
     bound = min(max(ceiling, floor), share)
     if waited:
         assert window >= min(2 * current, bound)  # it waited: the window grows
-    elif rate * latency * 2 / BS + 1 <= current - 1:
+    elif math.ceil(rate * latency * 2 / BS) + 1 <= current - 1:
         assert window <= max(current - 1, floor)  # blocks waited for it: it eases off
     assert (
         readahead_window(5, 0, 32, waited=True, rate_bps=1e9, latency_s=1, block_size=BS, share=99)

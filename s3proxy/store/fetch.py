@@ -119,7 +119,8 @@ class Fetch:
     """One upstream GET for bytes start..end of one version (see the module's doc).
 
     `keep`: finish it (for the cache) even if every reader leaves early.
-    `background`: read-ahead, counted apart."""
+    `background`: read-ahead, counted apart; it stops with the reader that started it
+    when that reader hangs up and nobody else has joined it."""
 
     def __init__(
         self,
@@ -141,7 +142,7 @@ class Fetch:
         self.block_size = block_size
         self.start, self.end = start, end
         self.background = background
-        self.keep = keep or background
+        self.keep = keep
         self._open = open_answer
         self._answer = answer  # a GET already answered (and checked), not yet read
         self._on_block, self._on_end = on_block, on_end

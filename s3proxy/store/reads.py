@@ -270,7 +270,7 @@ class Reads:
                                 streaming, began = True, time.monotonic()
                                 self._streams += 1
                             window = self._window(window, floor, False, served, began)
-                            self._read_ahead(meta, index + 1, state_of, window)
+                            attached += self._read_ahead(meta, index + 1, state_of, window)
                         self._ahead.pop(key, None)
                         served += hi - lo + 1
                         progress.sent()
@@ -291,7 +291,7 @@ class Reads:
                             self._streams += 1
                         # it waited on S3 for this block: the window was too small
                         window = self._window(window, floor, True, served, began)
-                        self._read_ahead(meta, index + 1, state_of, window)
+                        attached += self._read_ahead(meta, index + 1, state_of, window)
                     stats.took("upstream")
                     self._ahead.pop(key, None)
                     asked = time.monotonic()
@@ -372,11 +372,13 @@ class Reads:
 
     def _read_ahead(
         self, meta: ObjectMeta, after: int, state_of: plan.StateOf, window: int
-    ) -> None:
+    ) -> list[Fetch]:
         """Fetch the next `window` blocks that nobody has or is fetching, within the
-        process-wide budget of read-ahead bytes in flight."""
+        process-wide budget of read-ahead bytes in flight. The fetches started come back
+        attached to the reader: they stop if it hangs up before anyone else joins."""
+        started: list[Fetch] = []
         if window == 0 or meta.size == 0:
-            return
+            return started
         runs = plan.readahead_runs(
             after,
             window,
@@ -389,7 +391,7 @@ class Reads:
             room = (self.readahead_budget - self._readahead_bytes) // self.block_size
             last = min(last, first + room - 1)
             if last < first:
-                return
+                break
             end = block_bounds(last, self.block_size, meta.size)[1]
             fetch = self._new_fetch(meta, first * self.block_size, end, background=True)
             if fetch.start_in(self.fetches):
@@ -398,6 +400,9 @@ class Reads:
                 self._metrics.readahead_blocks.inc(last - first + 1)
                 for index in range(first, last + 1):
                     self._ahead[BlockKey(self.bucket, meta.key, meta.etag, index)] = 1
+                fetch.attach()
+                started.append(fetch)
+        return started
 
 
 async def _timed(
