@@ -620,9 +620,19 @@ def _record(
 ) -> None:
     proxy = request.app[PROXY]
     elapsed = time.perf_counter() - started
-    proxy.metrics.requests.labels(method=request.method, status=str(status)).inc()
-    proxy.metrics.request_duration.labels(method=request.method).observe(elapsed)
-    proxy.metrics.response_bytes.inc(sent)
+    metrics = proxy.metrics
+    metrics.child(metrics.requests, request.method, str(status)).inc()
+    metrics.child(metrics.request_duration, request.method).observe(elapsed)
+    metrics.response_bytes.inc(sent)
+    stats = request.get(STATS)
+    if stats is not None:
+        first_at = request.get(FIRST_BYTE_AT)
+        if stats.first_source is not None and first_at is not None:
+            metrics.child(metrics.time_to_first_byte, stats.first_source).observe(
+                first_at - started
+            )
+    if not access_log.isEnabledFor(logging.INFO):
+        return  # the line would be dropped: not built
     fields: dict[str, object] = {
         "method": request.method,
         "path": _log_path(request),
@@ -635,15 +645,9 @@ def _record(
         "request_id": request_id(request),
         "worker": proxy.worker,
     }
-    stats = request.get(STATS)
     if stats is not None:
         fields["cache"] = stats.outcome
         fields["upstream_ms"] = round(stats.upstream_s * 1000, 2)
-        first_at = request.get(FIRST_BYTE_AT)
-        if stats.first_source is not None and first_at is not None:
-            proxy.metrics.time_to_first_byte.labels(source=stats.first_source).observe(
-                first_at - started
-            )
     grant = request.get(GRANT)
     if grant is not None:
         fields["sub"], fields["jti"] = grant.subject, grant.token_id

@@ -6,6 +6,7 @@ No label ever carries an asset name or a token.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -51,8 +52,19 @@ class Metrics:
 
     CONTENT_TYPE = CONTENT_TYPE_LATEST
 
+    def child(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)`, looked up once: prometheus-client validates and locks
+        on every `labels()` call, which the hot path pays per request otherwise. Label
+        values are bounded sets (methods aiohttp parses, statuses, tiers, sources)."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "s3proxy_requests_total", "HTTP requests answered", ["method", "status"], registry=r

@@ -6,6 +6,7 @@ tested directly and with hypothesis.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -210,6 +211,7 @@ def parse_http_date(value: str) -> datetime | None:
     return parsed.astimezone(UTC)
 
 
+@functools.lru_cache(maxsize=4096)  # one object's Last-Modified, on every answer
 def format_http_date(moment: datetime) -> str:
     return format_datetime(moment.astimezone(UTC), usegmt=True)
 
@@ -226,10 +228,15 @@ def _seconds(moment: datetime) -> datetime:
     return moment.replace(microsecond=0)
 
 
+_CONDITIONALS = ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since")
+
+
 def evaluate_preconditions(
     method: str, headers: Mapping[str, str], etag: str, last_modified: datetime
 ) -> int | None:
     """RFC 9110 13.2.2 order: the status to answer with (412 or 304), or None to go on."""
+    if not any(name in headers for name in _CONDITIONALS):
+        return None  # most requests: nothing to parse
     tag = parse_etag(etag)
     modified = _seconds(last_modified)
     if_match = headers.get("If-Match")

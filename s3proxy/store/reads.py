@@ -209,20 +209,29 @@ class Reads:
                 first_byte, last_byte = block_bounds(index, bs, meta.size)
                 lo, hi = max(start, first_byte) - first_byte, min(end, last_byte) - first_byte
                 key = BlockKey(self.bucket, meta.key, meta.etag, index)
-                data, source = await self.tiers.lookup(key)
                 sequential = plan.is_sequential(index, start // bs, previous)
-                # blocks a peer keeps on disk are not fetched again (a stat, in a thread)
-                state_of = self._state_of(
-                    meta,
-                    await self.tiers.peer_held(
-                        [
-                            BlockKey(self.bucket, meta.key, meta.etag, i)
-                            for i in range(index + 1, index + self._config.readahead_blocks + 1)
-                        ]
-                    )
-                    if self.tiers.disk_peers and (data is None or sequential)
-                    else frozenset(),
-                )
+                data = self.tiers.memory_hit(key)
+                if data is not None:
+                    # the hot path: `next_step` of a cached block is Serve, taken as such
+                    progress.update(self.seek_grace_s)
+                    if history is not None:
+                        history.read(version, index)
+                    stats.took("memory")
+                    if floor and sequential and not progress.held:
+                        if not streaming:
+                            streaming, began = True, time.monotonic()
+                            self._streams += 1
+                        window = self._window(window, floor, False, served, began)
+                        attached += self._read_ahead(
+                            meta, index + 1, await self._ahead_state(meta, index, True), window
+                        )
+                    self._ahead.pop(key, None)
+                    served += hi - lo + 1
+                    progress.sent()
+                    yield memoryview(data)[lo : hi + 1] if (lo, hi + 1) != (0, len(data)) else data
+                    continue
+                data, source = await self.tiers.lookup(key)
+                state_of = await self._ahead_state(meta, index, data is None or sequential)
                 probed_here = False
                 while lo <= hi:
                     progress.update(self.seek_grace_s)
@@ -326,6 +335,19 @@ class Reads:
             block_size=self.block_size,
             share=share,
         )
+
+    async def _ahead_state(self, meta: ObjectMeta, index: int, ask_peers: bool) -> plan.StateOf:
+        """What the cache knows of the blocks after `index`; blocks a peer keeps on disk
+        are not fetched again (a stat, in a thread, asked only when it can matter)."""
+        held: frozenset[BlockKey] = frozenset()
+        if self.tiers.disk_peers and ask_peers:
+            held = await self.tiers.peer_held(
+                [
+                    BlockKey(self.bucket, meta.key, meta.etag, i)
+                    for i in range(index + 1, index + self._config.readahead_blocks + 1)
+                ]
+            )
+        return self._state_of(meta, held)
 
     def _state_of(self, meta: ObjectMeta, peer_held: frozenset[BlockKey]) -> plan.StateOf:
         def state_of(index: int) -> plan.BlockState:

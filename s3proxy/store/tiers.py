@@ -97,14 +97,20 @@ class Tiers:
             files.contains(key) or (files.inline and files.peer_holds(key))
         )
 
+    def memory_hit(self, key: BlockKey) -> Block | None:
+        """The block when memory has it (counted as a memory hit), else None."""
+        data = self.memory.get(key)
+        if data is not None:
+            self._metrics.child(self._metrics.cache_hits, "memory").inc()
+        return data
+
     async def lookup(self, key: BlockKey) -> tuple[Block | None, str]:
         """The block from memory, else from the file tier (counted per tier), else None;
         and where it came from: `memory`, `disk` (any file tier) or `upstream` (None)."""
-        data = self.memory.get(key)
+        data = self.memory_hit(key)
         if data is not None:
-            self._metrics.cache_hits.labels(tier="memory").inc()
             return data, "memory"
-        self._metrics.cache_misses.labels(tier="memory").inc()
+        self._metrics.child(self._metrics.cache_misses, "memory").inc()
         if self.files is None:
             return None, "upstream"
         data = await self.files.get(key)
