@@ -657,20 +657,22 @@ def case_egress(stack: Stack, ours: Proxy, peer: Proxy, size: int) -> list[str]:
 def case_window(stack: Stack, fixed: Proxy, adaptive: Proxy, runs: int) -> list[str]:
     """(j) one cold sequential reader, 30 ms origin: the first 75 MiB."""
     amount = 75 * MIB
-    times: dict[str, list[float]] = {"fixed": [], "adaptive": [], "direct": []}
+    times: dict[str, list[float]] = {"fixed": [], "adaptive": [], "direct": [], "cached": []}
     for run in range(runs):
         for name, proxy in (("fixed", fixed), ("adaptive", adaptive)):
             key = link(stack, "big1g.mp4", f"window-{name}-{run}.mp4")
             times[name].append(asyncio.run(stream_first(proxy.url(key), amount)))
+        time.sleep(0.5)  # its read-ahead lands: the same read again is all hits
+        times["cached"].append(asyncio.run(stream_first(adaptive.url(key), amount)))
         key = link(stack, "big1g.mp4", f"window-direct-{run}.mp4")
         url = f"http://127.0.0.1:{stack.delayed_port}/{BUCKET}/{key}"
         times["direct"].append(asyncio.run(parallel_direct(url, amount)))
-    f, a, d = (statistics.median(times[k]) for k in ("fixed", "adaptive", "direct"))
+    f, a, d, c = (statistics.median(times[k]) for k in ("fixed", "adaptive", "direct", "cached"))
     return [
         f"  {'(j) cold 1 GiB, 30 ms: first 75 MiB, adaptive':<46} {a:10.3f} s "
         f"({75 / a:.0f} MiB/s)  fixed window 2: {f:.3f} s ({75 / f:.0f} MiB/s); "
         f"16 parallel GETs direct {d:.3f} s -> adaptive/direct {a / d:.2f}x "
-        "(target < 0.35 s, within 1.3x)"
+        f"(target < 0.35 s, within 1.3x); the same read all cached {c:.3f} s"
     ]
 
 

@@ -102,6 +102,28 @@ def test_readahead_runs_are_missing_blocks_within_the_window(
         assert set(covered) == wanted
 
 
+@given(
+    st.integers(0, 40),
+    st.integers(1, 32),
+    st.integers(0, 80),
+    st.integers(1, 8),
+    st.sets(st.integers(0, 80)),
+)
+def test_the_far_end_of_a_window_waits_for_a_longer_run(
+    after: int, window: int, last: int, min_run: int, present: set[int]
+) -> None:
+    def state_of(index: int) -> plan.BlockState:
+        return plan.BlockState(cached=index in present)
+
+    runs = plan.readahead_runs(after, window, last, state_of, 0, 99, min_run=min_run)
+    stop = min(last, after + window - 1)
+    for first, end in runs:
+        if end == stop and stop < last:
+            assert end - first + 1 >= min_run, (first, end)
+    plain = plan.readahead_runs(after, window, last, state_of, 0, 99)
+    assert runs == plain[: len(runs)] and len(plain) - len(runs) <= 1  # only the far end waits
+
+
 @given(st.integers(0, 5000), st.integers(0, 5000), st.integers(1, 6000))
 def test_an_answer_is_accepted_only_when_it_is_exactly_what_was_asked(
     start: int, length: int, size: int

@@ -147,10 +147,19 @@ def wants_readahead(reader: Reader) -> bool:
 
 
 def readahead_runs(
-    after: int, window: int, last_block: int, state_of: StateOf, inflight: int, max_inflight: int
+    after: int,
+    window: int,
+    last_block: int,
+    state_of: StateOf,
+    inflight: int,
+    max_inflight: int,
+    min_run: int = 1,
 ) -> list[tuple[int, int]]:
     """Runs (first, last) of missing blocks among the `window` blocks from `after`, one
-    GET each, while fewer than `max_inflight` read-ahead fetches are in flight."""
+    GET each, while fewer than `max_inflight` read-ahead fetches are in flight. The run
+    at the window's far end waits until it is `min_run` blocks long (or reaches the
+    object's end): a streaming reader then extends its window a few blocks per GET,
+    not one GET per block."""
     runs: list[tuple[int, int]] = []
     stop = min(last_block, after + window - 1)
     index = after
@@ -163,6 +172,8 @@ def readahead_runs(
         first = index
         while index + 1 <= stop and missing(state_of(index + 1)):
             index += 1
+        if index == stop < last_block and index - first + 1 < min_run:
+            break  # the far end: later, in one longer GET
         runs.append((first, index))
         index += 1
     return runs

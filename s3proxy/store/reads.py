@@ -408,6 +408,7 @@ class Reads:
             state_of,
             self._readahead_inflight,
             self._config.readahead_max_inflight,
+            min_run=max(1, window // 4),
         )
         for first, last in runs:
             room = (self.readahead_budget - self._readahead_bytes) // self.block_size
