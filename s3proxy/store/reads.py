@@ -196,9 +196,7 @@ class Reads:
         floor = self._config.readahead_blocks if readahead else 0
         # a connection that goes on where it left off keeps its window; a seek starts over
         kept = history.window(version) if history is not None else None
-        window = kept if kept is not None and previous == start // bs - 1 else floor
-        streaming = False
-        served, began = 0, 0.0
+        ahead = _Window(self, kept if kept is not None and previous == start // bs - 1 else floor)
         attached: list[Fetch] = []
         completed = False
         try:
@@ -218,15 +216,10 @@ class Reads:
                         history.read(version, index)
                     stats.took("memory")
                     if floor and sequential and not progress.held:
-                        if not streaming:
-                            streaming, began = True, time.monotonic()
-                            self._streams += 1
-                        window = self._window(window, floor, False, served, began)
-                        attached += self._read_ahead(
-                            meta, index + 1, await self._ahead_state(meta, index, True), window
-                        )
+                        state_of = await self._ahead_state(meta, index, True)
+                        attached += self._read_ahead(meta, index + 1, state_of, ahead.next(False))
                     self._ahead.pop(key, None)
-                    served += hi - lo + 1
+                    ahead.served += hi - lo + 1
                     progress.sent()
                     yield memoryview(data)[lo : hi + 1] if (lo, hi + 1) != (0, len(data)) else data
                     continue
@@ -275,13 +268,10 @@ class Reads:
                         assert data is not None
                         stats.took(source if source != "upstream" else "memory")  # landed since
                         if floor and plan.wants_readahead(reader):
-                            if not streaming:
-                                streaming, began = True, time.monotonic()
-                                self._streams += 1
-                            window = self._window(window, floor, False, served, began)
+                            window = ahead.next(False)
                             attached += self._read_ahead(meta, index + 1, state_of, window)
                         self._ahead.pop(key, None)
-                        served += hi - lo + 1
+                        ahead.served += hi - lo + 1
                         progress.sent()
                         yield (
                             memoryview(data)[lo : hi + 1]
@@ -295,12 +285,8 @@ class Reads:
                         attached.append(fetch)
                     # read-ahead after its own fetch has its blocks
                     if floor and plan.wants_readahead(reader):
-                        if not streaming:
-                            streaming, began = True, time.monotonic()
-                            self._streams += 1
                         # it waited on S3 for this block: the window was too small
-                        window = self._window(window, floor, True, served, began)
-                        attached += self._read_ahead(meta, index + 1, state_of, window)
+                        attached += self._read_ahead(meta, index + 1, state_of, ahead.next(True))
                     stats.took("upstream")
                     self._ahead.pop(key, None)
                     asked = time.monotonic()
@@ -310,31 +296,16 @@ class Reads:
                                 self._measured(time.monotonic() - asked)
                             asked = 0.0
                             progress.sent()
-                            served += len(piece)
+                            ahead.served += len(piece)
                             yield piece
                     break
             completed = True
         finally:
             for fetch in attached:
                 fetch.detach(abandoned=not completed)
-            if streaming:
-                self._streams -= 1
+            ahead.close()
             if history is not None and floor:
-                history.keep_window(version, window)
-
-    def _window(self, current: int, floor: int, waited: bool, served: int, began: float) -> int:
-        elapsed = time.monotonic() - began
-        share = max(1, self.readahead_budget // self.block_size // max(1, self._streams))
-        return plan.readahead_window(
-            current,
-            floor,
-            self._config.readahead_max_blocks,
-            waited=waited,
-            rate_bps=served / elapsed if elapsed > MIN_RATE_S else 0.0,
-            latency_s=self.latency_s,
-            block_size=self.block_size,
-            share=share,
-        )
+                history.keep_window(version, ahead.blocks)
 
     async def _ahead_state(self, meta: ObjectMeta, index: int, ask_peers: bool) -> plan.StateOf:
         """What the cache knows of the blocks after `index`; blocks a peer keeps on disk
@@ -426,6 +397,41 @@ class Reads:
                 fetch.attach()
                 started.append(fetch)
         return started
+
+
+class _Window:
+    """One read's read-ahead window, and what sizes it: the bytes it has taken since it
+    began streaming. While it streams it counts among the readers sharing the budget."""
+
+    def __init__(self, reads: Reads, blocks: int) -> None:
+        self._reads = reads
+        self.blocks = blocks
+        self.served = 0
+        self._began: float | None = None
+
+    def next(self, waited: bool) -> int:
+        """The window for the next read-ahead (`waited`: this block came from S3)."""
+        reads = self._reads
+        if self._began is None:
+            self._began = time.monotonic()
+            reads._streams += 1
+        elapsed = time.monotonic() - self._began
+        self.blocks = plan.readahead_window(
+            self.blocks,
+            reads._config.readahead_blocks,
+            reads._config.readahead_max_blocks,
+            waited=waited,
+            rate_bps=self.served / elapsed if elapsed > MIN_RATE_S else 0.0,
+            latency_s=reads.latency_s,
+            block_size=reads.block_size,
+            share=max(1, reads.readahead_budget // reads.block_size // max(1, reads._streams)),
+        )
+        return self.blocks
+
+    def close(self) -> None:
+        if self._began is not None:
+            self._reads._streams -= 1
+            self._began = None
 
 
 async def _timed(
