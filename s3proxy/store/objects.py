@@ -240,8 +240,9 @@ class ObjectStore:
     async def warm(self, asset: str, seconds: float, max_bytes: int) -> dict[str, object]:
         """Load what a Mist start reads into every worker's cache: the metadata, the
         sidecar, the MP4's top-level box headers and its `moov`, then the first `seconds`
-        of media (from the `mdat`'s bitrate; without one, from the start) and the
-        read-ahead blocks reading it triggers, never more than `max_bytes` in all.
+        of media (from the `mdat`'s bitrate; without one, from the start) and as far
+        again as the widest read-ahead window reading it can reach, never more than
+        `max_bytes` in all.
         Returns what was loaded.
 
         Looks both up afresh: warm-up follows `prepare`, and a "not found" remembered
@@ -272,8 +273,12 @@ class ObjectStore:
         duration = mp4.duration_s(moov) if moov else None
         media = mp4.media_extent(boxes, duration, seconds, max_bytes, meta.size)
         # and the read-ahead the start's own reads trigger at the end of that media
-        margin = self._config.readahead_blocks * self.block_size
-        media_loaded = await loading.load(meta, media.offset, media.length + margin)
+        # the widest read-ahead window a streaming reader's reads can reach past it
+        margin = max(self._config.readahead_blocks, self._config.readahead_max_blocks)
+        media_loaded = await loading.load(
+            meta, media.offset, media.length + margin * self.block_size
+        )
+        covered = min(media_loaded, media.length)
         await self.tiers.share(loading.keys)
         asset_bytes = loading.bytes_of(meta)
         return {
@@ -289,10 +294,9 @@ class ObjectStore:
             else {"box": "moov", "offset": index.offset, "bytes": index.size},
             "media": {
                 "offset": media.offset,
-                "bytes": media_loaded,
-                "seconds": round(media_loaded * 8 / media.bitrate_bps, 1)
-                if media.bitrate_bps
-                else None,
+                "bytes": covered,
+                "readahead_bytes": media_loaded - covered,
+                "seconds": round(covered * 8 / media.bitrate_bps, 1) if media.bitrate_bps else None,
                 "bitrate_bps": round(media.bitrate_bps) if media.bitrate_bps else None,
             },
             "capped": loading.capped,
