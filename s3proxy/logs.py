@@ -24,8 +24,29 @@ _BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"'\\]+")
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*")
 
 
+# what any of the patterns above needs somewhere in a line. Most lines (an access line,
+# whose path is already `/t/-/...`) have none of it and skip the five substitutions; the
+# check is plain substring search (a case-insensitive regex scan cost 14 us a line).
+_WORDS = ("token", "authorization", "bearer", "eyj")
+_REDACTED_AT = re.compile(r"/t/-(?:[/\s\"'\\]|$)")
+
+
+def _may_hold_token(text: str) -> bool:
+    lowered = text.lower()
+    if any(word in lowered for word in _WORDS):
+        return True
+    at = lowered.find("/t/")
+    while at >= 0:
+        if _REDACTED_AT.match(text, at) is None:
+            return True
+        at = lowered.find("/t/", at + 3)
+    return False
+
+
 def redact(text: str) -> str:
     """The line with every token-bearing part blanked (see the module's doc)."""
+    if not _may_hold_token(text):
+        return text
     text = _PATH_TOKEN.sub("/t/-", text)
     text = _QUERY_TOKEN.sub(r"\1-", text)
     text = _AUTHORIZATION.sub(r"\1-", text)

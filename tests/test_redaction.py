@@ -101,3 +101,48 @@ def test_no_log_line_of_a_running_proxy_holds_a_token(
     assert not [line for line in lines if signature in line or token in line]
     assert not [line for line in lines if "Traceback" in line]
     assert any('"malformed request"' in line for line in lines)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "/t/",
+                "/t/-",
+                "/t/-/",
+                "-",
+                "/",
+                " ",
+                '"',
+                "\\",
+                "token",
+                "ToKeN=",
+                "Bearer ",
+                "authorization: ",
+                "eyJ",
+                "abc.def.",
+                "x",
+                "/T/",
+                "?",
+                "&",
+                "=",
+            ]
+        ),
+        max_size=12,
+    ).map("".join)
+    | st.text(max_size=60)
+)
+def test_the_quick_check_never_skips_a_line_the_patterns_would_change(text: str) -> None:
+    from s3proxy import logs
+
+    full = text
+    for pattern, replacement in (
+        (logs._PATH_TOKEN, "/t/-"),
+        (logs._QUERY_TOKEN, r"\1-"),
+        (logs._AUTHORIZATION, r"\1-"),
+        (logs._BEARER, r"\1-"),
+        (logs._JWT, "-"),
+    ):
+        full = pattern.sub(replacement, full)
+    assert redact(text) == full
