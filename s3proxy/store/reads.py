@@ -208,25 +208,16 @@ class Reads:
                 lo, hi = max(start, first_byte) - first_byte, min(end, last_byte) - first_byte
                 key = BlockKey(self.bucket, meta.key, meta.etag, index)
                 sequential = plan.is_sequential(index, start // bs, previous)
-                data = self.tiers.memory_hit(key)
-                if data is not None:
-                    # the hot path: `next_step` of a cached block is Serve, taken as such
-                    progress.update(self.seek_grace_s)
-                    if history is not None:
-                        history.read(version, index)
-                    stats.took("memory")
-                    if floor and sequential and not progress.held:
-                        state_of = await self._ahead_state(meta, index, True)
-                        attached += self._read_ahead(meta, index + 1, state_of, ahead.next(False))
-                    self._ahead.pop(key, None)
-                    ahead.served += hi - lo + 1
-                    progress.sent()
-                    yield memoryview(data)[lo : hi + 1] if (lo, hi + 1) != (0, len(data)) else data
-                    continue
-                data, source = await self.tiers.lookup(key)
-                state_of = await self._ahead_state(meta, index, data is None or sequential)
+                # a block in memory is served at once: `next_step` of a cached block is Serve
+                data, source = self.tiers.memory_hit(key), "memory"
+                if data is None:
+                    data, source = await self.tiers.lookup(key)
+                state_of: plan.StateOf | None = None
+                if data is None:
+                    state_of = await self._ahead_state(meta, index, True)
                 probed_here = False
-                while lo <= hi:
+                while data is None and lo <= hi:  # until it is in the cache, or read from S3
+                    assert state_of is not None  # asked above, as the block was missing
                     progress.update(self.seek_grace_s)
                     reader = plan.Reader(
                         index=index,
@@ -240,9 +231,7 @@ class Reads:
                         probed_here=probed_here,
                     )
                     state = plan.BlockState(
-                        cached=data is not None,
-                        fetching=key in self.fetches,
-                        probed=key in self._probed,
+                        cached=False, fetching=key in self.fetches, probed=key in self._probed
                     )
                     step = plan.next_step(
                         reader, state, state_of, self._config.readahead_blocks, last_needed
@@ -254,31 +243,17 @@ class Reads:
                                 progress.sent()
                                 yield chunk
                         lo, probed_here = step.stop + 1, True
-                        data = self.tiers.memory.get(key)  # another's fetch may have landed
+                        data, source = self.tiers.memory.get(key), "memory"  # may have landed
                         continue
                     if isinstance(step, plan.WaitGrace):
                         await asyncio.sleep(progress.grace_left(self.seek_grace_s))
                         progress.held = False
-                        data = self.tiers.memory.get(key)
+                        data, source = self.tiers.memory.get(key), "memory"
                         continue
+                    assert not isinstance(step, plan.Serve)  # it is not cached
                     # the block is read now: it counts for this connection's history
                     if history is not None:
                         history.read(version, index)
-                    if isinstance(step, plan.Serve):
-                        assert data is not None
-                        stats.took(source if source != "upstream" else "memory")  # landed since
-                        if floor and plan.wants_readahead(reader):
-                            window = ahead.next(False)
-                            attached += self._read_ahead(meta, index + 1, state_of, window)
-                        self._ahead.pop(key, None)
-                        ahead.served += hi - lo + 1
-                        progress.sent()
-                        yield (
-                            memoryview(data)[lo : hi + 1]
-                            if (lo, hi + 1) != (0, len(data))
-                            else data
-                        )
-                        break
                     fetch = self._fetch_for(meta, key, index, step)
                     if fetch not in attached:
                         fetch.attach()
@@ -298,7 +273,22 @@ class Reads:
                             progress.sent()
                             ahead.served += len(piece)
                             yield piece
-                    break
+                    lo = hi + 1
+                if data is None or lo > hi:
+                    continue  # read from S3 (or probed to its end)
+                # served from the cache
+                progress.update(self.seek_grace_s)
+                if history is not None:
+                    history.read(version, index)
+                stats.took(source)
+                if floor and sequential and not progress.held:  # plan.wants_readahead
+                    if state_of is None:
+                        state_of = await self._ahead_state(meta, index, True)
+                    attached += self._read_ahead(meta, index + 1, state_of, ahead.next(False))
+                self._ahead.pop(key, None)
+                ahead.served += hi - lo + 1
+                progress.sent()
+                yield memoryview(data)[lo : hi + 1] if (lo, hi + 1) != (0, len(data)) else data
             completed = True
         finally:
             for fetch in attached:
