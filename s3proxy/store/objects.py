@@ -37,6 +37,7 @@ class _Loading:
         self._store = store
         self._budget = max_bytes
         self._sizes: dict[BlockKey, int] = {}
+        self._used = 0  # of the budget: the sizes above, summed
         self.capped = False
 
     @property
@@ -45,7 +46,7 @@ class _Loading:
 
     @property
     def room(self) -> bool:
-        return sum(self._sizes.values()) < self._budget
+        return self._used < self._budget
 
     def bytes_of(self, meta: ObjectMeta) -> int:
         return sum(n for k, n in self._sizes.items() if k.key == meta.key and k.etag == meta.etag)
@@ -63,7 +64,7 @@ class _Loading:
     async def _through(
         self, meta: ObjectMeta, start: int, length: int, out: bytearray | None
     ) -> int:
-        end = await self._admit(meta, start, length)
+        end = self._admit(meta, start, length)
         if end < start:
             return 0
         async with aclosing(
@@ -74,23 +75,22 @@ class _Loading:
                     out += chunk
         return end - start + 1
 
-    async def _admit(self, meta: ObjectMeta, start: int, length: int) -> int:
+    def _admit(self, meta: ObjectMeta, start: int, length: int) -> int:
         """The last offset of the run that fits the budget (blocks already taken are
         free); the blocks admitted are counted."""
         end = min(start + length, meta.size) - 1
         if end < start:
             return end
         size = self._store.block_size
-        used = sum(self._sizes.values())
         last = start - 1
         for index in range(start // size, end // size + 1):
             key = BlockKey(self._store.bucket, meta.key, meta.etag, index)
             first, final = block_bounds(index, size, meta.size)
             if key not in self._sizes:
-                if used + (final - first + 1) > self._budget:
+                if self._used + (final - first + 1) > self._budget:
                     self.capped = True
                     break
-                used += final - first + 1
+                self._used += final - first + 1
                 self._sizes[key] = final - first + 1
             last = min(final, end)
         return last
