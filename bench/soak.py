@@ -41,31 +41,19 @@ import aiohttp
 import jwt
 from aiohttp import web
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from run import free_port
+
+# each version of each object is the tests' pattern, shifted (any range checkable)
+from tests.origin import CHUNK, PERIOD, pattern
+
 MIB = 1 << 20
-PERIOD = 251
-CHUNK = 64 * 1024
-_PATTERN = bytes(i % PERIOD for i in range(2 * PERIOD + CHUNK))
 SECRET = "soak-only-placeholder-secret-0123456789abcdef0123456789abcdef"
 SECRET_ENV = "S3PROXY_SOAK_JWT_SECRET"
 BUCKET = "media"
 FAULTS = ("stall_headers", "stall_body", "reset", "short_body", "error_500", "slow_down")
-
-
-def pattern(start: int, length: int, shift: int) -> bytes:
-    out = bytearray()
-    while length > 0:
-        n = min(length, CHUNK)
-        offset = (start + shift) % PERIOD
-        out += _PATTERN[offset : offset + n]
-        start += n
-        length -= n
-    return bytes(out)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- the origin -----------------------------------------------------------------
