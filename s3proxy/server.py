@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import multiprocessing
 import os
@@ -21,6 +20,7 @@ from .connections import GuardedRunner, Limits
 from .errors import S3ProxyError, StartupError
 from .logs import set_level
 from .store.tiers import SHM
+from .workdirs import make_locked_dir, remove_abandoned
 
 log = logging.getLogger("s3proxy.server")
 
@@ -191,7 +191,6 @@ def _reload(proxy: Proxy, config_path: str | None) -> None:
 
 
 SHARED_PREFIX = "s3proxy-blocks-"
-LOCK = ".lock"
 
 
 def shared_tier_dir(config: Config) -> tuple[str, int] | None:
@@ -206,9 +205,7 @@ def shared_tier_dir(config: Config) -> tuple[str, int] | None:
         return None
     candidates = [root for root in (SHM, tempfile.gettempdir()) if os.path.isdir(root)]
     for root in candidates:
-        for name in os.listdir(root):
-            if name.startswith(SHARED_PREFIX):
-                _remove_if_unlocked(os.path.join(root, name))
+        remove_abandoned(root, SHARED_PREFIX)
     for root in candidates:
         try:
             stats = os.statvfs(root)
@@ -222,27 +219,8 @@ def shared_tier_dir(config: Config) -> tuple[str, int] | None:
                 f"{SHM} lacks room for cache.max_bytes (Docker: --shm-size)",
                 extra={"fields": {"path": root}},
             )
-        directory = tempfile.mkdtemp(prefix=SHARED_PREFIX, dir=root)
-        lock = os.open(os.path.join(directory, LOCK), os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(lock, fcntl.LOCK_EX)  # held until the group is gone
-        return directory, lock
+        return make_locked_dir(root, SHARED_PREFIX)  # the lock is held until the group is gone
     return None
-
-
-def _remove_if_unlocked(directory: str) -> None:
-    import shutil
-
-    try:
-        lock = os.open(os.path.join(directory, LOCK), os.O_RDWR)
-    except OSError:
-        return  # not ours, or being made right now
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return  # a live group holds it
-    finally:
-        os.close(lock)
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def supervise(config: Config, config_path: str | None) -> int:

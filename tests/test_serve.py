@@ -333,7 +333,7 @@ def test_two_workers_fetch_no_more_than_one_and_warm_up_fills_both(
 def test_a_shared_tier_is_removed_only_when_no_group_holds_its_lock(tmp_path: Path) -> None:
     import fcntl
 
-    from s3proxy.server import LOCK, _remove_if_unlocked
+    from s3proxy.workdirs import LOCK, remove_if_unlocked
 
     live, dead = tmp_path / "s3proxy-blocks-live", tmp_path / "s3proxy-blocks-dead"
     for directory in (live, dead):
@@ -341,8 +341,8 @@ def test_a_shared_tier_is_removed_only_when_no_group_holds_its_lock(tmp_path: Pa
         (directory / LOCK).touch()
     with open(live / LOCK) as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        _remove_if_unlocked(str(live))
-        _remove_if_unlocked(str(dead))
+        remove_if_unlocked(str(live))
+        remove_if_unlocked(str(dead))
         assert live.exists() and not dead.exists()
 
 
