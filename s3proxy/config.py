@@ -199,6 +199,46 @@ class SidecarsConfig:
 
 
 @dataclass(frozen=True)
+class IngestConfig:
+    """`s3proxy ingest`: uploads under `source` prepared and published by the naming rule."""
+
+    source: str = field(
+        default="",
+        metadata=_check(
+            lambda v: (
+                v == "" or bool(re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?", v))
+            ),
+            "must be s3://bucket/prefix/",
+        ),
+    )
+    match: str = "{id}.{ext}"  # the upload's key below the source prefix
+    publish_as: str = "{id}/master.mp4"  # the asset name (under s3.bucket + s3.prefix)
+    queue_url: str | None = None  # SQS queue with the bucket's ObjectCreated events
+    queue_endpoint_url: str | None = None  # SQS-compatible services and tests
+    poll_interval_s: float = field(default=30.0, metadata=_POSITIVE)  # without a queue
+    lease_s: float = field(
+        default=300.0, metadata=_check(lambda v: 3 <= v <= 43200, "must be 3-43200 seconds")
+    )
+    lease_prefix: str = ".s3proxy-ingest/leases/"  # polling: lease objects, source bucket
+    max_concurrent: int = field(default=2, metadata=_POSITIVE)
+    work_dir: str | None = None  # null: the system's temporary directory
+    min_free_bytes: ByteSize = ByteSize(512 << 20)  # kept free beyond a job's own need
+    require_dtsh: bool = False
+    on_refused: Literal["move", "tag"] = "move"
+    refused_prefix: str = "refused/"  # on_refused move: where, in the source bucket
+    notify_url: str | None = None
+    notify_secret_env: str | None = "S3PROXY_WEBHOOK_SECRET"
+    notify_attempts: int = field(default=8, metadata=_POSITIVE)
+    notify_backoff_s: float = field(default=1.0, metadata=_NON_NEGATIVE)  # doubles, <= 60
+    notify_timeout_s: float = field(default=10.0, metadata=_POSITIVE)
+    warm_urls: list[str] = field(default_factory=list)  # pool nodes' admin base URLs
+    warm_token_env: str | None = None  # their admin bearer secret
+    shutdown_timeout_s: float = field(default=30.0, metadata=_NON_NEGATIVE)
+    admin_host: str = "127.0.0.1"
+    admin_port: int = field(default=9102, metadata=_PORT)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -213,6 +253,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     sidecars: SidecarsConfig = field(default_factory=SidecarsConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="<defaults>", compare=False)
 
@@ -273,6 +314,7 @@ def load_config(
 
 def _check_consistency(config: Config, origins: Mapping[str, str]) -> None:
     """Keys that contradict each other."""
+    _check_ingest(config, origins)
     disk = config.cache.disk
     if disk.max_bytes and not disk.path:
         source = origins.get("cache.disk.max_bytes", config.source)
@@ -281,6 +323,28 @@ def _check_consistency(config: Config, origins: Mapping[str, str]) -> None:
             "cache.disk.max_bytes",
             "is set but cache.disk.path is not: where should the blocks go?",
         )
+
+
+def _check_ingest(config: Config, origins: Mapping[str, str]) -> None:
+    from .ingest.rules import NameRule, RuleError
+
+    ingest = config.ingest
+    try:
+        NameRule.compile(ingest.match, ingest.publish_as)
+    except RuleError as exc:
+        key, _, problem = str(exc).partition(": ")
+        raise ConfigError(
+            origins.get(f"ingest.{key}", config.source), f"ingest.{key}", problem
+        ) from None
+    _, _, prefix = ingest.source[len("s3://") :].partition("/")
+    for key in ("lease_prefix", "refused_prefix"):
+        value = getattr(ingest, key)
+        if ingest.source and (not value or value.startswith(prefix)):
+            raise ConfigError(
+                origins.get(f"ingest.{key}", config.source),
+                f"ingest.{key}",
+                f"{value!r} must be outside the source prefix {prefix!r} (and not empty)",
+            )
 
 
 _SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "source")
@@ -302,8 +366,13 @@ def _refuse_unknown_env(config: Config, env: Mapping[str, str]) -> None:
     YAML key does (a misspelt override is never ignored silently). Variables that hold
     secrets by name (`secret_env`, `token_env`) and `S3PROXY_CONFIG` are not overrides."""
     referenced = {k.secret_env for k in config.auth.keys if k.secret_env}
-    if config.admin.token_env:
-        referenced.add(config.admin.token_env)
+    for name in (
+        config.admin.token_env,
+        config.ingest.notify_secret_env,
+        config.ingest.warm_token_env,
+    ):
+        if name:
+            referenced.add(name)
     known = _known_env(Config, "")
     for name in env:
         if not name.startswith(ENV_PREFIX) or name in known or name in referenced:

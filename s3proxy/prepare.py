@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import json
 import re
@@ -31,7 +32,9 @@ from .config import Config
 
 MIST_LIMIT = 2 << 30  # Mist's Content-Length parsing overflows at 2 GiB
 PART_SIZE = 16 << 20
-SHA_META = "s3proxy-sha256"
+SHA_META = "s3proxy-sha256"  # of the published bytes
+SOURCE_SHA_META = "s3proxy-source-sha256"  # of the upload they were prepared from
+SOURCE_ETAG_META = "s3proxy-source-etag"  # the upload's ETag (ingest: skip without a download)
 # Mist's input per container, newest name first (3.10's Matroska input is MistInEBML)
 _MIST_INPUTS = {
     "mp4": ("MistInMP4",),
@@ -49,6 +52,21 @@ class PrepareError(Exception):
     """A refusal: the one line an operator sees (exit 2)."""
 
 
+class Unavailable(PrepareError):
+    """Not the upload's fault (S3 unreachable, a tool missing): worth another try later."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the ingest service adds to a prepare run."""
+
+    client: Any = None  # an open aiobotocore S3 client (else one is made for the run)
+    work_dir: str | None = None  # where the temporary files go (else the system's)
+    source_etag: str | None = None  # download exactly this version of an s3:// source
+    fit_extension: bool = False  # publish under the container's extension, not refuse
+    quiet: bool = False  # no progress or notes on stderr (they stay in the summary)
+
+
 @dataclass
 class Summary:
     asset: str
@@ -61,15 +79,21 @@ class Summary:
     index: str = "n/a"  # where an MP4's moov sits: start | end
     sidecar: str = "skipped"  # uploaded | skipped (why in notes)
     uploaded: str = ""  # uploaded | unchanged
+    source_sha256: str = ""
     notes: list[str] = field(default_factory=list)
 
 
+_QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("quiet", default=False)
+
+
 def _say(message: str) -> None:
+    if _QUIET.get():
+        return
     print(f"prepare: {message}", file=sys.stderr, flush=True)
 
 
 def _progress(label: str, done: float, total: float) -> None:
-    if total > 0 and sys.stderr.isatty():
+    if total > 0 and not _QUIET.get() and sys.stderr.isatty():
         print(
             f"\rprepare: {label} {min(100.0, 100 * done / total):5.1f}%",
             end="",
@@ -83,7 +107,7 @@ def _progress(label: str, done: float, total: float) -> None:
 def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        raise PrepareError(f"{name} is not installed (Debian: apt-get install ffmpeg)")
+        raise Unavailable(f"{name} is not installed (Debian: apt-get install ffmpeg)")
     return path
 
 
@@ -257,9 +281,10 @@ def _no_sidecar(summary: Summary, why: str, required: bool) -> Path | None:
     return None
 
 
-def published_name(asset: str, container: str) -> str:
+def published_name(asset: str, container: str, fit_extension: bool = False) -> str:
     """The asset name to publish under: one without an extension gets its container's;
-    one whose extension Mist would take for another container is refused."""
+    one whose extension Mist would take for another container is refused, or with
+    `fit_extension` given the container's (`x/master.mp4` kept as TS: `x/master.ts`)."""
     allowed = EXTENSIONS.get(container)
     if allowed is None:
         return asset
@@ -268,6 +293,8 @@ def published_name(asset: str, container: str) -> str:
         return asset + allowed[0]
     if suffix not in allowed:
         right = str(Path(asset).with_suffix(allowed[0]))
+        if fit_extension:
+            return right
         shown = {"mp4": "MP4", "mpegts": "MPEG-TS", "matroska": "Matroska"}[container]
         raise PrepareError(
             f"{asset}: the prepared file is {shown}, which Mist reads only under "
@@ -284,19 +311,28 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-async def _download(client: Any, bucket: str, key: str, target: Path) -> None:
+async def _download(client: Any, bucket: str, key: str, target: Path, etag: str | None) -> None:
+    where = f"s3://{bucket}/{key}"
     try:
-        response = await client.get_object(Bucket=bucket, Key=key)
+        version = {"IfMatch": f'"{etag}"'} if etag else {}
+        response = await client.get_object(Bucket=bucket, Key=key, **version)
+        total = int(response.get("ContentLength") or 0)
+        done = 0
+        async with response["Body"] as body:
+            with open(target, "wb") as handle:
+                while chunk := await body.read(1 << 20):
+                    handle.write(chunk)
+                    done += len(chunk)
+                    _progress("download", done, total)
+    except OSError as exc:  # the work directory, not the upload
+        raise Unavailable(f"can not write {target.parent}: {exc.strerror}") from None
     except Exception as exc:
-        raise PrepareError(f"can not read s3://{bucket}/{key}: {_s3_reason(exc)}") from None
-    total = int(response.get("ContentLength") or 0)
-    done = 0
-    async with response["Body"] as body:
-        with open(target, "wb") as handle:
-            while chunk := await body.read(1 << 20):
-                handle.write(chunk)
-                done += len(chunk)
-                _progress("download", done, total)
+        reason = _s3_reason(exc)
+        if reason in ("NoSuchKey", "404"):
+            raise PrepareError(f"can not read {where}: {reason}") from None
+        raise Unavailable(f"can not read {where}: {reason}") from None
+    if total and done != total:
+        raise Unavailable(f"can not read {where}: {done} of {total} bytes arrived")
 
 
 def _s3_reason(exc: BaseException) -> str:
@@ -307,10 +343,16 @@ def _s3_reason(exc: BaseException) -> str:
 
 
 async def _upload(
-    client: Any, bucket: str, key: str, path: Path, content_type: str, sha: str
+    client: Any,
+    bucket: str,
+    key: str,
+    path: Path,
+    content_type: str,
+    sha: str,
+    extra: dict[str, str] | None = None,
 ) -> None:
     size = path.stat().st_size
-    metadata = {SHA_META: sha}
+    metadata = {SHA_META: sha, **(extra or {})}
     if size <= PART_SIZE:
         await client.put_object(
             Bucket=bucket,
@@ -343,87 +385,131 @@ async def _upload(
         raise
 
 
-async def _existing_sha(client: Any, bucket: str, key: str) -> str | None:
+async def published_metadata(client: Any, bucket: str, key: str) -> dict[str, str]:
+    """The s3proxy metadata of what is published at a key ({} when nothing is)."""
     try:
         head = await client.head_object(Bucket=bucket, Key=key)
     except Exception:
-        return None
-    value = head.get("Metadata", {}).get(SHA_META)
-    return value if isinstance(value, str) else None
+        return {}
+    metadata = head.get("Metadata", {})
+    return {k: v for k, v in metadata.items() if k.startswith("s3proxy-") and isinstance(v, str)}
 
 
-async def prepare(source: str, asset: str, config: Config, require_dtsh: bool = False) -> Summary:
+async def prepare(
+    source: str,
+    asset: str,
+    config: Config,
+    require_dtsh: bool = False,
+    options: Options | None = None,
+) -> Summary:
+    options = options or Options()
     validate_asset_name(asset)
+    quiet = _QUIET.set(options.quiet)
+    try:
+        if options.client is not None:
+            return await _prepare(options.client, source, asset, config, require_dtsh, options)
+        session = get_session()
+        async with session.create_client(
+            "s3", region_name=config.s3.region, endpoint_url=config.s3.endpoint_url
+        ) as client:
+            return await _prepare(client, source, asset, config, require_dtsh, options)
+    finally:
+        _QUIET.reset(quiet)
+
+
+async def _prepare(
+    client: Any, source: str, asset: str, config: Config, require_dtsh: bool, options: Options
+) -> Summary:
     bucket = config.s3.bucket
-    key = object_key(config.s3.prefix, asset)
-    summary = Summary(asset=asset, bucket=bucket, key=key)
-    session = get_session()
-    async with session.create_client(
-        "s3", region_name=config.s3.region, endpoint_url=config.s3.endpoint_url
-    ) as client:
-        with tempfile.TemporaryDirectory(prefix="s3proxy-prepare-") as tmp:
-            work = Path(tmp)
-            if source.startswith("s3://"):
-                src_bucket, _, src_key = source[5:].partition("/")
-                if not src_bucket or not src_key:
-                    raise PrepareError(f"{source}: expected s3://bucket/key")
-                local = work / ("source" + Path(src_key).suffix)
-                await _download(client, src_bucket, src_key, local)
-            else:
-                local = Path(source)
-                if not local.is_file():
-                    raise PrepareError(f"{source}: no such file")
-            info = await asyncio.to_thread(probe, local)
-            await asyncio.to_thread(verify_complete, local, info)
-            prepared = await asyncio.to_thread(remux, local, work, info, summary)
-            asset = published_name(asset, summary.container)  # before any upload
+    summary = Summary(asset=asset, bucket=bucket, key=object_key(config.s3.prefix, asset))
+    with tempfile.TemporaryDirectory(prefix="s3proxy-prepare-", dir=options.work_dir) as tmp:
+        work = Path(tmp)
+        extra: dict[str, str] = {}
+        if source.startswith("s3://"):
+            src_bucket, _, src_key = source[5:].partition("/")
+            if not src_bucket or not src_key:
+                raise PrepareError(f"{source}: expected s3://bucket/key")
+            local = work / ("source" + Path(src_key).suffix)
+            await _download(client, src_bucket, src_key, local, options.source_etag)
+            if options.source_etag:
+                extra[SOURCE_ETAG_META] = options.source_etag
+        else:
+            local = Path(source)
+            if not local.is_file():
+                raise PrepareError(f"{source}: no such file")
+        summary.source_sha256 = extra[SOURCE_SHA_META] = await asyncio.to_thread(_sha256, local)
+        if await _unchanged(client, summary, config, extra):
+            return summary
+        info = await asyncio.to_thread(probe, local)
+        await asyncio.to_thread(verify_complete, local, info)
+        prepared = await asyncio.to_thread(remux, local, work, info, summary)
+        asset = published_name(asset, summary.container, options.fit_extension)  # before upload
+        if asset != summary.asset:
             summary.asset, summary.key = asset, object_key(config.s3.prefix, asset)
-            key = summary.key
-            final_info = await asyncio.to_thread(probe, prepared)
-            streams = final_info.get("streams", [])
-            summary.codecs = [f"{s.get('codec_type')}:{s.get('codec_name')}" for s in streams]
-            duration = final_info.get("format", {}).get("duration")
-            summary.duration_s = round(float(duration), 3) if duration else None
-            summary.size = prepared.stat().st_size
-            if summary.container == "mp4":
-                kinds = [kind for kind, _, _ in top_level_boxes(prepared)]
-                if "moov" in kinds and "mdat" in kinds:
-                    summary.index = "start" if kinds.index("moov") < kinds.index("mdat") else "end"
-            if summary.size >= MIST_LIMIT:
-                summary.notes.append("2 GiB or more: MistServer can not play files this large")
-                _say("warning: " + summary.notes[-1])
-            sidecar = await asyncio.to_thread(
-                make_sidecar, prepared, summary.container, asset, summary, require_dtsh
-            )
-            sha = await asyncio.to_thread(_sha256, prepared)
-            content_type = {
-                "mp4": "video/mp4",
-                "mpegts": "video/mp2t",
-                "matroska": "video/x-matroska",
-            }.get(summary.container, "application/octet-stream")
-            try:
-                if sidecar is not None:  # first: the asset's presence means "ready"
-                    await _upload(
-                        client,
-                        bucket,
-                        key + ".dtsh",
-                        sidecar,
-                        "application/octet-stream",
-                        await asyncio.to_thread(_sha256, sidecar),
-                    )
-                    summary.sidecar = "uploaded"
-                if await _existing_sha(client, bucket, key) == sha:
-                    summary.uploaded = "unchanged"
-                else:
-                    await _upload(client, bucket, key, prepared, content_type, sha)
-                    summary.uploaded = "uploaded"
-            except PrepareError:
-                raise
-            except Exception as exc:
-                raise PrepareError(
-                    f"upload to s3://{bucket}/{key} failed: {_s3_reason(exc)}"
-                ) from None
+            if await _unchanged(client, summary, config, extra):
+                return summary
+        key = summary.key
+        final_info = await asyncio.to_thread(probe, prepared)
+        _describe(summary, final_info, prepared)
+        sidecar = await asyncio.to_thread(
+            make_sidecar, prepared, summary.container, asset, summary, require_dtsh
+        )
+        sha = await asyncio.to_thread(_sha256, prepared)
+        content_type = {
+            "mp4": "video/mp4",
+            "mpegts": "video/mp2t",
+            "matroska": "video/x-matroska",
+        }.get(summary.container, "application/octet-stream")
+        try:
+            if sidecar is not None:  # first: the asset's presence means "ready"
+                await _upload(
+                    client,
+                    bucket,
+                    key + ".dtsh",
+                    sidecar,
+                    "application/octet-stream",
+                    await asyncio.to_thread(_sha256, sidecar),
+                )
+                summary.sidecar = "uploaded"
+            published = await published_metadata(client, bucket, key)
+            if published.get(SHA_META) == sha and all(
+                published.get(k) == v for k, v in extra.items()
+            ):
+                summary.uploaded = "unchanged"
+            else:
+                await _upload(client, bucket, key, prepared, content_type, sha, extra)
+                summary.uploaded = "uploaded"
+        except PrepareError:
+            raise
+        except Exception as exc:
+            raise Unavailable(f"upload to s3://{bucket}/{key} failed: {_s3_reason(exc)}") from None
     return summary
+
+
+async def _unchanged(client: Any, summary: Summary, config: Config, extra: dict[str, str]) -> bool:
+    """Is this upload (by its content hash) what is published already? Then the summary
+    is filled from the published object and nothing is done again."""
+    published = await published_metadata(client, config.s3.bucket, summary.key)
+    if not published or published.get(SOURCE_SHA_META) != extra[SOURCE_SHA_META]:
+        return False
+    summary.uploaded = "unchanged"
+    summary.notes.append("this upload is published already (same content hash)")
+    return True
+
+
+def _describe(summary: Summary, info: dict[str, Any], prepared: Path) -> None:
+    streams = info.get("streams", [])
+    summary.codecs = [f"{s.get('codec_type')}:{s.get('codec_name')}" for s in streams]
+    duration = info.get("format", {}).get("duration")
+    summary.duration_s = round(float(duration), 3) if duration else None
+    summary.size = prepared.stat().st_size
+    if summary.container == "mp4":
+        kinds = [kind for kind, _, _ in top_level_boxes(prepared)]
+        if "moov" in kinds and "mdat" in kinds:
+            summary.index = "start" if kinds.index("moov") < kinds.index("mdat") else "end"
+    if summary.size >= MIST_LIMIT:
+        summary.notes.append("2 GiB or more: MistServer can not play files this large")
+        _say("warning: " + summary.notes[-1])
 
 
 def run_prepare(source: str, asset: str, config: Config, require_dtsh: bool = False) -> int:
