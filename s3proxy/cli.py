@@ -1,4 +1,4 @@
-"""The `s3proxy` command: serve, demo, token, check-config."""
+"""The `s3proxy` command: serve, demo, token, check-config, prepare, ingest, warm."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -17,6 +18,9 @@ from .auth import load_verification_keys, mint_token
 from .config import Config, ConfigError, admin_secret, config_as_dict, load_config
 from .errors import StartupError
 from .logs import configure_logging
+
+if TYPE_CHECKING:
+    from .ingest.service import IngestService
 
 EXIT_USAGE = 2
 
@@ -118,6 +122,25 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from .prepare import run_prepare
 
     return run_prepare(args.source, args.asset, _load(args.config), args.require_dtsh)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from .ingest.service import IngestService
+
+    config = _load(args.config)
+    service = IngestService(config)  # the section's problems (a missing secret) stop it here
+    configure_logging(config.log.level, config.log.format)
+    return asyncio.run(_ingest(service))
+
+
+async def _ingest(service: IngestService) -> int:
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    return await service.run(stop)
 
 
 def cmd_warm(args: argparse.Namespace) -> int:
@@ -233,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="YAML file (default: $S3PROXY_CONFIG): bucket, prefix, endpoint"
     )
     prepare.set_defaults(func=cmd_prepare)
+
+    ingest = commands.add_parser(
+        "ingest", help="run the ingest service: prepare every upload, signal when ready"
+    )
+    ingest.add_argument("--config", help="YAML file (default: $S3PROXY_CONFIG): the ingest section")
+    ingest.set_defaults(func=cmd_ingest)
 
     warm = commands.add_parser("warm", help="ask a running proxy to load an asset's start")
     warm.add_argument("name", help="asset name, as in /vod/<name>")

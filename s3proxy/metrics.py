@@ -212,3 +212,57 @@ def _add_process_collectors(registry: CollectorRegistry) -> None:
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
+
+
+_JOB_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 3600)
+_LAG_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 14400)
+INGEST_OUTCOMES = ("ready", "failed", "skipped", "released")
+
+
+class IngestMetrics:
+    """`s3proxy ingest`'s own registry (a separate process from the proxy's)."""
+
+    CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.jobs = Counter(
+            "s3proxy_ingest_jobs_total",
+            "Ingest jobs ended, by outcome (released: given back, to be taken again)",
+            ["outcome"],
+            registry=r,
+        )
+        self.job_seconds = Histogram(
+            "s3proxy_ingest_job_seconds",
+            "Time from taking an upload to its outcome",
+            buckets=_JOB_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge("s3proxy_ingest_inflight", "Jobs running", registry=r)
+        self.queue_lag = Histogram(
+            "s3proxy_ingest_queue_lag_seconds",
+            "Time from an upload to its job's start",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "s3proxy_ingest_queue_depth", "Uploads waiting for a job, as last seen", registry=r
+        )
+        self.webhooks = Counter(
+            "s3proxy_ingest_webhooks_total",
+            "Webhook events, by outcome (delivered, failed)",
+            ["outcome"],
+            registry=r,
+        )
+        self.ready = Gauge("s3proxy_ready", "1 while the work source answered recently", registry=r)
+        Gauge(
+            "s3proxy_build_info", "The running version (always 1)", ["version"], registry=r
+        ).labels(version=__version__).set(1)
+        _add_process_collectors(r)
+        for outcome in INGEST_OUTCOMES:
+            self.jobs.labels(outcome=outcome)
+        for outcome in ("delivered", "failed"):
+            self.webhooks.labels(outcome=outcome)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -35,6 +35,8 @@ PART_SIZE = 16 << 20
 SHA_META = "s3proxy-sha256"  # of the published bytes
 SOURCE_SHA_META = "s3proxy-source-sha256"  # of the upload they were prepared from
 SOURCE_ETAG_META = "s3proxy-source-etag"  # the upload's ETag (ingest: skip without a download)
+SUMMARY_META = "s3proxy-summary"  # what a later skip reports: container, duration, codecs
+_SUMMARY_FIELDS = ("container", "duration_s", "codecs", "index", "sidecar")
 # Mist's input per container, newest name first (3.10's Matroska input is MistInEBML)
 _MIST_INPUTS = {
     "mp4": ("MistInMP4",),
@@ -327,7 +329,7 @@ async def _download(client: Any, bucket: str, key: str, target: Path, etag: str 
     except OSError as exc:  # the work directory, not the upload
         raise Unavailable(f"can not write {target.parent}: {exc.strerror}") from None
     except Exception as exc:
-        reason = _s3_reason(exc)
+        reason = s3_reason(exc)
         if reason in ("NoSuchKey", "404"):
             raise PrepareError(f"can not read {where}: {reason}") from None
         raise Unavailable(f"can not read {where}: {reason}") from None
@@ -335,7 +337,7 @@ async def _download(client: Any, bucket: str, key: str, target: Path, etag: str 
         raise Unavailable(f"can not read {where}: {done} of {total} bytes arrived")
 
 
-def _s3_reason(exc: BaseException) -> str:
+def s3_reason(exc: BaseException) -> str:
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         return str(response.get("Error", {}).get("Code", type(exc).__name__))
@@ -385,14 +387,22 @@ async def _upload(
         raise
 
 
-async def published_metadata(client: Any, bucket: str, key: str) -> dict[str, str]:
-    """The s3proxy metadata of what is published at a key ({} when nothing is)."""
+@dataclass(frozen=True)
+class Published:
+    """What is published at a key: its size and s3proxy metadata (empty: nothing is)."""
+
+    size: int = 0
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+async def published_at(client: Any, bucket: str, key: str) -> Published:
     try:
         head = await client.head_object(Bucket=bucket, Key=key)
     except Exception:
-        return {}
+        return Published()
     metadata = head.get("Metadata", {})
-    return {k: v for k, v in metadata.items() if k.startswith("s3proxy-") and isinstance(v, str)}
+    ours = {k: v for k, v in metadata.items() if k.startswith("s3proxy-") and isinstance(v, str)}
+    return Published(int(head.get("ContentLength") or 0), ours)
 
 
 async def prepare(
@@ -471,30 +481,45 @@ async def _prepare(
                     await asyncio.to_thread(_sha256, sidecar),
                 )
                 summary.sidecar = "uploaded"
-            published = await published_metadata(client, bucket, key)
+            published = (await published_at(client, bucket, key)).metadata
             if published.get(SHA_META) == sha and all(
                 published.get(k) == v for k, v in extra.items()
             ):
                 summary.uploaded = "unchanged"
             else:
+                described = {name: getattr(summary, name) for name in _SUMMARY_FIELDS}
+                extra[SUMMARY_META] = json.dumps(described, separators=(",", ":"))
                 await _upload(client, bucket, key, prepared, content_type, sha, extra)
                 summary.uploaded = "uploaded"
         except PrepareError:
             raise
         except Exception as exc:
-            raise Unavailable(f"upload to s3://{bucket}/{key} failed: {_s3_reason(exc)}") from None
+            raise Unavailable(f"upload to s3://{bucket}/{key} failed: {s3_reason(exc)}") from None
     return summary
 
 
 async def _unchanged(client: Any, summary: Summary, config: Config, extra: dict[str, str]) -> bool:
     """Is this upload (by its content hash) what is published already? Then the summary
     is filled from the published object and nothing is done again."""
-    published = await published_metadata(client, config.s3.bucket, summary.key)
-    if not published or published.get(SOURCE_SHA_META) != extra[SOURCE_SHA_META]:
+    published = await published_at(client, config.s3.bucket, summary.key)
+    if published.metadata.get(SOURCE_SHA_META) != extra[SOURCE_SHA_META]:
         return False
     summary.uploaded = "unchanged"
     summary.notes.append("this upload is published already (same content hash)")
+    describe_published(summary, published)
     return True
+
+
+def describe_published(summary: Summary, published: Published) -> None:
+    """Fill a summary from what is published at its key."""
+    try:
+        described = json.loads(published.metadata.get(SUMMARY_META, "{}"))
+    except ValueError:
+        described = {}
+    for name in _SUMMARY_FIELDS:
+        if isinstance(described, dict) and name in described:
+            setattr(summary, name, described[name])
+    summary.size = published.size
 
 
 def _describe(summary: Summary, info: dict[str, Any], prepared: Path) -> None:

@@ -9,11 +9,13 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -320,3 +322,71 @@ async def stored_within(emulator: Emulator, bucket: str, key: str, seconds: floa
         except emulator.client().exceptions.NoSuchKey:
             await asyncio.sleep(0.05)
     raise AssertionError(f"{key} was never stored")
+
+
+# Media made with real ffmpeg (prepare and ingest): an MP4 with its index at the end, a TS,
+# a Matroska file MP4 can not hold, a text file named .mp4 and two truncated MP4s.
+SOURCES = [
+    "-f",
+    "lavfi",
+    "-i",
+    "testsrc2=size=160x120:rate=25:duration=2",
+    "-f",
+    "lavfi",
+    "-i",
+    "sine=frequency=300:sample_rate=44100:duration=2",
+]
+
+
+def ffmpeg(*args: str) -> None:
+    subprocess.run([require_tool("ffmpeg"), "-v", "error", "-y", *args], check=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    require_tool("ffprobe")
+    root = tmp_path_factory.mktemp("media")
+    files = {
+        name: root / name
+        for name in (
+            "moov_end.mp4",
+            "clip.ts",
+            "pcm.mkv",
+            "text.mp4",
+            "cut.mp4",
+            "cut_fast.mp4",
+            "subs.srt",
+        )
+    }
+    ffmpeg(
+        *SOURCES,
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-c:a",
+        "aac",
+        str(files["moov_end.mp4"]),
+    )
+    ffmpeg(
+        *SOURCES, "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", str(files["clip.ts"])
+    )
+    ffmpeg(
+        *SOURCES,
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-c:a",
+        "pcm_s16le",
+        str(files["pcm.mkv"]),
+    )
+    files["text.mp4"].write_text("this is not a video\n" * 100)
+    whole = files["moov_end.mp4"].read_bytes()
+    files["cut.mp4"].write_bytes(whole[: len(whole) // 2])  # the moov (at the end) is gone
+    fast = root / "fast.mp4"
+    ffmpeg("-i", str(files["moov_end.mp4"]), "-c", "copy", "-movflags", "+faststart", str(fast))
+    fast_bytes = fast.read_bytes()
+    files["cut_fast.mp4"].write_bytes(fast_bytes[: len(fast_bytes) * 2 // 3])
+    files["subs.srt"].write_text("1\n00:00:00,000 --> 00:00:01,000\nhello\n")
+    return files
