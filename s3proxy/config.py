@@ -429,7 +429,12 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
 
 def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
     hints = typing.get_type_hints(cls)
-    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.name != "source"]
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if not _is_origin(cls, f.name)]
+
+
+def _is_origin(cls: type, name: str) -> bool:
+    """Config.source names the file a config came from: no key (ingest.source is one)."""
+    return cls is Config and name == "source"
 
 
 def _apply_env(
@@ -593,7 +598,7 @@ def config_as_dict(config: Config, *, mask_secrets: bool = True) -> dict[str, An
             return {
                 f.name: render(getattr(obj, f.name), f.name)
                 for f in dataclasses.fields(obj)
-                if f.name != "source"
+                if not _is_origin(type(obj), f.name)
             }
         if isinstance(obj, list):
             return [render(v, name) for v in obj]

@@ -131,12 +131,19 @@ def probe(path: Path) -> dict[str, Any]:
     )
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or ["unreadable"])[-1]
-        raise PrepareError(f"{path.name} is not a media file ffprobe can read: {reason}")
+        raise PrepareError(
+            f"{path.name} is not a media file ffprobe can read: {_scrub(reason, path)}"
+        )
     info: dict[str, Any] = json.loads(result.stdout or "{}")
     kinds = {s.get("codec_type") for s in info.get("streams", [])}
     if not kinds & {"audio", "video"}:
         raise PrepareError(f"{path.name} has no audio or video stream")
     return info
+
+
+def _scrub(line: str, path: Path) -> str:
+    """A tool's message without the temporary file's path (the refusal names the upload)."""
+    return line.replace(f"{path}: ", "").replace(str(path), path.name)
 
 
 def top_level_boxes(path: Path) -> list[tuple[str, int, int]]:
@@ -219,7 +226,9 @@ def remux(source: Path, work: Path, info: dict[str, Any], summary: Summary) -> P
             )
             _say(summary.notes[-1])
             return source
-    raise PrepareError(f"{source.name} could not be remuxed (truncated or damaged?): {reason}")
+    raise PrepareError(
+        f"{source.name} could not be remuxed (truncated or damaged?): {_scrub(reason, source)}"
+    )
 
 
 def verify_complete(path: Path, info: dict[str, Any]) -> None:
@@ -235,7 +244,7 @@ def verify_complete(path: Path, info: dict[str, Any]) -> None:
     ]
     if result.returncode != 0 or damaged:
         reason = (damaged or result.stderr.strip().splitlines() or ["read error"])[-1]
-        raise PrepareError(f"{path.name} is truncated or damaged: {reason}")
+        raise PrepareError(f"{path.name} is truncated or damaged: {_scrub(reason, path)}")
 
 
 def stream_name(asset: str) -> str:
@@ -439,7 +448,7 @@ async def _prepare(
             src_bucket, _, src_key = source[5:].partition("/")
             if not src_bucket or not src_key:
                 raise PrepareError(f"{source}: expected s3://bucket/key")
-            local = work / ("source" + Path(src_key).suffix)
+            local = work / (Path(src_key).name or "source")  # messages name the upload
             await _download(client, src_bucket, src_key, local, options.source_etag)
             if options.source_etag:
                 extra[SOURCE_ETAG_META] = options.source_etag

@@ -56,6 +56,7 @@ JOB_PREFIX = "s3proxy-ingest-"
 MIN_SECRET_CHARS = 16
 SIDECAR_ROOM = 64 << 20  # a job's room beyond twice the upload (the sidecar, ffmpeg's slack)
 RETRY_AFTER_S = 30.0  # a job given back for a failure that is not the upload's
+RECEIVE_WAIT_S = 5  # an SQS long poll: also the longest SIGTERM waits for one to end
 
 
 def split_source(source: str) -> tuple[str, str]:
@@ -118,6 +119,7 @@ class IngestService:
         self.notifier: Notifier  # made with the HTTP session, in run()
         self._running: set[_Running] = set()
         self._reserved = 0
+        self._busy: dict[tuple[str, str], asyncio.Event] = {}  # uploads being prepared
         self._freed = asyncio.Event()  # a job ended: a slot (and its room) is free
         self._source_ok_at = 0.0
         self._source_problem = "the work source has not answered yet"
@@ -214,8 +216,11 @@ class IngestService:
                 result = on_started(bound)
                 if result is not None:
                     await result
-            await self._loop(source, s3, http, stop)
-            await self._finish_running()
+            looping = asyncio.create_task(self._loop(source, s3, http, stop))
+            await _first(stop.wait(), asyncio.shield(looping))
+            # from SIGTERM on, both at once: the receive under way ends (its messages are
+            # given back) while the running jobs have their shutdown_timeout_s
+            await asyncio.gather(looping, self._finish_running())
         log.info("ingest stopped")
         return 0
 
@@ -232,7 +237,13 @@ class IngestService:
                 await _first(stop.wait(), self._freed.wait())
                 continue
             try:
-                jobs = await _first(stop.wait(), source.take(free, wait_s=20))
+                # never abandoned half-way: a receive cut off may still be answered, its
+                # messages then hidden for a whole lease with nobody working on them
+                jobs = await source.take(free, wait_s=RECEIVE_WAIT_S)
+                if stop.is_set():  # SIGTERM came during the receive: give them back
+                    for job in jobs:
+                        await self._release(job, 0.0)
+                    break
                 if not polling and time.monotonic() - measured_at > 15:
                     measured_at = time.monotonic()
                     await source.measure()
@@ -246,7 +257,7 @@ class IngestService:
             self._source_ok_at = time.monotonic()
             if source.depth is not None:
                 self.metrics.queue_depth.set(source.depth)
-            for job in jobs or ():
+            for job in jobs:
                 self._start(job, s3, http)
             if polling and not (jobs and source.depth):  # nothing more waiting: next pass
                 await _first(stop.wait(), asyncio.sleep(self.ingest.poll_interval_s))
@@ -284,13 +295,14 @@ class IngestService:
         outcome = "released"
         fields = running.fields
         fields.update(upload=f"s3://{job.upload.bucket}/{job.upload.key}")
+        log.info("ingest job taken", extra={"fields": dict(fields)})
         try:
-            outcome = await self._process(job, s3, http, fields)
+            async with self._one_at_a_time(job.upload):
+                outcome = await self._process(job, s3, http, fields)
         except asyncio.CancelledError:
             fields["why"] = "its lease was lost" if running.lost else "stopped before it ended"
             if not running.lost:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(job.lease.release())
+                await asyncio.shield(self._release(job, 0.0))
         except Unavailable as exc:
             fields["why"] = str(exc)
             await self._release(job, RETRY_AFTER_S)
@@ -312,6 +324,21 @@ class IngestService:
                 "ingest job",
                 extra={"fields": {"outcome": outcome, "seconds": round(seconds, 3), **fields}},
             )
+
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, upload: Upload) -> Any:
+        """Two events for one upload (queues deliver at least once; a multipart upload may
+        be announced twice) run one after the other here, so the second finds the first's
+        result and is skipped instead of preparing the same file again."""
+        key = (upload.bucket, upload.key)
+        while (busy := self._busy.get(key)) is not None:
+            await busy.wait()
+        self._busy[key] = done = asyncio.Event()
+        try:
+            yield
+        finally:
+            del self._busy[key]
+            done.set()
 
     async def _keep_lease(self, running: _Running) -> None:
         while True:
