@@ -286,3 +286,26 @@ def test_output_into_a_pipe_that_closes_early_is_quiet(tmp_path: Path) -> None:
         env={**os.environ, "S3PROXY_JWT_SECRET": PLACEHOLDER},
     )  # `true` reads nothing
     assert result.stderr == "", result.stderr
+
+
+def test_the_example_config_and_the_readme_show_every_key() -> None:
+    from s3proxy.config import Config, config_as_dict
+
+    def keys(data: object, prefix: str = "") -> set[str]:
+        if not isinstance(data, dict):
+            return {prefix.rstrip(".")}
+        found: set[str] = set()
+        for name, value in data.items():
+            if name == "keys":  # a list of key entries, shown by example
+                found.add(prefix + name)
+                continue
+            found |= keys(value, f"{prefix}{name}.")
+        return found
+
+    schema = keys(config_as_dict(Config()))
+    example = keys(yaml.safe_load((ROOT / "config" / "s3proxy.yaml").read_text()))
+    assert schema - example == set(), "keys missing from config/s3proxy.yaml"
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## The ingest stage") :]
+    missing = [k for k in schema if k.startswith("ingest.") and f"`{k[7:]}`" not in section]
+    assert missing == [], "ingest keys the README's ingest section does not explain"
