@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from .config import Config
 
 MIST_LIMIT = 2 << 30  # Mist's Content-Length parsing overflows at 2 GiB
 PART_SIZE = 16 << 20
+PARTS_IN_FLIGHT = 4  # a multipart upload's parts sent at once (4 x 16 MiB in memory)
 SHA_META = "s3proxy-sha256"  # of the published bytes
 SOURCE_SHA_META = "s3proxy-source-sha256"  # of the upload they were prepared from
 SOURCE_ETAG_META = "s3proxy-source-etag"  # the upload's ETag (ingest: skip without a download)
@@ -82,7 +84,14 @@ class Summary:
     sidecar: str = "skipped"  # uploaded | skipped (why in notes)
     uploaded: str = ""  # uploaded | unchanged
     source_sha256: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)  # by phase
     notes: list[str] = field(default_factory=list)
+
+    def timed(self, phase: str, since: float) -> float:
+        """Record a phase that began at `since` (monotonic); the next one begins now."""
+        now = time.monotonic()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - since, 3)
+        return now
 
 
 _QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("quiet", default=False)
@@ -377,23 +386,39 @@ async def _upload(
         Bucket=bucket, Key=key, ContentType=content_type, Metadata=metadata
     )
     upload_id = upload["UploadId"]
-    parts = []
+    count = -(-size // PART_SIZE)
+    sent = 0
+    slots = asyncio.Semaphore(PARTS_IN_FLIGHT)
+
+    async def send(number: int) -> dict[str, Any]:
+        nonlocal sent
+        async with slots:
+            chunk = await asyncio.to_thread(_read_part, path, number)
+            part = await client.upload_part(
+                Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk
+            )
+        sent += len(chunk)
+        _progress("upload", sent, size)
+        return {"ETag": part["ETag"], "PartNumber": number}
+
     try:
-        with open(path, "rb") as handle:
-            number = 1
-            while chunk := handle.read(PART_SIZE):
-                part = await client.upload_part(
-                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk
-                )
-                parts.append({"ETag": part["ETag"], "PartNumber": number})
-                _progress("upload", min(size, number * PART_SIZE), size)
-                number += 1
+        async with asyncio.TaskGroup() as group:  # one failing part cancels the others
+            tasks = [group.create_task(send(number)) for number in range(1, count + 1)]
+        parts = [task.result() for task in tasks]
         await client.complete_multipart_upload(
             Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
         )
-    except BaseException:
+    except BaseException as exc:
         await client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+        if isinstance(exc, BaseExceptionGroup):  # from the task group: its first cause
+            raise exc.exceptions[0] from None
         raise
+
+
+def _read_part(path: Path, number: int) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek((number - 1) * PART_SIZE)
+        return handle.read(PART_SIZE)
 
 
 @dataclass(frozen=True)
@@ -444,12 +469,14 @@ async def _prepare(
     with tempfile.TemporaryDirectory(prefix="s3proxy-prepare-", dir=options.work_dir) as tmp:
         work = Path(tmp)
         extra: dict[str, str] = {}
+        began = time.monotonic()
         if source.startswith("s3://"):
             src_bucket, _, src_key = source[5:].partition("/")
             if not src_bucket or not src_key:
                 raise PrepareError(f"{source}: expected s3://bucket/key")
             local = work / (Path(src_key).name or "source")  # messages name the upload
             await _download(client, src_bucket, src_key, local, options.source_etag)
+            began = summary.timed("download", began)
             if options.source_etag:
                 extra[SOURCE_ETAG_META] = options.source_etag
         else:
@@ -457,11 +484,14 @@ async def _prepare(
             if not local.is_file():
                 raise PrepareError(f"{source}: no such file")
         summary.source_sha256 = extra[SOURCE_SHA_META] = await asyncio.to_thread(_sha256, local)
+        began = summary.timed("hash", began)
         if await _unchanged(client, summary, config, extra):
             return summary
         info = await asyncio.to_thread(probe, local)
         await asyncio.to_thread(verify_complete, local, info)
+        began = summary.timed("check", began)
         prepared = await asyncio.to_thread(remux, local, work, info, summary)
+        began = summary.timed("remux", began)
         asset = published_name(asset, summary.container, options.fit_extension)  # before upload
         if asset != summary.asset:
             summary.asset, summary.key = asset, object_key(config.s3.prefix, asset)
@@ -473,7 +503,9 @@ async def _prepare(
         sidecar = await asyncio.to_thread(
             make_sidecar, prepared, summary.container, asset, summary, require_dtsh
         )
+        began = summary.timed("sidecar", began)
         sha = await asyncio.to_thread(_sha256, prepared)
+        began = summary.timed("hash", began)
         content_type = {
             "mp4": "video/mp4",
             "mpegts": "video/mp2t",
@@ -500,6 +532,7 @@ async def _prepare(
                 extra[SUMMARY_META] = json.dumps(described, separators=(",", ":"))
                 await _upload(client, bucket, key, prepared, content_type, sha, extra)
                 summary.uploaded = "uploaded"
+            summary.timed("upload", began)
         except PrepareError:
             raise
         except Exception as exc:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from s3proxy.metrics import Metrics
+from s3proxy.metrics import IngestMetrics, Metrics
 
 from .conftest import require_tool
 
@@ -31,7 +31,8 @@ def exported() -> set[str]:
     labelled families included before any of their labels has a value."""
     return {
         family.name + suffix
-        for family in Metrics().registry.collect()
+        for registry in (Metrics().registry, IngestMetrics().registry)
+        for family in registry.collect()
         for suffix in SUFFIXES.get(family.type, ("",))
     }
 

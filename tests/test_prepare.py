@@ -274,3 +274,34 @@ def test_an_extension_that_does_not_match_the_container_is_refused(
     picked = prepare(emulator, bucket, tmp_path, str(media["clip.ts"]), "shows/y")
     assert picked.returncode == 0, picked.stderr
     assert json.loads(picked.stdout)["key"] == "vod/shows/y.mp4"
+
+
+async def test_a_multipart_upload_sends_parts_side_by_side_and_aborts_on_a_failure(
+    emulator: Emulator, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiobotocore.session import get_session
+
+    from s3proxy import prepare as module
+
+    monkeypatch.setattr(module, "PART_SIZE", 5 << 20)  # S3's smallest part
+    path = tmp_path / "big.bin"
+    data = os.urandom((11 << 20) + 12345)  # three parts, the last one short
+    path.write_bytes(data)
+    async with get_session().create_client(
+        "s3", region_name="us-east-1", endpoint_url=emulator.endpoint_url
+    ) as client:
+        await module._upload(client, bucket, "big.bin", path, "application/octet-stream", "x")
+        assert stored(emulator, bucket, "big.bin") == data
+        real = client.upload_part
+
+        async def failing(**kwargs: object) -> object:
+            if kwargs["PartNumber"] == 2:
+                raise OSError("the link went down")
+            return await real(**kwargs)
+
+        monkeypatch.setattr(client, "upload_part", failing)
+        with pytest.raises(OSError, match="the link went down"):
+            await module._upload(client, bucket, "half.bin", path, "application/octet-stream", "x")
+    s3 = emulator.client()
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix="half.bin")

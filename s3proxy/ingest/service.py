@@ -408,6 +408,7 @@ class IngestService:
             finally:
                 await asyncio.to_thread(shutil.rmtree, directory, True)
                 os.close(lock)
+        fields["phases_s"] = summary.seconds
         outcome = "skipped" if summary.uploaded == "unchanged" else "ready"
         if outcome == "skipped":
             fields["why"] = "published already (same content hash)"
