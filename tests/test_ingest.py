@@ -31,7 +31,7 @@ from s3proxy.ingest.notify import SIGNATURE_HEADER, verify
 from s3proxy.prepare import top_level_boxes
 
 from .conftest import SUITE_LOGS, Emulator, StartProxy, make_token, require_tool
-from .test_media_clients import run as run_async
+from .test_media_clients import codecs_of
 from .test_serve import free_port
 
 WEBHOOK_SECRET = "webhook-secret-for-tests-only-0123"
@@ -338,17 +338,8 @@ async def test_uploads_become_ready_or_fail_with_signed_webhooks_and_each_is_pre
             )
             kinds = [b[0] for b in top_level_boxes(local)]
             assert kinds.index("moov") < kinds.index("mdat")
-            code, out, err = await run_async(
-                require_tool("ffprobe"),
-                "-v",
-                "error",
-                "-print_format",
-                "json",
-                "-show_streams",
-                running.url(f"/t/{make_token(asset)}/{asset}"),
-            )
-            assert code == 0, err
-            assert sorted(s["codec_name"] for s in json.loads(out)["streams"]) == ["aac", "h264"]
+            url = running.url(f"/t/{make_token(asset)}/{asset}")
+            assert await codecs_of(url) == ["aac", "h264"]
 
         # observable: metrics, health, one JSON line per job
         metrics = first.get("/metrics")[1].decode() + second.get("/metrics")[1].decode()

@@ -30,6 +30,15 @@ async def run(*argv: str) -> tuple[int, str, str]:
     return process.returncode, stdout.decode(), stderr.decode()
 
 
+async def codecs_of(url: str) -> list[str]:
+    """The sorted codec names ffprobe reads from a URL (it must read it without error)."""
+    code, out, err = await run(
+        require_tool("ffprobe"), "-v", "error", "-print_format", "json", "-show_streams", url
+    )
+    assert code == 0, err
+    return sorted(s["codec_name"] for s in json.loads(out)["streams"])
+
+
 def test_bundled_sample_is_small_faststart_mp4() -> None:
     assert len(SAMPLE) <= 2 << 20
     assert SAMPLE[4:8] == b"ftyp"
