@@ -543,3 +543,21 @@ def test_bad_ingest_config_is_one_line_and_exit_2(
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_a_new_asset_is_warmed_on_the_pool_before_the_webhook(
+    stage: Stage,
+    tmp_path: Path,
+    media: dict[str, Path],
+    webhooks: Webhooks,
+    start_proxy: StartProxy,
+) -> None:
+    node = await start_proxy(s3={"bucket": stage.media, "prefix": "vod/"})
+    base = node.admin_url("")
+    with ingest_process(stage, tmp_path, webhooks, warm_urls=[base]) as ingest:
+        stage.upload(media["moov_end.mp4"], "raw/film.mp4")
+        await webhooks.wait(1)
+        assert node.metric("s3proxy_cache_bytes", tier="memory") > 0, "warm before the webhook"
+        await ingest.until(lambda r: r.get("msg") == "ingest job")
+    (job,) = ingest.jobs()
+    assert job["outcome"] == "ready" and job["warm"] == {base: "ok"}
