@@ -423,17 +423,25 @@ def slow_tool(tmp_path: Path, name: str, seconds: float) -> str:
     return f"{directory}:{os.environ['PATH']}"
 
 
+MODES = {"queue": {}, "poll": {"queue_url": None, "poll_interval_s": 0.3}}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
 async def test_a_process_killed_mid_job_leaves_the_upload_to_the_other(
-    stage: Stage, tmp_path: Path, media: dict[str, Path], webhooks: Webhooks
+    stage: Stage, tmp_path: Path, media: dict[str, Path], webhooks: Webhooks, mode: str
 ) -> None:
     slow = slow_tool(tmp_path, "ffmpeg", 60)
-    with ingest_process(stage, tmp_path / "a", webhooks, path_env=slow, lease_s=3) as doomed:
+    shared = {"work_dir": str(tmp_path / "work"), "lease_s": 3, **MODES[mode]}
+    with ingest_process(stage, tmp_path / "a", webhooks, path_env=slow, **shared) as doomed:
         stage.upload(media["moov_end.mp4"], "raw/film.mp4")
         await doomed.until(lambda r: r.get("msg") == "ingest job taken")
         await asyncio.sleep(0.5)  # inside prepare: ffmpeg is "running"
+        left = sorted((tmp_path / "work").glob("s3proxy-ingest-*"))
+        assert left, "the job's directory"
         doomed.process.send_signal(signal.SIGKILL)
         doomed.process.wait()
-        with ingest_process(stage, tmp_path / "b", webhooks, lease_s=3) as other:
+        with ingest_process(stage, tmp_path / "b", webhooks, **shared) as other:
+            assert not any(path.exists() for path in left), "the dead job's files removed"
             await webhooks.wait(1, seconds=60)
             await asyncio.sleep(4)  # a second publish would come within a lease
     assert [e["type"] for e in webhooks.events] == ["asset.ready"]
@@ -442,13 +450,20 @@ async def test_a_process_killed_mid_job_leaves_the_upload_to_the_other(
     assert stage.keys(stage.media) == ["vod/film/master.mp4"]
 
 
+@pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("timeout_s", [20, 0.5])
 async def test_sigterm_finishes_the_running_job_or_gives_it_back(
-    stage: Stage, tmp_path: Path, media: dict[str, Path], webhooks: Webhooks, timeout_s: float
+    stage: Stage,
+    tmp_path: Path,
+    media: dict[str, Path],
+    webhooks: Webhooks,
+    timeout_s: float,
+    mode: str,
 ) -> None:
     slow = slow_tool(tmp_path, "ffmpeg", 2)
+    settings = {"lease_s": 300, **MODES[mode]}
     with ingest_process(
-        stage, tmp_path / "a", webhooks, path_env=slow, lease_s=300, shutdown_timeout_s=timeout_s
+        stage, tmp_path / "a", webhooks, path_env=slow, shutdown_timeout_s=timeout_s, **settings
     ) as stopping:
         stage.upload(media["moov_end.mp4"], "raw/film.mp4")
         await stopping.until(lambda r: r.get("msg") == "ingest job taken")
@@ -462,7 +477,7 @@ async def test_sigterm_finishes_the_running_job_or_gives_it_back(
         return
     assert job["outcome"] == "released" and job["why"] == "stopped before it ended"
     # given back at once: another process takes it long before the 300 s lease ends
-    with ingest_process(stage, tmp_path / "b", webhooks, lease_s=300) as other:
+    with ingest_process(stage, tmp_path / "b", webhooks, **settings) as other:
         await webhooks.wait(1, seconds=30)
     assert [j["outcome"] for j in other.jobs()] == ["ready"], stopping.lines
 
