@@ -127,19 +127,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from .ingest.service import IngestService
 
-    config = _load(args.config)
+    path = _config_path(args.config)  # kept: SIGHUP re-reads its log level
+    config = load_config(path)
     service = IngestService(config)  # the section's problems (a missing secret) stop it here
     configure_logging(config.log.level, config.log.format)
-    return asyncio.run(_ingest(service))
+    return asyncio.run(_ingest(service, path))
 
 
-async def _ingest(service: IngestService) -> int:
+async def _ingest(service: IngestService, path: str | None) -> int:
     import signal
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, service.reload, path)
     return await service.run(stop)
 
 

@@ -8,6 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from s3proxy.metrics import IngestMetrics, Metrics
@@ -82,34 +83,34 @@ def test_the_rules_and_the_dashboard_name_only_exported_metrics() -> None:
         assert not unknown, f"{unknown} in {expression}"
 
 
-def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "stop_above", "cache"),
+    [("s3proxy.service", 8, "s3proxy"), ("s3proxy-ingest.service", 35, "s3proxy-ingest")],
+)
+def test_the_systemd_units_verify(tmp_path: Path, name: str, stop_above: int, cache: str) -> None:
     import shutil
     import sys
-
-    import pytest
 
     analyze = shutil.which("systemd-analyze")
     if analyze is None:  # "where systemd is installed": not a tool CI must have
         pytest.skip("systemd-analyze is not installed")
-    unit = (CONFIG / "s3proxy.service").read_text()
+    unit = (CONFIG / name).read_text()
     for needed in (
         "DynamicUser=yes",
         "ProtectSystem=strict",
         "NoNewPrivileges=yes",
         "PrivateTmp=yes",
-        "CacheDirectory=s3proxy",
+        f"CacheDirectory={cache}",
         "ExecReload=/bin/kill -HUP",
     ):
         assert needed in unit, needed
     stop = int(re.search(r"^TimeoutStopSec=(\d+)", unit, re.M).group(1))  # type: ignore[union-attr]
-    assert stop > 8, "above the default drain (server.shutdown_timeout_s)"
+    assert stop > stop_above, "above the default drain (shutdown_timeout_s and the rest)"
     here = Path(sys.executable).parent / "s3proxy"  # the unit's binary, as installed here
-    path = tmp_path / "s3proxy.service"
+    path = tmp_path / name
     path.write_text(unit.replace("/opt/s3proxy/bin/s3proxy", str(here)))
     result = subprocess.run(
         [analyze, "verify", str(path)], capture_output=True, text=True, timeout=60
     )
-    problems = [
-        line for line in (result.stdout + result.stderr).splitlines() if "s3proxy.service" in line
-    ]
+    problems = [line for line in (result.stdout + result.stderr).splitlines() if name in line]
     assert result.returncode == 0 and not problems, result.stdout + result.stderr

@@ -11,7 +11,7 @@ import jwt
 import pytest
 import yaml
 
-from s3proxy.config import ConfigError, load_config, parse_size
+from s3proxy.config import ConfigError, admin_secret, load_config, parse_size
 
 from .conftest import SECRET, SECRET_ENV
 
@@ -309,3 +309,46 @@ def test_the_example_config_and_the_readme_show_every_key() -> None:
     section = readme[readme.index("## The ingest stage") :]
     missing = [k for k in schema if k.startswith("ingest.") and f"`{k[7:]}`" not in section]
     assert missing == [], "ingest keys the README's ingest section does not explain"
+
+
+def dockerfile_env(target: str) -> dict[str, str]:
+    """The ENV a Dockerfile target sets (its stage and the stages it builds on)."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    stages: dict[str, tuple[str | None, dict[str, str]]] = {}
+    current: dict[str, str] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if words[:1] == ["FROM"]:
+            current = {}
+            parent = words[1] if words[1] in stages else None
+            stages[words[3]] = (parent, current)
+        elif words[:1] == ["ENV"]:
+            current.update(word.split("=", 1) for word in words[1:])  # type: ignore[arg-type]
+    env: dict[str, str] = {}
+    name: str | None = target
+    while name is not None:
+        parent, values = stages[name]
+        env = {**values, **env}
+        name = parent
+    return env
+
+
+def test_the_docker_images_environment_makes_a_working_config() -> None:
+    from s3proxy.ingest.service import IngestService
+
+    text = (ROOT / "Dockerfile").read_text()
+    assert text.rstrip().endswith('CMD ["serve"]'), "the default (last) target serves"
+    serve = dockerfile_env("serve")
+    config = load_config(
+        serve["S3PROXY_CONFIG"].replace("/etc/s3proxy", str(ROOT / "config")),
+        env={**serve, "S3PROXY_ADMIN_TOKEN": PLACEHOLDER},
+    )
+    assert config.admin.host == "0.0.0.0"
+    assert admin_secret(config, {"S3PROXY_ADMIN_TOKEN": PLACEHOLDER}) == PLACEHOLDER
+    ingest = dockerfile_env("ingest")
+    config = load_config(
+        ROOT / "config" / "s3proxy.yaml",
+        env={**ingest, "S3PROXY_INGEST_SOURCE": "s3://my-uploads/raw/"},
+    )
+    assert config.ingest.work_dir == "/work" and config.ingest.admin_host == "0.0.0.0"
+    IngestService(config, env={"S3PROXY_WEBHOOK_SECRET": PLACEHOLDER})

@@ -576,3 +576,14 @@ async def test_a_new_asset_is_warmed_on_the_pool_before_the_webhook(
         await ingest.until(lambda r: r.get("msg") == "ingest job")
     (job,) = ingest.jobs()
     assert job["outcome"] == "ready" and job["warm"] == {base: "ok"}
+
+
+async def test_sighup_reloads_the_log_level_and_sigterm_with_nothing_running_exits_0(
+    stage: Stage, tmp_path: Path, webhooks: Webhooks
+) -> None:
+    with ingest_process(stage, tmp_path, webhooks) as ingest:
+        ingest.process.send_signal(signal.SIGHUP)
+        await ingest.until(lambda r: r.get("msg") == "SIGHUP: reloaded the log level")
+        assert ingest.process.poll() is None and ingest.get("/healthz")[0] == 200
+        ingest.process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(ingest.process.wait, 30) == 0

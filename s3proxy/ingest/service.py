@@ -30,7 +30,8 @@ from aiobotocore.session import get_session
 from aiohttp import web
 
 from ..assets import InvalidAssetName, object_key
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, load_config
+from ..logs import set_level
 from ..metrics import IngestMetrics
 from ..prepare import (
     SHA_META,
@@ -533,6 +534,19 @@ class IngestService:
         if outcome != "off":
             self.metrics.webhooks.labels(outcome=outcome).inc()
         return outcome != "failed"
+
+    def reload(self, path: str | None) -> None:
+        """SIGHUP (`systemctl reload`): the log level; the rest needs a restart."""
+        if path is None:
+            log.warning("SIGHUP ignored: no configuration file to re-read")
+            return
+        try:
+            fresh = load_config(path)
+        except ConfigError as exc:
+            log.error("SIGHUP: configuration not reloaded", extra={"fields": {"error": str(exc)}})
+            return
+        set_level(fresh.log.level)
+        log.info("SIGHUP: reloaded the log level", extra={"fields": {"level": fresh.log.level}})
 
     # -- admin ---------------------------------------------------------------------
 
