@@ -24,13 +24,14 @@ import aiohttp.http_exceptions
 from aiohttp import web
 
 from .assets import (
+    SIDECAR_SUFFIX,
     InvalidAssetName,
     content_type_for,
     dtsh_length,
     looks_like_dtsh,
     validate_asset_name,
 )
-from .auth import SIDECAR_SUFFIX, AuthFailure, Grant, TokenVerifier, presented_token
+from .auth import AuthFailure, Grant, TokenVerifier, presented_token
 from .config import Config, admin_secret
 from .errors import AssetNotFound, ObjectChanged, S3ProxyError, UpstreamTimeout
 from .logs import ACCESS_LOGGER

@@ -53,6 +53,9 @@ def validate_asset_name(name: str) -> str:
 DTSH_MAGIC = b"DTSC"  # Mist's DTSC header magic, followed by a big-endian payload length
 
 
+SIDECAR_SUFFIX = ".dtsh"  # Mist's header file: <source URL>.dtsh
+
+
 def looks_like_dtsh(data: bytes) -> bool:
     """A Mist stream header: the DTSC magic, then a length that fits the data."""
     if len(data) < 8 or data[:4] != DTSH_MAGIC:

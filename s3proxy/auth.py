@@ -20,6 +20,7 @@ from cachetools import TLRUCache
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from .assets import SIDECAR_SUFFIX
 from .config import AuthConfig, ConfigError
 from .globs import Glob, GlobError, compile_glob
 
@@ -61,9 +62,6 @@ MAX_CLAIM_TIME = 253402300799  # 9999-12-31T23:59:59Z: numeric claims beyond are
 
 
 # --- scopes -----------------------------------------------------------------------
-
-
-SIDECAR_SUFFIX = ".dtsh"
 
 
 def presented_token(

@@ -41,6 +41,15 @@ def test_a_cold_seek_mid_block_is_probed() -> None:
     assert step == plan.Probe(stop=100 + PROBE - 1)
 
 
+def test_the_first_block_is_never_probed_but_fetched_whole_and_kept() -> None:
+    # Mist's first read is `bytes=0-` for a box header; its next reads come back to it
+    first = reader(index=0, lo=0)
+    assert plan.next_step(first, plan.BlockState(), nothing, 2, 9) == plan.StartFetch(0, True)
+    assert plan.next_step(reader(index=0, lo=32), plan.BlockState(), nothing, 2, 9) == (
+        plan.StartFetch(0, True)
+    )
+
+
 def test_a_probed_block_is_fetched_whole_and_kept_by_the_next_seek() -> None:
     step = plan.next_step(reader(lo=100), plan.BlockState(probed=True), nothing, 2, 9)
     assert step == plan.StartFetch(last=3, keep=True)
@@ -267,6 +276,7 @@ class Model:
         step = plan.next_step(view, self.state(r.index), self.state, self.window, r.end // BS)
         if isinstance(step, plan.Probe):
             assert r.index not in self.probed and not view.sequential and r.held
+            assert r.index > 0, "the first block is fetched whole, never probed"
             assert lo <= step.stop <= hi
             self.probed.add(r.index)
             r.got.extend(range(bs_first + lo, bs_first + step.stop + 1))

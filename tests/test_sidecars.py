@@ -224,3 +224,32 @@ async def test_a_put_cut_before_its_length_stores_nothing(
     await asyncio.sleep(0.5)
     keys = [r.path for r in emulator.requests_for(bucket) if r.method == "PUT"]
     assert f"/{bucket}/movies/a.mp4.dtsh" not in keys
+
+
+async def test_a_new_assets_sidecar_is_looked_up_beside_it_once(
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
+    """Mist asks for the `.dtsh` right after its first reads: the answer is there already."""
+    put_object(emulator, bucket, "movies/c.mp4", b"C" * 5000)
+    put_object(emulator, bucket, "movies/d.mp4", b"D" * 5000)
+    put_object(emulator, bucket, "movies/d.mp4.dtsh", DTSH)
+    running = await start_proxy(cache={"metadata_ttl_s": 0.3})
+    for name in ("c", "d"):
+        assert (await fetch(running.url(f"/vod/movies/{name}.mp4?token={TOKEN}"), "HEAD"))[0] == 200
+    for _ in range(50):
+        if heads_for(emulator, bucket, "movies/c.mp4.dtsh") and heads_for(
+            emulator, bucket, "movies/d.mp4.dtsh"
+        ):
+            break
+        await asyncio.sleep(0.02)
+    assert heads_for(emulator, bucket, "movies/c.mp4.dtsh") == 1, "before Mist asks"
+    assert heads_for(emulator, bucket, "movies/d.mp4.dtsh") == 1
+    missing = await fetch(running.url(f"/vod/movies/c.mp4?token={TOKEN}.dtsh"), "HEAD")
+    found = await fetch(running.url(f"/vod/movies/d.mp4?token={TOKEN}.dtsh"))
+    assert (missing[0], found[0], found[2]) == (404, 200, DTSH)
+    assert heads_for(emulator, bucket, "movies/c.mp4.dtsh") == 1, "answered from that look-up"
+    await asyncio.sleep(0.4)  # past the TTL: the asset is revalidated, its sidecar is not
+    assert (await fetch(running.url(f"/vod/movies/c.mp4?token={TOKEN}"), "HEAD"))[0] == 200
+    await asyncio.sleep(0.2)
+    assert heads_for(emulator, bucket, "movies/c.mp4.dtsh") == 1
+    assert heads_for(emulator, bucket, "movies/c.mp4") == 2

@@ -59,6 +59,10 @@ class MetadataCache:
             raise AssetNotFound("object not found")
         return entry.meta
 
+    def seen(self, key: str) -> bool:
+        """Whether the key was ever looked up (found or missing, fresh or not)."""
+        return key in self._entries
+
     def known(self, key: str) -> ObjectMeta | None:
         """The version last seen, fresh or not (None if none, or it was missing)."""
         entry = self._entries.get(key)

@@ -10,13 +10,14 @@ does next). The one place that handles "that version is gone" is `_version_gone`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import weakref
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from .. import mp4
-from ..assets import object_key
+from ..assets import SIDECAR_SUFFIX, object_key
 from ..config import CacheConfig
 from ..errors import AssetNotFound, ObjectChanged, RangeBeyondEnd, S3ProxyError, UpstreamInvalid
 from ..metrics import Metrics
@@ -118,12 +119,16 @@ class ObjectStore:
         self.fetches = FetchTable()
         self.reads = Reads(self.bucket, cache, metrics, self.tiers, self.fetches, self._new_fetch)
         self._made: weakref.WeakSet[Fetch] = weakref.WeakSet()  # for close() to wait on
+        self._side: set[asyncio.Task[None]] = set()  # sidecar look-ups beside an asset's
 
     async def start(self) -> None:
         await self.tiers.start()
 
     async def close(self) -> None:
         """Stop every look-up and fetch, and wait until they have stopped."""
+        for side in list(self._side):
+            side.cancel()
+        await asyncio.gather(*self._side, return_exceptions=True)
         await self.meta.close()
         tasks = [f.task for f in list(self._made) if f.task is not None and not f.task.done()]
         for task in tasks:
@@ -147,6 +152,7 @@ class ObjectStore:
         fresh = self.meta.fresh(key)
         if fresh is not None:
             return fresh
+        self._look_up_sidecar(asset)
         asked = time.monotonic()
         try:
             meta, revalidated = await self.meta.shared(key, lambda: self._look_up(key, first_block))
@@ -156,6 +162,24 @@ class ObjectStore:
         if stats is not None:
             stats.revalidated = revalidated
         return meta
+
+    def _look_up_sidecar(self, asset: str) -> None:
+        """An asset looked up for the first time: its `.dtsh` sidecar is looked up beside
+        it, since Mist asks for that at every start, right after its first reads; its
+        answer (found, or missing) is then remembered, and the start saves a round trip.
+        Once per sidecar name: revalidations do not repeat it."""
+        if asset.endswith(SIDECAR_SUFFIX) or self.meta.seen(
+            object_key(self._prefix, asset + SIDECAR_SUFFIX)
+        ):
+            return
+
+        async def look_up() -> None:
+            with contextlib.suppress(S3ProxyError):  # missing, or S3 failing: asked again
+                await self.stat(asset + SIDECAR_SUFFIX)
+
+        task = asyncio.ensure_future(look_up())
+        self._side.add(task)
+        task.add_done_callback(self._side.discard)
 
     async def _look_up(self, key: str, first_block: int | None) -> tuple[ObjectMeta, bool]:
         """The current version, and whether S3 confirmed the one known (revalidated)."""

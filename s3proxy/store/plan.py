@@ -10,7 +10,9 @@ The rules, in the order they apply:
 - a cached block is served;
 - a cold seek (an open-ended read, not sequential, of a block never probed) gets a
   small probe streamed straight from S3 first, uncached: Mist reads a box header at
-  every seek and hangs up;
+  every seek and hangs up. Not at the object's first block: every media client comes
+  back to it (the box walk, an MP4's index), so it is fetched whole and kept at once,
+  which saves the start-up a round trip to S3;
 - such a read sends no GET past that probe (or its first block), read-ahead included,
   until the seek grace after its first bytes went out: the hang-up lands before a GET
   is sent, and S3 bills what it sends;
@@ -109,6 +111,7 @@ def next_step(
     if (
         reader.held
         and not reader.sequential
+        and reader.index > 0
         and not state.fetching
         and not state.probed
         and (reader.lo, stop) != (0, reader.block_last)
@@ -118,7 +121,7 @@ def next_step(
         return Join()
     if reader.held and reader.sent:
         return WaitGrace()
-    keep = reader.held and state.probed and not reader.probed_here
+    keep = reader.held and (reader.index == 0 or (state.probed and not reader.probed_here))
     return StartFetch(run_end(reader, state_of, readahead_blocks, last_needed), keep)
 
 
