@@ -352,3 +352,32 @@ def test_the_docker_images_environment_makes_a_working_config() -> None:
     )
     assert config.ingest.work_dir == "/work" and config.ingest.admin_host == "0.0.0.0"
     IngestService(config, env={"S3PROXY_WEBHOOK_SECRET": PLACEHOLDER})
+
+
+def test_a_regular_install_holds_every_module(tmp_path: Path) -> None:
+    """`pip install .` (the Docker image, a service install) must carry every subpackage,
+    not only what an editable install finds in the checkout."""
+    target = tmp_path / "site"
+    build = subprocess.run(
+        [
+            sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+            "--target", str(target), str(ROOT),
+        ],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    modules = sorted(
+        ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        for path in (ROOT / "s3proxy").rglob("*.py")
+    )
+    installed = sorted(
+        ".".join(path.relative_to(target).with_suffix("").parts)
+        for path in (target / "s3proxy").rglob("*.py")
+    )
+    assert installed == modules
+    check = subprocess.run(
+        [sys.executable, "-c", "import s3proxy.ingest.service, s3proxy.cli"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(target)},
+    )  # fmt: skip
+    assert check.returncode == 0, check.stderr
