@@ -357,11 +357,20 @@ def test_the_docker_images_environment_makes_a_working_config() -> None:
 def test_a_regular_install_holds_every_module(tmp_path: Path) -> None:
     """`pip install .` (the Docker image, a service install) must carry every subpackage,
     not only what an editable install finds in the checkout."""
+    import shutil
+
+    source = tmp_path / "source"  # a clean copy: no build/ left from an earlier build
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(
+        ROOT / "s3proxy", source / "s3proxy", ignore=shutil.ignore_patterns("__pycache__")
+    )
     target = tmp_path / "site"
     build = subprocess.run(
         [
             sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-            "--target", str(target), str(ROOT),
+            "--target", str(target), str(source),
         ],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
