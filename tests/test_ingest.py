@@ -479,6 +479,7 @@ async def test_sigterm_finishes_the_running_job_or_gives_it_back(
     # given back at once: another process takes it long before the 300 s lease ends
     with ingest_process(stage, tmp_path / "b", webhooks, **settings) as other:
         await webhooks.wait(1, seconds=30)
+        await other.until(lambda r: r.get("msg") == "ingest job")  # logged after the webhook
     assert [j["outcome"] for j in other.jobs()] == ["ready"], stopping.lines
 
 

@@ -245,7 +245,7 @@ class IngestService:
                     for job in jobs:
                         await self._release(job, 0.0)
                     break
-                if not polling and time.monotonic() - measured_at > 15:
+                if time.monotonic() - measured_at > 15:  # queue depth (a pass counts its own)
                     measured_at = time.monotonic()
                     await source.measure()
             except Exception as exc:
