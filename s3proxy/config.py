@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import os
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,8 @@ from typing import Any, Literal
 import yaml
 
 ENV_PREFIX = "S3PROXY_"
+
+log = logging.getLogger("s3proxy.config")
 
 _SIZE_UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([A-Za-z]*)\s*$")
@@ -237,6 +240,12 @@ class IngestConfig:
     admin_host: str = "127.0.0.1"
     admin_port: int = field(default=9102, metadata=_PORT)
 
+    @property
+    def location(self) -> tuple[str, str]:
+        """The source's bucket and prefix: `s3://uploads/raw/` -> ("uploads", "raw/")."""
+        bucket, _, prefix = self.source[len("s3://") :].partition("/")
+        return bucket, prefix
+
 
 @dataclass(frozen=True)
 class LogConfig:
@@ -261,6 +270,23 @@ class Config:
 # The file never holds secrets (they come from env, files or the AWS chain), but an
 # endpoint URL may carry user:password@; check-config masks it.
 _USERINFO_RE = re.compile(r"(?<=://)[^/@]+@")
+
+
+def reread(path: str | None, apply: Callable[[Config], None] | None = None) -> Config | None:
+    """SIGHUP: the configuration file read again and handed to `apply`, which may refuse it
+    with ConfigError. None, with the reason logged, when there is no file or it is
+    refused; the caller then keeps what it has."""
+    if path is None:
+        log.warning("SIGHUP ignored: no configuration file to re-read")
+        return None
+    try:
+        fresh = load_config(path)
+        if apply is not None:
+            apply(fresh)
+    except ConfigError as exc:
+        log.error("SIGHUP: configuration not reloaded", extra={"fields": {"error": str(exc)}})
+        return None
+    return fresh
 
 
 def load_config(
@@ -336,7 +362,7 @@ def _check_ingest(config: Config, origins: Mapping[str, str]) -> None:
         raise ConfigError(
             origins.get(f"ingest.{key}", config.source), f"ingest.{key}", problem
         ) from None
-    _, _, prefix = ingest.source[len("s3://") :].partition("/")
+    prefix = ingest.location[1]
     for key in ("lease_prefix", "refused_prefix"):
         value = getattr(ingest, key)
         if ingest.source and (not value or value.startswith(prefix)):
@@ -347,7 +373,12 @@ def _check_ingest(config: Config, origins: Mapping[str, str]) -> None:
             )
 
 
-_SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "source")
+def _is_origin(cls: type, name: str) -> bool:
+    """Config.source names the file a config came from: no key (ingest.source is one)."""
+    return cls is Config and name == "source"
+
+
+_SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if not _is_origin(Config, f.name))
 
 
 def _known_env(cls: type, prefix: str) -> set[str]:
@@ -397,18 +428,9 @@ def admin_secret(config: Config, env: Mapping[str, str] | None = None) -> str | 
     """The bearer secret POST /warm requires (None: none required, admin on loopback).
     An admin listener beyond loopback without one is refused: anyone who reaches it
     could make S3 traffic."""
-    env = os.environ if env is None else env
     admin = config.admin
     if admin.token_env:
-        secret = env.get(admin.token_env, "")
-        if len(secret) < MIN_ADMIN_SECRET_CHARS:
-            raise ConfigError(
-                config.source,
-                "admin.token_env",
-                f"environment variable {admin.token_env} must hold a secret "
-                f"of at least {MIN_ADMIN_SECRET_CHARS} characters",
-            )
-        return secret
+        return _secret_from_env(config, "admin.token_env", admin.token_env, env)
     if not is_loopback(admin.host):
         raise ConfigError(
             config.source,
@@ -418,7 +440,29 @@ def admin_secret(config: Config, env: Mapping[str, str] | None = None) -> str | 
     return None
 
 
-MIN_ADMIN_SECRET_CHARS = 16
+def notify_secret(config: Config, env: Mapping[str, str] | None = None) -> str | None:
+    """The key ingest signs its webhooks with (None: no ingest.notify_url, no webhooks)."""
+    ingest = config.ingest
+    if not ingest.notify_url:
+        return None
+    return _secret_from_env(config, "ingest.notify_secret_env", ingest.notify_secret_env or "", env)
+
+
+def _secret_from_env(config: Config, key: str, name: str, env: Mapping[str, str] | None) -> str:
+    """The secret the environment variable `name` (set by `key`) holds; refused when it is
+    missing or shorter than MIN_SECRET_CHARS."""
+    secret = (os.environ if env is None else env).get(name, "")
+    if len(secret) < MIN_SECRET_CHARS:
+        raise ConfigError(
+            config.source,
+            key,
+            f"environment variable {name} must hold a secret "
+            f"of at least {MIN_SECRET_CHARS} characters",
+        )
+    return secret
+
+
+MIN_SECRET_CHARS = 16
 
 
 def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
@@ -430,11 +474,6 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
 def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
     hints = typing.get_type_hints(cls)
     return [(f, hints[f.name]) for f in dataclasses.fields(cls) if not _is_origin(cls, f.name)]
-
-
-def _is_origin(cls: type, name: str) -> bool:
-    """Config.source names the file a config came from: no key (ingest.source is one)."""
-    return cls is Config and name == "source"
 
 
 def _apply_env(

@@ -69,6 +69,7 @@ class Options:
     source_etag: str | None = None  # download exactly this version of an s3:// source
     fit_extension: bool = False  # publish under the container's extension, not refuse
     quiet: bool = False  # no progress or notes on stderr (they stay in the summary)
+    published: Published | None = None  # what the caller found at the asset's key already
 
 
 @dataclass
@@ -485,7 +486,7 @@ async def _prepare(
                 raise PrepareError(f"{source}: no such file")
         summary.source_sha256 = extra[SOURCE_SHA_META] = await asyncio.to_thread(_sha256, local)
         began = summary.timed("hash", began)
-        if await _unchanged(client, summary, config, extra):
+        if await _unchanged(client, summary, config, extra, options.published):
             return summary
         info = await asyncio.to_thread(probe, local)
         await asyncio.to_thread(verify_complete, local, info)
@@ -540,10 +541,18 @@ async def _prepare(
     return summary
 
 
-async def _unchanged(client: Any, summary: Summary, config: Config, extra: dict[str, str]) -> bool:
+async def _unchanged(
+    client: Any,
+    summary: Summary,
+    config: Config,
+    extra: dict[str, str],
+    published: Published | None = None,
+) -> bool:
     """Is this upload (by its content hash) what is published already? Then the summary
-    is filled from the published object and nothing is done again."""
-    published = await published_at(client, config.s3.bucket, summary.key)
+    is filled from the published object and nothing is done again. `published`: the key
+    looked up already (else it is looked up here)."""
+    if published is None:
+        published = await published_at(client, config.s3.bucket, summary.key)
     if published.metadata.get(SOURCE_SHA_META) != extra[SOURCE_SHA_META]:
         return False
     summary.uploaded = "unchanged"

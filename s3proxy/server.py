@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from .app import RUNNER_OPTIONS, Proxy, create_admin_app, create_app
-from .config import Config, ConfigError, load_config
+from .config import Config, reread
 from .connections import GuardedRunner, Limits
 from .errors import S3ProxyError, StartupError
 from .logs import set_level
@@ -177,17 +177,10 @@ async def _stop_when_orphaned(stop: asyncio.Event) -> None:
 
 
 def _reload(proxy: Proxy, config_path: str | None) -> None:
-    if config_path is None:
-        log.warning("SIGHUP ignored: no configuration file to re-read")
-        return
-    try:
-        fresh = load_config(config_path)
-        proxy.verifier.reload(fresh.auth, fresh.source)
-    except ConfigError as exc:
-        log.error("SIGHUP: configuration not reloaded", extra={"fields": {"error": str(exc)}})
-        return
-    set_level(fresh.log.level)
-    log.info("SIGHUP: reloaded auth keys, revocations and log level")
+    fresh = reread(config_path, lambda fresh: proxy.verifier.reload(fresh.auth, fresh.source))
+    if fresh is not None:
+        set_level(fresh.log.level)
+        log.info("SIGHUP: reloaded auth keys, revocations and log level")
 
 
 SHARED_PREFIX = "s3proxy-blocks-"

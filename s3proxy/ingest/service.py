@@ -20,7 +20,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,7 +30,7 @@ from aiobotocore.session import get_session
 from aiohttp import web
 
 from ..assets import InvalidAssetName, object_key
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, notify_secret, reread
 from ..logs import set_level
 from ..metrics import IngestMetrics
 from ..prepare import (
@@ -54,16 +54,9 @@ from .sources import Job, PollSource, QueueSource
 log = logging.getLogger("s3proxy.ingest")
 
 JOB_PREFIX = "s3proxy-ingest-"
-MIN_SECRET_CHARS = 16
 SIDECAR_ROOM = 64 << 20  # a job's room beyond twice the upload (the sidecar, ffmpeg's slack)
 RETRY_AFTER_S = 30.0  # a job given back for a failure that is not the upload's
 RECEIVE_WAIT_S = 5  # an SQS long poll: also the longest SIGTERM waits for one to end
-
-
-def split_source(source: str) -> tuple[str, str]:
-    """`s3://bucket/raw/` -> ("bucket", "raw/")."""
-    bucket, _, prefix = source[len("s3://") :].partition("/")
-    return bucket, prefix
 
 
 def event_id(kind: str, upload: Upload) -> str:
@@ -93,29 +86,19 @@ class _Running:
 
 
 class IngestService:
-    def __init__(self, config: Config, env: dict[str, str] | None = None) -> None:
-        env = dict(os.environ) if env is None else env
+    def __init__(self, config: Config, env: Mapping[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
         ingest = config.ingest
         if not ingest.source:
             raise ConfigError(config.source, "ingest.source", "is required (s3://bucket/prefix/)")
         self.config = config
         self.ingest = ingest
-        self.bucket, self.prefix = split_source(ingest.source)
+        self.bucket, self.prefix = ingest.location
         self.rule = NameRule.compile(ingest.match, ingest.publish_as)
         self.metrics = IngestMetrics()
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.work_root = ingest.work_dir or tempfile.gettempdir()
-        self.secret: str | None = None
-        if ingest.notify_url:
-            name = ingest.notify_secret_env
-            self.secret = env.get(name or "", "")
-            if len(self.secret) < MIN_SECRET_CHARS:
-                raise ConfigError(
-                    config.source,
-                    "ingest.notify_secret_env",
-                    f"environment variable {name} must hold the webhook secret "
-                    f"(at least {MIN_SECRET_CHARS} characters)",
-                )
+        self.secret = notify_secret(config, env)  # with notify_url, ConfigError without it
         self.warm_token = env.get(ingest.warm_token_env) if ingest.warm_token_env else None
         self.notifier: Notifier  # made with the HTTP session, in run()
         self._running: set[_Running] = set()
@@ -400,12 +383,13 @@ class IngestService:
                         source_etag=upload.etag,
                         fit_extension=True,
                         quiet=True,
+                        published=published,
                     ),
                 )
             except Unavailable:
                 raise
             except (PrepareError, InvalidAssetName) as exc:
-                return await self._refuse(job, upload, asset, str(exc), s3, http, fields)
+                return await self._refuse(job, upload, asset, str(exc), s3, fields)
             finally:
                 await asyncio.to_thread(shutil.rmtree, directory, True)
                 os.close(lock)
@@ -478,7 +462,6 @@ class IngestService:
         asset: str,
         reason: str,
         s3: Any,
-        http: Any,
         fields: dict[str, Any],
     ) -> str:
         """Not media, truncated, damaged: moved aside (or tagged) and never taken again."""
@@ -537,16 +520,10 @@ class IngestService:
 
     def reload(self, path: str | None) -> None:
         """SIGHUP (`systemctl reload`): the log level; the rest needs a restart."""
-        if path is None:
-            log.warning("SIGHUP ignored: no configuration file to re-read")
-            return
-        try:
-            fresh = load_config(path)
-        except ConfigError as exc:
-            log.error("SIGHUP: configuration not reloaded", extra={"fields": {"error": str(exc)}})
-            return
-        set_level(fresh.log.level)
-        log.info("SIGHUP: reloaded the log level", extra={"fields": {"level": fresh.log.level}})
+        fresh = reread(path)
+        if fresh is not None:
+            set_level(fresh.log.level)
+            log.info("SIGHUP: reloaded the log level", extra={"fields": {"level": fresh.log.level}})
 
     # -- admin ---------------------------------------------------------------------
 
