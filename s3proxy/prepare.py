@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -47,8 +48,15 @@ _MIST_INPUTS = {
 }
 # Mist picks its input by the source's extension: a published name must carry one of these
 EXTENSIONS = {"mp4": (".mp4", ".m4v", ".mov"), "mpegts": (".ts",), "matroska": (".mkv", ".webm")}
-# A Mist input run without a controller waits for one before it writes the header; the
-# wait is bounded here (Mist's own is about 60 s), and its failure reported, not hidden.
+# Before it writes a header, a Mist input reads six settings from the controller's global
+# configuration page, and each look-up retries for about 10 s while the page does not
+# exist (Mist 3.10: lib/comms.cpp sessionConfigCache, lib/shared_memory.cpp): about 60 s
+# per file without a MistController. An empty page (4 KiB, the controller's size, "not
+# ready") ends each look-up at once with Mist's defaults, and a controller started later
+# fills it in (src/controller/controller_storage.cpp writeConfig).
+MIST_CONFIG_PAGE = Path("/dev/shm/MstGlobalConfig")
+MIST_CONFIG_PAGE_BYTES = 4096
+# A guard, not an expected wait: an input that gives no header in this time is reported.
 MIST_TIMEOUT_S = 120
 
 
@@ -273,6 +281,7 @@ def make_sidecar(
     binary = Path(found).name if found else (names[0] if names else "a Mist input")
     if found is None:
         return _no_sidecar(summary, f"{binary} is not on PATH", required)
+    mist_config_page()
     try:
         result = subprocess.run(
             [found, "-H", "-s", stream_name(asset), str(path)],
@@ -292,6 +301,24 @@ def make_sidecar(
         )
         return _no_sidecar(summary, why, required)
     return sidecar
+
+
+def mist_config_page(page: Path = MIST_CONFIG_PAGE) -> bool:
+    """Make sure Mist's global configuration page exists, so an input run without a
+    controller does not wait for it: an empty one is made when there is none (a running
+    controller's own page is left as it is). False when none could be made (no
+    `/dev/shm`, say): the input then waits, within MIST_TIMEOUT_S."""
+    try:
+        handle = os.open(page, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666)
+    except FileExistsError:
+        return True
+    except OSError:
+        return False
+    try:
+        os.ftruncate(handle, MIST_CONFIG_PAGE_BYTES)
+    finally:
+        os.close(handle)
+    return True
 
 
 def _no_sidecar(summary: Summary, why: str, required: bool) -> Path | None:

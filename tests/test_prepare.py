@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from s3proxy.prepare import top_level_boxes
+from s3proxy.prepare import (
+    MIST_CONFIG_PAGE,
+    MIST_CONFIG_PAGE_BYTES,
+    mist_config_page,
+    top_level_boxes,
+)
 
 from .conftest import Emulator, StartProxy, make_token
 from .test_media_clients import codecs_of
@@ -209,6 +214,32 @@ def test_a_nested_asset_name_gets_its_sidecar(
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["sidecar"] == "uploaded"
     assert stored(emulator, bucket, "vod/movies/abc/master.mp4.dtsh").startswith(b"DTSC")
+
+
+# As Mist 3.10's inputs do: without the controller's global configuration page, a
+# header-only run first waits about 60 s for it (here: fails at once, to show it).
+NEEDS_CONFIG_PAGE = (
+    f'[ -s {MIST_CONFIG_PAGE} ] || {{ echo "waited 60 s for the configuration" >&2; exit 4; }}\n'
+    "printf 'DTSC\\000\\000\\000\\004abcd' > \"$4.dtsh\"\n"
+)
+
+
+def test_a_mist_input_does_not_wait_for_a_controller(
+    emulator: Emulator, bucket: str, tmp_path: Path, media: dict[str, Path]
+) -> None:
+    if MIST_CONFIG_PAGE.exists():
+        if MIST_CONFIG_PAGE.read_bytes() != bytes(MIST_CONFIG_PAGE_BYTES):
+            pytest.skip(f"{MIST_CONFIG_PAGE} holds a running MistController's configuration")
+        MIST_CONFIG_PAGE.unlink()  # an empty page, as prepare leaves it: start without one
+    path = mist_stand_in(tmp_path, "MistInMP4", NEEDS_CONFIG_PAGE)
+    result = prepare(
+        emulator, bucket, tmp_path, str(media["moov_end.mp4"]), "nowait.mp4", path_env=path
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["sidecar"] == "uploaded", result.stderr
+    assert MIST_CONFIG_PAGE.stat().st_size == MIST_CONFIG_PAGE_BYTES
+    assert mist_config_page(), "an existing page is left as it is"
+    assert MIST_CONFIG_PAGE.read_bytes() == bytes(MIST_CONFIG_PAGE_BYTES)
 
 
 def test_a_failing_mist_input_is_reported_and_can_be_made_fatal(
