@@ -44,6 +44,7 @@ from .ranges import (
     format_http_date,
     if_range_matches,
     multipart_layout,
+    open_offset,
     parse_range_header,
     ranges_to_serve,
 )
@@ -237,14 +238,11 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
         return refuse_method(request)
     asset, token = _target(request, proxy.config.auth.query_param)
     request[GRANT] = _authorize(proxy, asset, token)
-    # A GET of a closed range tells the store which block to fetch while it learns the
-    # metadata (one S3 round trip for a cold asset instead of two). Open-ended ranges
-    # (Mist, after its HEAD) go through the probe of a cold seek instead; a conditional
-    # request may need no block at all (304, 412, or If-Range's whole body).
-    header = request.headers.get("Range") if request.method == "GET" else None
+    # The store fetches the block an answer starts with while it learns the metadata
+    # (one S3 round trip for a cold asset instead of two); a conditional request may
+    # need no block at all (304, 412, or If-Range's whole body).
     conditional = any(name in request.headers for name in CONDITIONALS)
-    offset = first_offset(header) if header and not conditional else None
-    first_block = offset // proxy.store.block_size if offset is not None else None
+    first_block = None if conditional else _first_block(request, proxy.store.block_size)
     # A version that changes between the look-up and the first GET is looked up again.
     for attempt in (1, 2):
         meta = await _stat(proxy, asset, first_block, _stats(request))
@@ -254,6 +252,21 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
             if attempt == 2:
                 raise MediaError(502, "object kept changing upstream") from None
     raise AssertionError("unreachable")
+
+
+def _first_block(request: web.Request, block_size: int) -> int | None:
+    """The block to fetch with the metadata: a GET's first (block 0 for a whole body),
+    and for a HEAD block 0, which Mist reads next (its box walk, `bytes=0-`). None for
+    an open-ended range past the first block (a seek: it gets the cold seek's probe)
+    and a suffix range (its block is known only from the size)."""
+    header = request.headers.get("Range") if request.method == "GET" else None
+    if header is None:
+        return 0
+    offset = first_offset(header)
+    if offset is not None:
+        return offset // block_size
+    opened = open_offset(header)
+    return 0 if opened is not None and opened < block_size else None
 
 
 async def _stat(

@@ -90,14 +90,23 @@ def parse_range_header(header: str, size: int) -> list[ByteRange] | None:
 def first_offset(header: str) -> int | None:
     """Where the first range of a `bytes=a-b` header starts (None: no such range; an
     open-ended `a-` or a suffix `-n` gives None too)."""
+    spec = _first_spec(header)
+    return _offset(spec[0]) if spec is not None and spec[0] and spec[1] else None
+
+
+def open_offset(header: str) -> int | None:
+    """Where the first range starts when it is open-ended, `bytes=a-` (else None)."""
+    spec = _first_spec(header)
+    return _offset(spec[0]) if spec is not None and spec[0] and not spec[1] else None
+
+
+def _first_spec(header: str) -> tuple[str, str] | None:
+    """The first and last offset, as written, of a `bytes=` header's first range."""
     unit, sep, spec = header.partition("=")
     if not sep or unit.strip().lower() != "bytes":
         return None
-    first = spec.split(",", 1)[0].strip(" \t")
-    match = _RANGE_SPEC_RE.match(first)
-    if match is None or not match.group(1) or not match.group(2):
-        return None
-    return _offset(match.group(1))
+    match = _RANGE_SPEC_RE.match(spec.split(",", 1)[0].strip(" \t"))
+    return (match.group(1), match.group(2)) if match is not None else None
 
 
 def _offset(digits: str) -> int:
@@ -202,13 +211,13 @@ def parse_http_date(value: str) -> datetime | None:
         return None
     try:
         parsed = parsedate_to_datetime(value)
+        if parsed is None:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)  # 9999-12-31 at -2359 is past year 9999 in UTC
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if parsed is None:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
 
 
 @functools.lru_cache(maxsize=4096)  # one object's Last-Modified, on every answer

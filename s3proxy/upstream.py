@@ -337,7 +337,7 @@ def _classify(exc: BaseException) -> S3ProxyError:
             return ObjectChanged("object changed upstream")
         if status >= 500 or code in ("SlowDown", "InternalError", "ServiceUnavailable"):
             return UpstreamUnavailable(f"upstream error {status or code}")
-        return UpstreamDenied(f"upstream refused the request ({code or status})")
+        return UpstreamDenied(f"upstream refused the request ({status or code})")
     if isinstance(exc, (ReadTimeoutError, ConnectTimeoutError, asyncio.TimeoutError, TimeoutError)):
         return UpstreamTimeout("upstream timed out")
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):

@@ -6,7 +6,7 @@ Objects are `size` bytes of a fixed pattern per version (byte i of version v is
 (i + v) % 251), so any range of any version can be produced and checked without storing
 it. `overwrite()` makes a new version of the same size. A well-behaved origin honours
 If-Match (412) and If-None-Match (304); `faults` lists misbehaviour for the next GETs,
-one each, in order.
+one each, in order. Every key holds that object, but no `.dtsh` sidecar (404).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class OriginState:
     bytes_sent: int = 0
     gets: int = 0
     hangups: int = 0
+    sidecar_lookups: int = 0  # of `<key>.dtsh` (404: not counted above)
     hung_up: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -80,6 +81,9 @@ def _bounds(spec: str, size: int) -> tuple[int, int] | None:
 
 def make_origin(state: OriginState) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
+        if request.path.endswith(".dtsh"):  # the one object here has no sidecar
+            state.sidecar_lookups += 1
+            return web.Response(status=404, text="<Error><Code>NoSuchKey</Code></Error>")
         state.requests.append((request.method, request.headers.get("Range")))
         state.user_agents.add(request.headers.get("User-Agent", ""))
         if request.method == "GET":

@@ -277,12 +277,12 @@ async def test_sequential_reader_gets_read_ahead_and_then_hits(
     assert gets_for(emulator, bucket, "seq.mp4") <= 8
 
 
-async def seek(running: RunningProxy, offset: int, amount: int) -> bytes:
+async def seek(running: RunningProxy, offset: int, amount: int, asset: str = "a.mp4") -> bytes:
     """Mist at a seek: `bytes=N-` on a new connection, `amount` bytes read, hang up."""
     reader, writer = await asyncio.open_connection(running.server.host, running.server.port)
     try:
         writer.write(
-            f"GET /t/{TOKEN}/a.mp4 HTTP/1.1\r\nHost: x\r\nRange: bytes={offset}-\r\n\r\n".encode()
+            f"GET /t/{TOKEN}/{asset} HTTP/1.1\r\nHost: x\r\nRange: bytes={offset}-\r\n\r\n".encode()
         )
         await writer.drain()
         head = await reader.readuntil(b"\r\n\r\n")

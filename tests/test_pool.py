@@ -142,10 +142,15 @@ def _lower(headers: Any) -> dict[str, str]:
 
 
 def blocks_fetched(emulator: Emulator, bucket: str, prefix: str) -> int:
-    """Blocks the nodes' GETs asked S3 for (one GET may ask for a run of blocks)."""
+    """Blocks of the assets the nodes' GETs asked S3 for (one GET may ask for a run of
+    blocks); the `.dtsh` look-ups beside them are not the assets' blocks."""
     total = 0
     for r in emulator.object_requests(bucket):
-        if r.method == "GET" and r.path.startswith(f"/{bucket}/{prefix}"):
+        if (
+            r.method == "GET"
+            and r.path.startswith(f"/{bucket}/{prefix}")
+            and not r.path.endswith(".dtsh")
+        ):
             first, last = (int(n) for n in r.headers["Range"][6:].split("-"))
             total += last // BLOCK - first // BLOCK + 1
     return total

@@ -16,11 +16,12 @@ TOKEN = make_token("movies/*")
 DTSH = b"DTSC" + (12).to_bytes(4, "big") + b"\xe0" + b"x" * 11 + b"tail"
 
 
-def heads_for(emulator: Emulator, bucket: str, key: str) -> int:
+def lookups_for(emulator: Emulator, bucket: str, key: str) -> int:
+    """S3 requests for the key: HEADs, and GETs of its first block that tell its metadata."""
     return sum(
         1
         for r in emulator.requests_for(bucket)
-        if r.method == "HEAD" and r.path == f"/{bucket}/{key}"
+        if r.method in ("HEAD", "GET") and r.path == f"/{bucket}/{key}"
     )
 
 
@@ -85,7 +86,7 @@ async def test_missing_sidecar_is_a_cached_404(
                 running.url(f"/vod/movies/b.mp4?token={TOKEN}.dtsh"), method
             )
             assert (status, body) == (404, b"")
-    assert heads_for(emulator, bucket, "movies/b.mp4.dtsh") == 1
+    assert lookups_for(emulator, bucket, "movies/b.mp4.dtsh") == 1
 
 
 async def test_put_is_refused_at_once_by_default(
@@ -237,19 +238,20 @@ async def test_a_new_assets_sidecar_is_looked_up_beside_it_once(
     for name in ("c", "d"):
         assert (await fetch(running.url(f"/vod/movies/{name}.mp4?token={TOKEN}"), "HEAD"))[0] == 200
     for _ in range(50):
-        if heads_for(emulator, bucket, "movies/c.mp4.dtsh") and heads_for(
+        if lookups_for(emulator, bucket, "movies/c.mp4.dtsh") and lookups_for(
             emulator, bucket, "movies/d.mp4.dtsh"
         ):
             break
         await asyncio.sleep(0.02)
-    assert heads_for(emulator, bucket, "movies/c.mp4.dtsh") == 1, "before Mist asks"
-    assert heads_for(emulator, bucket, "movies/d.mp4.dtsh") == 1
+    assert lookups_for(emulator, bucket, "movies/c.mp4.dtsh") == 1, "before Mist asks"
+    assert lookups_for(emulator, bucket, "movies/d.mp4.dtsh") == 1
     missing = await fetch(running.url(f"/vod/movies/c.mp4?token={TOKEN}.dtsh"), "HEAD")
     found = await fetch(running.url(f"/vod/movies/d.mp4?token={TOKEN}.dtsh"))
     assert (missing[0], found[0], found[2]) == (404, 200, DTSH)
-    assert heads_for(emulator, bucket, "movies/c.mp4.dtsh") == 1, "answered from that look-up"
+    assert lookups_for(emulator, bucket, "movies/c.mp4.dtsh") == 1, "answered from that look-up"
+    assert lookups_for(emulator, bucket, "movies/d.mp4.dtsh") == 1, "its bytes came with it"
     await asyncio.sleep(0.4)  # past the TTL: the asset is revalidated, its sidecar is not
     assert (await fetch(running.url(f"/vod/movies/c.mp4?token={TOKEN}"), "HEAD"))[0] == 200
     await asyncio.sleep(0.2)
-    assert heads_for(emulator, bucket, "movies/c.mp4.dtsh") == 1
-    assert heads_for(emulator, bucket, "movies/c.mp4") == 2
+    assert lookups_for(emulator, bucket, "movies/c.mp4.dtsh") == 1
+    assert lookups_for(emulator, bucket, "movies/c.mp4") == 2

@@ -492,13 +492,36 @@ async def test_a_closed_range_to_the_last_byte_is_one_whole_block_get(
     running = await start_proxy(cache={"readahead_blocks": 0})
     token = make_token()
     assert (await fetch(running.url(f"/t/{token}/tail.mp4"), "HEAD"))[0] == 200  # known size
+    before = len(emulator.requests_for(bucket))
     status, _, body = await fetch(
         running.url(f"/t/{token}/tail.mp4"), Range=f"bytes={MIB}-{2 * MIB - 1}"
     )
     assert status == 206 and body == data[MIB:]
     gets = [
         r.headers.get("Range")
-        for r in emulator.requests_for(bucket)
+        for r in emulator.requests_for(bucket)[before:]
         if r.method == "GET" and r.path.endswith("/tail.mp4")
     ]
     assert gets == [f"bytes={MIB}-{2 * MIB - 1}"], gets
+
+
+async def test_a_cold_start_asks_s3_once_for_the_asset_and_once_for_its_sidecar(
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
+    """Mist's start: HEAD, then `bytes=0-`; HEAD of the `.dtsh`, then its GET. A cold
+    HEAD learns the metadata from the first block's GET (Mist reads that block next), and
+    the sidecar is looked up the same way beside the asset: one S3 request each."""
+    data, header = os.urandom(3 * MIB), b"DTSC" + os.urandom(5000)
+    put_object(emulator, bucket, "start/a.mp4", data)
+    put_object(emulator, bucket, "start/a.mp4.dtsh", header)
+    running = await start_proxy()
+    before = len(emulator.object_requests(bucket))
+    source = running.url(f"/t/{TOKEN}/start/a.mp4")
+    status, headers, _ = await fetch(source, "HEAD")
+    assert (status, headers["Content-Length"]) == (200, str(len(data)))
+    assert await seek(running, 0, 4096, asset="start/a.mp4") == data[:4096]
+    status, headers, _ = await fetch(source + ".dtsh", "HEAD")
+    assert (status, headers["Content-Length"]) == (200, str(len(header)))
+    assert (await fetch(source + ".dtsh"))[2] == header
+    asked = [(r.method, r.path.rsplit("/", 1)[-1]) for r in emulator.object_requests(bucket)]
+    assert sorted(asked[before:]) == [("GET", "a.mp4"), ("GET", "a.mp4.dtsh")], asked[before:]

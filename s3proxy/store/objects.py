@@ -166,7 +166,8 @@ class ObjectStore:
     def _look_up_sidecar(self, asset: str) -> None:
         """An asset looked up for the first time: its `.dtsh` sidecar is looked up beside
         it, since Mist asks for that at every start, right after its first reads; its
-        answer (found, or missing) is then remembered, and the start saves a round trip.
+        answer (found, or missing) is then remembered with its first block, and the
+        start saves its round trips.
         Once per sidecar name: revalidations do not repeat it."""
         if asset.endswith(SIDECAR_SUFFIX) or self.meta.seen(
             object_key(self._prefix, asset + SIDECAR_SUFFIX)
@@ -175,7 +176,7 @@ class ObjectStore:
 
         async def look_up() -> None:
             with contextlib.suppress(S3ProxyError):  # missing, or S3 failing: asked again
-                await self.stat(asset + SIDECAR_SUFFIX)
+                await self.stat(asset + SIDECAR_SUFFIX, 0)  # Mist's GET follows its HEAD
 
         task = asyncio.ensure_future(look_up())
         self._side.add(task)
