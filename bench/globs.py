@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from s3proxy.auth import AssetScope
 from s3proxy.globs import compile_glob
 
 
@@ -40,12 +41,24 @@ def main() -> int:
         ("**/**/**/**/**/**/**/**/*.mp4", long_name(48)),  # 8 `**`, 1,021 bytes
         ("*a*a*a*a*a*a*a*b", "a" * 1000),
         ("x/**/" + "*a" * 40 + "*b", "x/" + "/".join(["a" * 200] * 4)),
+        ("*" + "a" * 510 + "b", "a" * 1020),  # one segment: quadratic for a two-pointer match
+        ("**/" + "/".join(["*"] * 200) + "/x", "/".join(["a"] * 500)),  # many segments
+        # the pattern's plain runs are all in the name (no shortcut): a whole pass
+        ("*" + "a" * 510 + "b", "a" * 510 + "b" + "a" * 500),
+        ("**/" + "/".join(["*"] * 200) + "/x", "/".join(["a"] * 499) + "/xa"),
     ]
     print("one match, milliseconds (median / worst)")
     for pattern, name in cases:
         glob = compile_glob(pattern)
         median, worst = timed(lambda g=glob, n=name: g.matches(n), 200)
         print(f"  s3proxy  {pattern[:34]:<34} {len(name):5d} B  {median:8.3f} / {worst:8.3f}")
+    # a whole scope as a token may carry it: as many such patterns as 8 KiB holds, asked
+    # for a sidecar (matched twice: as itself, then as its asset)
+    scope = AssetScope(tuple(f"*{'a' * 500}{n:02d}b" for n in range(15)))
+    name = "a" * 1012 + ".dtsh"
+    median, worst = timed(lambda: scope.allows(name), 50)
+    label = "15 x *a...ab (a 7.7 KiB scope)"
+    print(f"  s3proxy  {label:<34} {len(name):5d} B  {median:8.3f} / {worst:8.3f}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Asset-name globs, matched in time linear in the name (no backtracking regex).
+"""Asset-name globs, matched in time linear in the name (no backtracking regex): the
+pieces between `**` gaps are bit-parallel automata, each run once over the name.
 
 `*` matches within one path segment, `?` one character of a segment, and a segment that
 is `**` any number of whole segments (`a/**/b` matches `a/b`; a trailing `**` at least
@@ -9,6 +10,7 @@ and in `**` count, so a signed scope can not make matching expensive.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 MAX_PATTERN_CHARS = 512
@@ -22,11 +24,109 @@ class GlobError(ValueError):
 
 
 @dataclass(frozen=True)
+class _Piece:
+    """Consecutive segment globs (`a*/b?c`), as a bit-parallel shift-and automaton: bit
+    i of a state is "the piece's first i+1 characters are matched". A `*` is a position
+    that takes any number of characters but `/`, none included; `?` one of them."""
+
+    chars: dict[str, int]  # per literal character: the positions that take it
+    other: int  # positions that take any character but `/` (`?` and `*`)
+    star: int  # `*` positions: they repeat, and may be skipped
+    begin: int  # what is matched before a character is read (a leading `*`, skipped)
+    last: int  # the final position: the piece is matched
+    literals: tuple[str, ...]  # its runs of plain characters: a name lacking one fails
+
+    @classmethod
+    def of(cls, segments: list[str]) -> _Piece:
+        text = re.sub(r"\*+", "*", "/".join(segments))
+        chars: dict[str, int] = {}
+        other = star = 0
+        for position, char in enumerate(text):
+            bit = 1 << position
+            if char in "*?":
+                other |= bit
+                star |= bit if char == "*" else 0
+            else:
+                chars[char] = chars.get(char, 0) | bit
+        last = 1 << (len(text) - 1) if text else 0  # an empty segment: never matched
+        literals = tuple(sorted(set(re.split(r"[*?]", text)) - {""}, key=len, reverse=True))
+        return cls(chars, other, star, star & 1, last, literals)
+
+    def end(self, name: str, start: int, anchored: bool, to_end: bool) -> int | None:
+        """Where the earliest match of the piece that begins at a segment's start, at
+        or after `start` (`anchored`: at `start` itself), ends at a segment's end (with
+        `to_end`: at the name's end); None if there is none. One pass over the name,
+        a few integer operations per character, whatever the pattern."""
+        state = 0
+        size = len(name)
+        for at in range(start, size):
+            char = name[at]
+            taken = self.chars.get(char, 0) | (self.other if char != "/" else 0)
+            if at == start or (not anchored and name[at - 1] == "/"):
+                state |= self.begin
+                moved = (state << 1) | 1  # a match may begin with this character
+            else:
+                moved = state << 1
+            state = (moved & taken) | (state & self.star & taken)
+            state |= (state << 1) & self.star  # a `*` after what matched may take none
+            if not state:
+                if anchored:
+                    return None
+                continue
+            ends = at + 1 == size
+            if state & self.last and (ends or name[at + 1] == "/") and (ends or not to_end):
+                return at + 1
+        return None
+
+
+@dataclass(frozen=True)
 class Glob:
     segments: tuple[str, ...]  # each a segment glob (`*`, `?`), or ANY_SEGMENTS
 
     def matches(self, name: str) -> bool:
-        return _match_segments(self.segments, name.split("/"))
+        return _match(_plan(self.segments), name)
+
+
+def _plan(segments: tuple[str, ...]) -> tuple[bool, list[_Piece], int]:
+    """The pattern as pieces between its `**` gaps: whether it begins with a gap, the
+    pieces, and the segments the trailing gap needs (-1: no trailing gap)."""
+    pieces: list[_Piece] = []
+    run: list[str] = []
+    leading = bool(segments) and segments[0].startswith(ANY_SEGMENTS)
+    trailing = -1
+    for index, segment in enumerate(segments):
+        if segment.startswith(ANY_SEGMENTS):
+            if run:
+                pieces.append(_Piece.of(run))
+                run = []
+            if index == len(segments) - 1:
+                trailing = 1 if segment == ANY_SEGMENTS else 0  # `a/**`: one at least
+        else:
+            run.append(segment)
+    if run:
+        pieces.append(_Piece.of(run))
+    return leading, pieces, trailing
+
+
+def _match(plan: tuple[bool, list[_Piece], int], name: str) -> bool:
+    """Each piece at the earliest place it fits after the one before (a gap takes
+    whole segments, any number): the leftmost choice leaves the most for the rest."""
+    leading, pieces, trailing = plan
+    if not pieces:
+        return bool(name) if trailing == 1 else True
+    if not all(run in name for piece in pieces for run in piece.literals):
+        return False  # a substring search each, far cheaper than a pass
+    at = 0
+    for number, piece in enumerate(pieces):
+        anchored = number == 0 and not leading
+        to_end = number == len(pieces) - 1 and trailing < 0
+        if at > len(name):
+            return False
+        end = piece.end(name, at, anchored, to_end)
+        if end is None:
+            return False
+        at = end + 1  # past the `/` that follows
+    return trailing < 1 or at <= len(name)
 
 
 def compile_glob(pattern: str) -> Glob:
@@ -59,51 +159,3 @@ def compile_glob(pattern: str) -> Glob:
             continue
         collapsed.append(segment)
     return Glob(tuple(collapsed))
-
-
-def _match_segments(pattern: tuple[str, ...], names: list[str]) -> bool:
-    """Dynamic programming over (pattern segment, name segment): O(P x N) segment
-    matches, each linear in the segment's length times its pattern's."""
-    count = len(names)
-    # reach[j]: the pattern so far matches the first j name segments
-    reach = [True] + [False] * count
-    for index, segment in enumerate(pattern):
-        last = index == len(pattern) - 1
-        if segment.startswith(ANY_SEGMENTS):
-            # `**` (at least one segment when it ends the pattern), `**?` (zero or more)
-            minimum = 1 if segment == ANY_SEGMENTS and last else 0
-            nxt = [False] * (count + 1)
-            seen = False
-            for j in range(count + 1):
-                if j - minimum >= 0 and reach[j - minimum]:
-                    seen = True
-                nxt[j] = seen
-            reach = nxt
-        else:
-            reach = [False] + [reach[j] and match_segment(segment, names[j]) for j in range(count)]
-        if not any(reach):
-            return False
-    return reach[count]
-
-
-def match_segment(pattern: str, text: str) -> bool:
-    """Wildcard match of one segment (`*`, `?`; no `/` in either): the two-pointer
-    algorithm, at most len(pattern) x len(text) steps, no recursion."""
-    p = t = 0
-    star, star_t = -1, 0
-    while t < len(text):
-        if p < len(pattern) and (pattern[p] == "?" or pattern[p] == text[t]):
-            p += 1
-            t += 1
-        elif p < len(pattern) and pattern[p] == "*":
-            star, star_t = p, t
-            p += 1
-        elif star >= 0:
-            p = star + 1
-            star_t += 1
-            t = star_t
-        else:
-            return False
-    while p < len(pattern) and pattern[p] == "*":
-        p += 1
-    return p == len(pattern)
