@@ -119,6 +119,7 @@ class GuardedHandler(RequestHandler):
         super().__init__(manager, **kwargs)
         self._limits = manager.limits
         self._head_bytes = 0
+        self._tail = b""  # a head's last bytes so far: its blank line may straddle reads
         self._line: bytearray | None = bytearray()  # the request line, until its end
         self._request_line = b""
         self._head_timer: asyncio.TimerHandle | None = None
@@ -157,25 +158,49 @@ class GuardedHandler(RequestHandler):
     # --- the head -----------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._turned_away or self._refused:
-            return  # read and dropped
-        if self._force_close or self._close:
-            return
-        reading_head = self._body is None or self._body.is_eof()
-        if reading_head:
+        """Heads are handed to aiohttp one at a time, each cut at its end, so every head
+        (a pipelined one that arrives with the request before it included) has its
+        line checked, its bytes counted and its time bounded."""
+        while data:
+            if self._turned_away or self._refused:
+                return  # read and dropped
+            if self._force_close or self._close:
+                return
+            if self._body is not None and not self._body.is_eof():  # a body: aiohttp's
+                self._feed(data)
+                return
             if self._head_timer is None:
                 # from a head's first byte to its end; no longer idle
                 self._start_head_timer()
                 self._stop_idle_timer()
-            if self._line is not None and not self._check_line(data):
+            cut = self._head_end(data)
+            piece, data = data[:cut], data[cut:]
+            if self._line is not None and not self._check_line(piece):
                 return
-            self._head_bytes += len(data)
+            self._head_bytes += len(piece)
+            if not self._feed(piece) and self._head_bytes > self._limits.max_head_bytes:
+                self._refuse(431, "request head over server.max_head_bytes")
+                return
+
+    def _head_end(self, data: bytes) -> int:
+        """How much of `data` belongs to the head being read: up to its blank line, or
+        all of it (the blank line may straddle two reads)."""
+        seen = self._tail + data
+        end = seen.find(b"\r\n\r\n")
+        if end < 0:
+            self._tail = seen[-3:]
+            return len(data)
+        self._tail = b""
+        return end + 4 - (len(seen) - len(data))
+
+    def _feed(self, data: bytes) -> bool:
+        """Give bytes to aiohttp's parser; whether they completed a head."""
         count = self._request_count
         super().data_received(data)
-        if self._request_count > count:
-            self._heads_complete(self._request_count - count)
-        elif reading_head and self._head_bytes > self._limits.max_head_bytes:
-            self._refuse(431, "request head over server.max_head_bytes")
+        if self._request_count == count:
+            return False
+        self._heads_complete(self._request_count - count)
+        return True
 
     def _check_line(self, data: bytes) -> bool:
         """Collect the request line; refuse one without an HTTP version (aiohttp would
@@ -208,6 +233,7 @@ class GuardedHandler(RequestHandler):
                 )
             self._body = payload
         self._head_bytes = 0
+        self._tail = b""
         self._line = bytearray()
 
     def _refuse(self, status: int, reason: str) -> None:
@@ -239,7 +265,9 @@ class GuardedHandler(RequestHandler):
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self._request_in_progress or self._messages:
-            return  # a request is being answered; its head did arrive
+            if self._head_bytes:  # a pipelined head, begun during an answer: once it is sent
+                self._head_timer = self._loop.call_later(1.0, self._head_timed_out)
+            return
         if self._head_bytes == 0 and self._request_count == 0:
             self._manager.refused(408)
             self.force_close()  # connected and sent nothing: just closed

@@ -178,3 +178,58 @@ async def test_a_malformed_request_gets_a_fixed_short_answer(
         writer.close()
         assert status_of(data) == 400 and data.endswith(b"\r\n\r\n400 Bad Request\n")
         assert token.split(".")[2].encode() not in data
+
+
+# --- pipelined heads: each one is bounded, whichever read it arrives in ---------
+
+
+async def test_a_pipelined_head_arriving_with_the_request_before_it_is_bounded(
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
+    running = await start_proxy(server=LIMITS)
+    # a whole request, then most of a second head over the bound, in one write
+    reader, writer = await connect(running)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n")
+    writer.write(b"".join(b"X-Filler-%d: %s\r\n" % (n, b"a" * 1000) for n in range(8)))
+    await writer.drain()
+    data, took = await closed_after(reader)
+    answers = data.split(b"HTTP/1.")[1:]
+    assert [int(a.split()[1]) for a in answers] == [200, 431], data[:300]
+    assert took < 1, "refused at once, not held until a timeout"
+    writer.close()
+    # a whole request, then the start of a second head that never ends: 408, in time
+    reader, writer = await connect(running)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHo")
+    await writer.drain()
+    data, took = await closed_after(reader)
+    assert [int(a.split()[1]) for a in data.split(b"HTTP/1.")[1:]] == [200, 408], data[:300]
+    assert took < 3, f"held {took:.1f} s"
+    writer.close()
+
+
+async def test_a_pipelined_request_split_across_reads_is_served(
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
+    running = await start_proxy(server=LIMITS)
+    reader, writer = await connect(running)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHo")
+    await writer.drain()
+    await asyncio.sleep(0.2)  # a read of its own for the rest of the second head
+    writer.write(b"st: x\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    data = await answer(reader)
+    assert [int(a.split()[1]) for a in data.split(b"HTTP/1.")[1:]] == [200, 200], data[:300]
+    writer.close()
+
+
+async def test_a_pipelined_request_line_without_a_version_is_400(
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
+    running = await start_proxy(server=LIMITS)
+    reader, writer = await connect(running)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz\r\n\r\n")
+    await writer.drain()
+    data = await answer(reader)
+    assert b"HTTP/0.9" not in data
+    assert [int(a.split()[1]) for a in data.split(b"HTTP/1.")[1:]] == [200, 400], data[:300]
+    writer.close()
