@@ -628,6 +628,16 @@ async def handle_metrics(request: web.Request) -> web.Response:
 # --- middleware: errors, metrics, access log --------------------------------------
 
 
+LOGGED_HEADER_CHARS = 200  # of a client's Range or User-Agent in its access line
+
+
+def _bounded(value: str | None) -> str | None:
+    """A client's header as logged: cut at LOGGED_HEADER_CHARS, marked when cut."""
+    if value is None or len(value) <= LOGGED_HEADER_CHARS:
+        return value
+    return value[:LOGGED_HEADER_CHARS] + f"...({len(value)} chars)"
+
+
 def _log_path(request: web.Request) -> str:
     """The request path with any path token blanked; the query string (which may hold a
     token) is never logged."""
@@ -662,8 +672,8 @@ def _record(
         "bytes": sent,
         "duration_ms": round(elapsed * 1000, 2),
         "remote": request.remote,
-        "range": request.headers.get("Range"),
-        "user_agent": request.headers.get("User-Agent"),
+        "range": _bounded(request.headers.get("Range")),
+        "user_agent": _bounded(request.headers.get("User-Agent")),
         "request_id": request_id(request),
         "worker": proxy.worker,
     }

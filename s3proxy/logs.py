@@ -72,7 +72,13 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(entry, default=str))
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 class TextFormatter(logging.Formatter):
+    """One line per record; control characters (a client's NUL, CR or LF among them)
+    are written as `\\xNN`, so no client can forge or split a line."""
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
 
@@ -81,7 +87,7 @@ class TextFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
-        return redact(line)
+        return redact(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", line))
 
 
 class LogBudget:

@@ -35,11 +35,14 @@ SECRET = "test-only-placeholder-secret-" + "0123456789abcdef" * 3
 
 
 class SuiteLogs:
-    """Every token the suite mints and every log line its proxies write (in-process
-    through the real formatter, subprocesses from their stderr): at the end of the
-    session no line may hold a token, nor a token's signature."""
+    """Every token the suite mints (every `jwt.encode`, and what the `token` command
+    prints) and every log line its proxies write (in-process through the real formatter,
+    subprocesses from their stderr): at the end of the session no line may hold a
+    token's payload or signature, whole, cut short or glued to other characters."""
 
-    _RUNS = re.compile(r"[A-Za-z0-9_-]{16,}")
+    WINDOW = 20  # characters of a payload or signature that give a token away
+    STEP = 8  # windows sampled every STEP characters: any 27 in a row hold one whole
+    _RUNS = re.compile(r"[A-Za-z0-9_-]{20,}")
 
     def __init__(self) -> None:
         self.tokens: set[str] = set()
@@ -53,16 +56,18 @@ class SuiteLogs:
         self.lines.extend(text.splitlines() if isinstance(text, str) else text)
 
     def leaks(self) -> list[str]:
-        secrets = {t.rsplit(".", 1)[-1] for t in self.tokens} | {
-            part for t in self.tokens for part in t.split(".")[1:2]
-        }
-        secrets = {s for s in secrets if len(s) >= 16}
-        return [
-            line[:300]
-            for line in self.lines
-            if any(run in secrets for run in self._RUNS.findall(line))
-            or any(token in line for token in self.tokens if len(token) < 16)
-        ]
+        size, step = self.WINDOW, self.STEP
+        parts = {p for t in self.tokens for p in t.split(".")[1:3] if len(p) >= size + step}
+        windows = {p[i : i + size] for p in parts for i in range(0, len(p) - size + 1, step)}
+        short = [t for t in self.tokens if len(t) < size + step]
+        leaked = []
+        for line in self.lines:
+            runs = self._RUNS.findall(line)
+            if any(
+                run[i : i + size] in windows for run in runs for i in range(len(run) - size + 1)
+            ) or any(token in line for token in short):
+                leaked.append(line[:300])
+        return leaked
 
 
 SUITE_LOGS = SuiteLogs()
@@ -84,7 +89,10 @@ def no_token_in_any_log_line() -> Iterator[None]:
     handler, level = _KeepLines(), root.level
     root.addHandler(handler)
     root.setLevel(min(level, logging.INFO))  # access lines are INFO
+    encode = jwt.encode
+    jwt.encode = lambda *args, **kwargs: SUITE_LOGS.minted(encode(*args, **kwargs))
     yield
+    jwt.encode = encode
     root.removeHandler(handler)
     root.setLevel(level)
     leaked = SUITE_LOGS.leaks()

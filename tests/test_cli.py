@@ -13,7 +13,7 @@ import yaml
 
 from s3proxy.config import ConfigError, admin_secret, load_config, parse_size
 
-from .conftest import SECRET, SECRET_ENV
+from .conftest import SECRET, SECRET_ENV, SUITE_LOGS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,13 +22,17 @@ def s3proxy(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     import os
 
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
+    result = subprocess.run(
         [sys.executable, "-m", "s3proxy", *args],
         capture_output=True,
         text=True,
         timeout=60,
         env=full_env,
     )
+    if args[:1] == ("token",) and result.returncode == 0:
+        SUITE_LOGS.minted(result.stdout.strip())
+    SUITE_LOGS.keep(result.stderr)
+    return result
 
 
 PLACEHOLDER = "placeholder-secret-for-tests-only-0123456789"

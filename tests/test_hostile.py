@@ -85,7 +85,6 @@ async def test_dates_that_do_not_fit_are_ignored(
         "Mon, 01 Jan 99999999999999999999 00:00:00 GMT",
         "Mon, 01 Jan 2020 00:00:00 +99999999999999999999",
         "Fri, 31 Dec 9999 23:59:59 -2359",  # fits as written, not once in UTC
-        "Mon, 01 Jan 0001 00:00:00 +2359",
         "x" * 10_000,
     ):
         assert parse_http_date(bad) is None

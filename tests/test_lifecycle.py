@@ -20,7 +20,7 @@ import aiohttp
 
 from s3proxy.config import config_from_dict
 
-from .conftest import SECRET, SECRET_ENV, Emulator, StartProxy, make_token, put_object
+from .conftest import SECRET, SECRET_ENV, SUITE_LOGS, Emulator, StartProxy, make_token, put_object
 from .origin import OriginState, make_origin
 from .test_http import fetch
 from .test_serve import free_port, raw_get
@@ -90,9 +90,10 @@ def test_sigterm_drains_for_at_most_the_shutdown_timeout_in_all(
     config["s3"] = {"bucket": bucket, "endpoint_url": emulator.endpoint_url}
     path = tmp_path / "s3proxy.yaml"
     path.write_text(json.dumps(config))
+    log = tmp_path / "serve.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "s3proxy", "serve", "--config", str(path)],
-        stderr=subprocess.DEVNULL,
+        stderr=log.open("w"),
         env={**os.environ, SECRET_ENV: SECRET},
     )
     try:
@@ -113,6 +114,7 @@ def test_sigterm_drains_for_at_most_the_shutdown_timeout_in_all(
     finally:
         if process.poll() is None:
             process.kill()
+        SUITE_LOGS.keep(log.read_text())
     assert 1.0 < took < 2 + 1.0, f"stopped after {took:.1f} s (it drains, within 2 s)"
 
 

@@ -4,6 +4,7 @@ any request, routable or not, well-formed or not."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 from pathlib import Path
@@ -11,9 +12,10 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from s3proxy.logs import LogBudget, redact
+from s3proxy.app import _bounded
+from s3proxy.logs import LogBudget, TextFormatter, redact
 
-from .conftest import SUITE_LOGS, Emulator, make_token
+from .conftest import SUITE_LOGS, Emulator, SuiteLogs, make_token
 from .test_serve import serve_process
 
 b64url = st.text(
@@ -146,3 +148,34 @@ def test_the_quick_check_never_skips_a_line_the_patterns_would_change(text: str)
     ):
         full = pattern.sub(replacement, full)
     assert redact(text) == full
+
+
+def test_the_suite_wide_check_finds_a_token_whole_cut_short_or_glued() -> None:
+    """The check that ends the session (conftest.SuiteLogs) is sharp enough to matter."""
+    logs = SuiteLogs()
+    token = logs.minted(make_token("movies/**"))
+    _, payload, signature = token.split(".")
+    logs.keep(['{"msg": "access", "path": "/t/-/a.mp4", "request_id": "9f2c41aa-000001"}'])
+    assert logs.leaks() == [], "an ordinary redacted line is not a leak"
+    for line in (
+        f"GET /t/{token}/a.mp4",
+        f"token={token[:90]}",  # cut short: the payload's start is there
+        f"x{signature}y",  # glued to other characters
+        f"...{payload[5:35]}...",  # a stretch from the middle
+    ):
+        logs.lines = [line]
+        assert logs.leaks() == [line], line
+
+
+def test_a_text_line_escapes_control_characters_and_bounds_client_headers() -> None:
+    """A client's NUL, CR or LF can not split or forge a text log line, and a huge Range
+    is logged cut short."""
+    record = logging.LogRecord("s3proxy.access", logging.INFO, __file__, 1, "access", None, None)
+    record.fields = {
+        "path": "/vod/a\r\n2026 ERROR forged\x00",
+        "range": _bounded("bytes=" + "9" * 5000),
+    }
+    line = TextFormatter().format(record)
+    assert "\n" not in line and "\r" not in line and "\x00" not in line
+    assert "a\\x0d\\x0a2026 ERROR forged\\x00" in line
+    assert len(line) < 400 and "(5006 chars)" in line
