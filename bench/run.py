@@ -108,7 +108,8 @@ error_log {self.work}/origin-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   include /etc/nginx/mime.types;
-  log_format bench '$request_method $uri $status $body_bytes_sent "$http_range" $msec $request_time';
+  log_format bench '$request_method $uri $status $body_bytes_sent "$http_range" $msec'
+                   ' $request_time';
   access_log {self.work}/origin-access.log bench;
   sendfile on; tcp_nopush off; tcp_nodelay on;
   keepalive_requests 1000000; keepalive_timeout 60s;
