@@ -10,6 +10,7 @@ and in `**` count, so a signed scope can not make matching expensive.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -83,8 +84,12 @@ class _Piece:
 class Glob:
     segments: tuple[str, ...]  # each a segment glob (`*`, `?`), or ANY_SEGMENTS
 
+    @functools.cached_property
+    def pieces(self) -> tuple[bool, list[_Piece], int]:
+        return _plan(self.segments)  # built once per pattern, at its first match
+
     def matches(self, name: str) -> bool:
-        return _match(_plan(self.segments), name)
+        return _match(self.pieces, name)
 
 
 def _plan(segments: tuple[str, ...]) -> tuple[bool, list[_Piece], int]:
