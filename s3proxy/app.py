@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import itertools
 import logging
@@ -17,11 +18,14 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import aiohttp.http_exceptions
 from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE
 
 from .assets import (
     SIDECAR_SUFFIX,
@@ -34,6 +38,7 @@ from .assets import (
 from .auth import AuthFailure, Grant, TokenVerifier, presented_token
 from .config import Config, admin_secret
 from .errors import AssetNotFound, ObjectChanged, S3ProxyError, UpstreamTimeout
+from .fastlane import FAST_LANE, WRITE_SLICE, Head, parse_head, response_head
 from .logs import ACCESS_LOGGER
 from .metrics import Metrics
 from .ranges import (
@@ -48,7 +53,7 @@ from .ranges import (
     parse_range_header,
     ranges_to_serve,
 )
-from .store import ObjectStore, ReadHistory, ReadStats
+from .store import MemoryRead, ObjectStore, ReadHistory, ReadStats
 from .upstream import ObjectMeta, S3Upstream
 
 log = logging.getLogger("s3proxy.app")
@@ -100,6 +105,7 @@ class Proxy:
         self.probe_error: str | None = "no probe answered yet"
         self.probe_ok_at: float | None = None  # monotonic time of the last good probe
         self.inflight = 0
+        self.fast_answers = 0  # requests the fast lane answered (memory hits)
         self.worker = worker
         self._background: set[asyncio.Task[None]] = set()
         # request ids: a random prefix per process and a counter, 16 hex digits like the
@@ -149,7 +155,10 @@ class Proxy:
 
     def history(self, request: web.Request) -> ReadHistory | None:
         """The read history of the request's connection (Mist opens one per seek)."""
-        connection = request.transport
+        return self.history_of(request.transport)
+
+    def history_of(self, connection: object | None) -> ReadHistory | None:
+        """The read history of a client connection (its transport)."""
         if connection is None:
             return None
         history = self._histories.get(connection)
@@ -269,6 +278,127 @@ def _first_block(request: web.Request, block_size: int) -> int | None:
     return 0 if opened is not None and opened < block_size else None
 
 
+# --- the fast lane: memory hits answered from the request head ----------------------
+
+# Larger bodies go the usual way, a block at a time: a fast answer holds its blocks until
+# its client has taken them.
+FAST_MAX_BYTES = 2 * 1024 * 1024
+
+
+class MemoryAnswer:
+    """A memory hit's whole answer: its head, the body's pieces (views of cached blocks),
+    and `finish`, to call once when the body is out (or the client gone)."""
+
+    def __init__(
+        self, proxy: Proxy, served: Served, status: int, head: bytes, read: MemoryRead
+    ) -> None:
+        self.head = head
+        self.body = read.views
+        self._proxy, self._served, self._status, self._read = proxy, served, status, read
+        proxy.inflight += 1
+        proxy.metrics.inflight.inc()
+
+    def finish(self, sent: int, completed: bool) -> None:
+        proxy = self._proxy
+        self._read.done(completed)
+        proxy.inflight -= 1
+        proxy.metrics.inflight.dec()
+        reason = None if completed else "client closed the connection"
+        _account(proxy, self._served, self._status, sent, reason)
+
+
+def answer_from_memory(
+    proxy: Proxy, data: bytes, connection: object, remote: str | None
+) -> MemoryAnswer | None:
+    """The answer to a plain GET head (`fastlane.parse_head`) whose bytes are all in
+    memory and whose metadata is fresh: what `handle_media` would send, byte for byte,
+    headers and accounting included. None sends the head the usual way, which also
+    answers every error (nothing is counted or logged here then)."""
+    started = time.perf_counter()
+    head = parse_head(data)
+    if head is None:
+        return None
+    asset, token = _fast_target(head)
+    if asset is None:
+        return None
+    try:
+        grant = proxy.verifier.authorize(token, asset)
+    except AuthFailure:
+        return None
+    meta = proxy.store.fresh(asset)
+    if meta is None or meta.size == 0:
+        return None
+    headers = _entity_headers(meta, asset)
+    header = head.headers.get("range")
+    try:
+        ranges = _ranges_for(header, None, meta, proxy.config.http.max_ranges)
+    except MediaError:
+        return None  # a 416, answered the usual way
+    byte_range, status = ByteRange(0, meta.size - 1, open_ended=True), 200
+    if ranges is not None:
+        if len(ranges) != 1:
+            return None
+        (byte_range,), status = ranges, 206
+        headers["Content-Range"] = byte_range.content_range(meta.size)
+    if byte_range.length > FAST_MAX_BYTES:
+        return None
+    given = head.headers.get("x-request-id", "")
+    served = Served(
+        "GET",
+        f"/t/-/{asset}" if head.path.startswith("/t/") else head.path,
+        remote,
+        header,
+        head.headers.get("user-agent"),
+        given if _REQUEST_ID_RE.fullmatch(given) else proxy.new_request_id(),
+        started,
+        None,
+        ReadStats(),
+        grant,
+    )
+    lines = [*headers.items(), ("Content-Length", str(byte_range.length))]
+    lines += [("Date", rfc822_formatted_time()), ("Server", SERVER_SOFTWARE)]
+    lines.append(("X-Request-ID", served.request_id))
+    if proxy.config.server.node_name is not None:
+        lines.append(("X-S3Proxy-Node", proxy.config.server.node_name))
+    answer_head = response_head(status, lines)
+    if answer_head is None:
+        return None
+    assert served.stats is not None
+    read = proxy.store.memory_read(
+        meta,
+        byte_range.start,
+        byte_range.end,
+        open_ended=byte_range.open_ended,
+        history=proxy.history_of(connection),
+        stats=served.stats,
+    )
+    if read is None:
+        return None
+    served.first_byte_at = time.perf_counter()
+    proxy.fast_answers += 1
+    return MemoryAnswer(proxy, served, status, answer_head, read)
+
+
+def _fast_target(head: Head) -> tuple[str | None, str | None]:
+    """The asset and token of a fast-lane path, as the routes and `_target` read them (a
+    fast-lane path has no query); (None, None) for a path the routes would not take or
+    an asset name refused."""
+    path_token: str | None = None
+    if head.path.startswith("/t/"):
+        path_token, slash, name = head.path[3:].partition("/")
+        if not path_token or not slash:
+            return None, None
+    elif head.path.startswith("/vod/"):
+        name = head.path[5:]
+    else:
+        return None, None
+    try:
+        asset = validate_asset_name(name)
+    except InvalidAssetName:
+        return None, None
+    return presented_token(asset, path_token, head.headers.get("authorization"), None)
+
+
 async def _stat(
     proxy: Proxy, asset: str, first_block: int | None = None, stats: ReadStats | None = None
 ) -> ObjectMeta:
@@ -309,10 +439,20 @@ async def _answer(
 def _requested_ranges(
     proxy: Proxy, request: web.Request, meta: ObjectMeta
 ) -> list[ByteRange] | None:
-    header = request.headers.get("Range")
+    return _ranges_for(
+        request.headers.get("Range"),
+        request.headers.get("If-Range"),
+        meta,
+        proxy.config.http.max_ranges,
+    )
+
+
+def _ranges_for(
+    header: str | None, if_range: str | None, meta: ObjectMeta, max_ranges: int
+) -> list[ByteRange] | None:
+    """The ranges to answer, None for the whole body; MediaError 416 when none fits."""
     if header is None:
         return None
-    if_range = request.headers.get("If-Range")
     if if_range is not None and not if_range_matches(if_range, meta.etag, meta.last_modified):
         return None
     try:
@@ -325,7 +465,7 @@ def _requested_ranges(
         ) from None
     if ranges is None:
         return None
-    return ranges_to_serve(ranges, proxy.config.http.max_ranges)
+    return ranges_to_serve(ranges, max_ranges)
 
 
 async def _first_chunk(chunks: AsyncIterator[Chunk]) -> Chunk:
@@ -439,14 +579,6 @@ STATUS_SENT = web.RequestKey("status_sent", int)  # the status line that went ou
 async def _begin(request: web.Request, response: web.StreamResponse) -> None:
     await response.prepare(request)
     request[STATUS_SENT] = response.status
-
-
-# Largest slice handed to the transport at once: what the socket does not take at once
-# is copied into the transport's buffer, so this bounds the memory each slow client pins
-# (bench f, 200 readers, when this was chosen: ~146 MiB peak at 128 KiB, ~200 at
-# 256 KiB, ~225 at 512 KiB; hot 1 MiB ranges lose some throughput for it, still above
-# 0.5x nginx).
-WRITE_SLICE = 128 * 1024
 
 
 async def _send(request: web.Request, response: web.StreamResponse, data: Chunk) -> None:
@@ -650,37 +782,72 @@ def _log_path(request: web.Request) -> str:
 def _record(
     request: web.Request, status: int, sent: int, started: float, reason: str | None
 ) -> None:
-    proxy = request.app[PROXY]
-    elapsed = time.perf_counter() - started
+    _account(
+        request.app[PROXY],
+        Served(
+            request.method,
+            _log_path(request),
+            request.remote,
+            request.headers.get("Range"),
+            request.headers.get("User-Agent"),
+            request_id(request),
+            started,
+            request.get(FIRST_BYTE_AT),
+            request.get(STATS),
+            request.get(GRANT),
+        ),
+        status,
+        sent,
+        reason,
+    )
+
+
+@dataclass
+class Served:
+    """What a request's metrics and access line say of it, whichever path answered it."""
+
+    method: str
+    path: str  # as logged: any token blanked
+    remote: str | None
+    range: str | None
+    user_agent: str | None
+    request_id: str
+    started: float  # perf_counter() when its head was read
+    first_byte_at: float | None
+    stats: ReadStats | None
+    grant: Grant | None
+
+
+def _account(proxy: Proxy, served: Served, status: int, sent: int, reason: str | None) -> None:
+    """The request's metrics and its access line."""
+    elapsed = time.perf_counter() - served.started
     metrics = proxy.metrics
-    metrics.child(metrics.requests, request.method, str(status)).inc()
-    metrics.child(metrics.request_duration, request.method).observe(elapsed)
+    metrics.child(metrics.requests, served.method, str(status)).inc()
+    metrics.child(metrics.request_duration, served.method).observe(elapsed)
     metrics.response_bytes.inc(sent)
-    stats = request.get(STATS)
-    if stats is not None:
-        first_at = request.get(FIRST_BYTE_AT)
-        if stats.first_source is not None and first_at is not None:
-            metrics.child(metrics.time_to_first_byte, stats.first_source).observe(
-                first_at - started
-            )
+    stats = served.stats
+    if stats is not None and stats.first_source is not None and served.first_byte_at is not None:
+        metrics.child(metrics.time_to_first_byte, stats.first_source).observe(
+            served.first_byte_at - served.started
+        )
     if not access_log.isEnabledFor(logging.INFO):
         return  # the line would be dropped: not built
     fields: dict[str, object] = {
-        "method": request.method,
-        "path": _log_path(request),
+        "method": served.method,
+        "path": served.path,
         "status": status,
         "bytes": sent,
         "duration_ms": round(elapsed * 1000, 2),
-        "remote": request.remote,
-        "range": _bounded(request.headers.get("Range")),
-        "user_agent": _bounded(request.headers.get("User-Agent")),
-        "request_id": request_id(request),
+        "remote": served.remote,
+        "range": _bounded(served.range),
+        "user_agent": _bounded(served.user_agent),
+        "request_id": served.request_id,
         "worker": proxy.worker,
     }
     if stats is not None:
         fields["cache"] = stats.outcome
         fields["upstream_ms"] = round(stats.upstream_s * 1000, 2)
-    grant = request.get(GRANT)
+    grant = served.grant
     if grant is not None:
         fields["sub"], fields["jti"] = grant.subject, grant.token_id
     if reason:
@@ -766,11 +933,16 @@ def _add_media_routes(app: web.Application) -> None:
         app.router.add_route("*", path, handle_media, expect_handler=expect_handler)
 
 
-def create_app(config: Config, proxy: Proxy | None = None) -> web.Application:
-    """The main listener's application. It opens and closes the Proxy it serves."""
+def create_app(
+    config: Config, proxy: Proxy | None = None, *, fast_lane: bool = True
+) -> web.Application:
+    """The main listener's application. It opens and closes the Proxy it serves.
+    `fast_lane=False` answers every request through aiohttp (the tests compare the two)."""
     proxy = proxy or Proxy(config)
     app = web.Application(middlewares=[observe], handler_args={"max_field_size": 16384})
     app[PROXY] = proxy
+    if fast_lane:
+        app[FAST_LANE] = functools.partial(answer_from_memory, proxy)
     app.on_response_prepare.append(_echo_request_id)
     _add_media_routes(app)
     app.router.add_get("/healthz", handle_healthz)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections import deque
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -25,6 +26,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
 from .config import ServerConfig
+from .fastlane import FAST_LANE, WRITE_SLICE, AnswerFromMemory, FastAnswer
 from .logs import LogBudget, redact
 from .metrics import Metrics
 
@@ -69,7 +71,13 @@ class GuardedServer(Server):
     """aiohttp's connection manager with the limits: one per listener, so the admin
     listener's connections never count against the main one's."""
 
-    def __init__(self, plain: Server, limits: Limits, metrics: Metrics | None) -> None:
+    def __init__(
+        self,
+        plain: Server,
+        limits: Limits,
+        metrics: Metrics | None,
+        fast_lane: AnswerFromMemory | None = None,
+    ) -> None:
         super().__init__(
             plain.request_handler,
             request_factory=plain.request_factory,
@@ -79,6 +87,7 @@ class GuardedServer(Server):
         )
         self.limits = limits
         self.metrics = metrics
+        self.fast_lane = fast_lane
         self.malformed_log = LogBudget(per_second=5.0)
 
     def __call__(self) -> RequestHandler:
@@ -126,6 +135,10 @@ class GuardedHandler(RequestHandler):
         self._body: Any = None  # the payload of the last head, while it is being read
         self._refused = False
         self._turned_away = False
+        self._fast_lane = manager.fast_lane
+        self._remote: str | None = None
+        self._sending: asyncio.Future[None] | None = None  # a fast answer's rest, going out
+        self._held = b""  # what the client sent meanwhile
 
     # --- connection ---------------------------------------------------------------
 
@@ -134,6 +147,8 @@ class GuardedHandler(RequestHandler):
             self._turn_away(transport)
             return
         super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self._remote = str(peer[0]) if isinstance(peer, (tuple, list)) and peer else None
         # from accept to the end of the first head (as nginx's client_header_timeout)
         self._start_head_timer()
         self._stop_idle_timer()
@@ -166,9 +181,17 @@ class GuardedHandler(RequestHandler):
                 return  # read and dropped
             if self._force_close or self._close:
                 return
+            if self._sending is not None:  # after the fast answer going out
+                self._held += data
+                return
             if self._body is not None and not self._body.is_eof():  # a body: aiohttp's
                 self._feed(data)
                 return
+            if self._head_bytes == 0 and self._fast_lane:  # nothing of this head fed yet
+                end = data.find(b"\r\n\r\n")
+                if end >= 0 and self._answered_fast(data[: end + 4]):
+                    data = data[end + 4 :]
+                    continue
             if self._head_timer is None:
                 # from a head's first byte to its end; no longer idle
                 self._start_head_timer()
@@ -181,6 +204,78 @@ class GuardedHandler(RequestHandler):
             if not self._feed(piece) and self._head_bytes > self._limits.max_head_bytes:
                 self._refuse(431, "request head over server.max_head_bytes")
                 return
+
+    # --- the fast lane ---------------------------------------------------------------
+
+    def _answered_fast(self, head: bytes) -> bool:
+        """Whether the app answered this whole head from memory (`fastlane`). Only while
+        aiohttp is idle, waiting for a head (or yet to see one), so answers keep their
+        order and none follows an answer that closes the connection."""
+        waiter = self._waiter
+        waiting = waiter is not None and not waiter.done()
+        if (
+            not (waiting or (self._request_count == 0 and not self._request_in_progress))
+            or self._messages
+            or self._message_tail
+            or self._upgraded
+            or self.transport is None
+            or len(head) > self._limits.max_head_bytes
+        ):
+            return False
+        assert self._fast_lane is not None
+        answer = self._fast_lane(head, self.transport, self._remote)
+        if answer is None:
+            return False
+        self._manager.requests_count += 1
+        self._cancel_head_timer()
+        pieces = deque(_slices(answer.body))
+        first = pieces.popleft() if pieces else b""
+        self.transport.write(answer.head + first)
+        sent = len(first)
+        while pieces and not self._paused:
+            piece = pieces.popleft()
+            self.transport.write(piece)
+            sent += len(piece)
+        if pieces:  # the client is slow: the rest waits for the socket
+            self._stop_idle_timer()  # not idle while an answer is going out
+            self._sending = asyncio.ensure_future(self._send_rest(answer, pieces, sent))
+            self._pause_transport_reading()
+            return True
+        answer.finish(sent, completed=True)
+        self._answered()
+        return True
+
+    async def _send_rest(self, answer: FastAnswer, pieces: deque[memoryview], sent: int) -> None:
+        completed = False
+        try:
+            while pieces:
+                await self._drain_helper()
+                if self.transport is None:
+                    return
+                piece = pieces.popleft()
+                self.transport.write(piece)
+                sent += len(piece)
+            completed = True
+        except ConnectionError:
+            return
+        finally:
+            answer.finish(sent, completed)
+            self._sending = None
+        if self.transport is not None:
+            if not self._reading_paused and not self._buffer_paused:
+                self._resume_transport_reading()
+            self._answered()
+            held, self._held = self._held, b""
+            if held:
+                self.data_received(held)
+
+    def _answered(self) -> None:
+        """A fast answer is out: the connection is idle again (aiohttp's keep-alive)."""
+        if self._keepalive_timeout > 0:
+            close_time = self._loop.time() + self._keepalive_timeout
+            self._next_keepalive_close_time = close_time
+            if self._keepalive_handle is None:
+                self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
 
     def _head_end(self, data: bytes) -> int:
         """How much of `data` belongs to the head being read: up to its blank line, or
@@ -307,7 +402,8 @@ class GuardedRunner(web.AppRunner):
         self._metrics = metrics
 
     async def _make_server(self) -> Server:
-        return GuardedServer(await super()._make_server(), self._limits, self._metrics)
+        plain = await super()._make_server()
+        return GuardedServer(plain, self._limits, self._metrics, self._app.get(FAST_LANE))
 
 
 class _Refused(Exception):
@@ -316,6 +412,12 @@ class _Refused(Exception):
 
 class _TooLarge(Exception):
     pass
+
+
+def _slices(body: list[memoryview]) -> list[memoryview]:
+    """The body in pieces of at most WRITE_SLICE: what the socket does not take at once
+    is copied into the transport's buffer, so this bounds what a slow client pins."""
+    return [view[at : at + WRITE_SLICE] for view in body for at in range(0, len(view), WRITE_SLICE)]
 
 
 def _head_size(message: Any) -> int:

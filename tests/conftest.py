@@ -294,7 +294,10 @@ async def start_proxy(emulator: Emulator, bucket: str) -> AsyncIterator[StartPro
     """Start the proxy (main + admin listener) on loopback against the emulator."""
     servers: list[TestServer] = []
 
-    async def start(config: Config | None = None, **overrides: Any) -> RunningProxy:
+    async def start(
+        config: Config | None = None, *, fast_lane: bool = True, **overrides: Any
+    ) -> RunningProxy:
+        """`fast_lane=False`: every request through aiohttp's request machinery."""
         config = config or make_config(emulator.endpoint_url, bucket, **overrides)
         proxy = Proxy(config)
         # As `s3proxy serve` runs them (RUNNER_OPTIONS); TestServer always sets
@@ -302,7 +305,8 @@ async def start_proxy(emulator: Emulator, bucket: str) -> AsyncIterator[StartPro
         options = {k: v for k, v in RUNNER_OPTIONS.items() if k != "handler_cancellation"}
         assert RUNNER_OPTIONS["handler_cancellation"] is True
         limits = Limits.of(config.server)
-        server = GuardedTestServer(create_app(config, proxy), limits, proxy.metrics)
+        app = create_app(config, proxy, fast_lane=fast_lane)
+        server = GuardedTestServer(app, limits, proxy.metrics)
         admin = GuardedTestServer(create_admin_app(proxy), limits, None)
         for each in (server, admin):
             servers.append(each)

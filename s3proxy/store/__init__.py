@@ -1,6 +1,6 @@
 """The store: object metadata and bytes, from the cache tiers or from S3 (see `objects`)."""
 
 from .objects import ObjectStore
-from .reads import SEEK_GRACE_S, ReadHistory, ReadStats
+from .reads import SEEK_GRACE_S, MemoryRead, ReadHistory, ReadStats
 
-__all__ = ["SEEK_GRACE_S", "ObjectStore", "ReadHistory", "ReadStats"]
+__all__ = ["SEEK_GRACE_S", "MemoryRead", "ObjectStore", "ReadHistory", "ReadStats"]

@@ -25,7 +25,7 @@ from ..upstream import Answer, NotModified, ObjectMeta, S3Upstream
 from .blocks import Block, BlockKey, block_bounds, last_block
 from .fetch import Fetch, FetchTable, checked
 from .metadata import MetadataCache
-from .reads import ReadHistory, Reads, ReadStats
+from .reads import MemoryRead, ReadHistory, Reads, ReadStats
 from .tiers import build_tiers
 
 MAX_BOXES = 64  # top-level boxes walked by warm-up (Mist's walk stops far sooner)
@@ -374,6 +374,30 @@ class ObjectStore:
             probe=probe,
             readahead=readahead,
             stats=stats,
+        )
+
+    def fresh(self, asset: str) -> ObjectMeta | None:
+        """The asset's metadata when it is fresh (no look-up needed); None when it is
+        not, or the asset is known missing (`stat` answers that)."""
+        try:
+            return self.meta.fresh(object_key(self._prefix, asset))
+        except AssetNotFound:
+            return None
+
+    def memory_read(
+        self,
+        meta: ObjectMeta,
+        start: int,
+        end: int,
+        *,
+        open_ended: bool,
+        history: ReadHistory | None,
+        stats: ReadStats,
+    ) -> MemoryRead | None:
+        """`open`, at once, when every block of the range is in memory (see
+        `Reads.memory_read`); None when one is not."""
+        return self.reads.memory_read(
+            meta, start, end, open_ended=open_ended, history=history, stats=stats
         )
 
     @property

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Protocol
@@ -194,9 +194,7 @@ class Reads:
         progress = _Progress(held=probe and open_ended)
         previous = history.last(version) if history is not None else None
         floor = self._config.readahead_blocks if readahead else 0
-        # a connection that goes on where it left off keeps its window; a seek starts over
-        kept = history.window(version) if history is not None else None
-        ahead = _Window(self, kept if kept is not None and previous == start // bs - 1 else floor)
+        ahead = self._window(history, version, start // bs, floor)
         attached: list[Fetch] = []
         completed = False
         try:
@@ -291,11 +289,62 @@ class Reads:
                 yield memoryview(data)[lo : hi + 1] if (lo, hi + 1) != (0, len(data)) else data
             completed = True
         finally:
-            for fetch in attached:
-                fetch.detach(abandoned=not completed)
-            ahead.close()
-            if history is not None and floor:
-                history.keep_window(version, ahead.blocks)
+            _finish(attached, completed, ahead, history, version, floor)
+
+    def memory_read(
+        self,
+        meta: ObjectMeta,
+        start: int,
+        end: int,
+        *,
+        open_ended: bool,
+        history: ReadHistory | None,
+        stats: ReadStats,
+    ) -> MemoryRead | None:
+        """What `open` yields when every block of start..end is in memory, taken at once
+        (no await): the same hits, history, statistics and read-ahead. None, with nothing
+        changed, when a block is not in memory or its read-ahead would need a file tier
+        shared with peers (asking it is I/O). Call `MemoryRead.done` once the bytes are
+        out, or the client has gone."""
+        bs = self.block_size
+        version: Version = (self.bucket, meta.key, meta.etag)
+        first, last = start // bs, end // bs
+        keys = [BlockKey(self.bucket, meta.key, meta.etag, i) for i in range(first, last + 1)]
+        if end < start or not all(self.tiers.memory.contains(key) for key in keys):
+            return None
+        previous = history.last(version) if history is not None else None
+        floor = self._config.readahead_blocks
+        # as in `open`: an open-ended read is held (no read-ahead) through its first bytes
+        wants_ahead = floor and not open_ended and (last > first or previous == first - 1)
+        if wants_ahead and self.tiers.disk_peers:
+            return None
+        ahead = self._window(history, version, first, floor)
+        state_of = self._state_of(meta, frozenset())
+        attached: list[Fetch] = []
+        read = MemoryRead(lambda done: _finish(attached, done, ahead, history, version, floor))
+        for index, key in zip(range(first, last + 1), keys, strict=True):
+            data = self.tiers.memory_hit(key)
+            assert data is not None  # contains() above, and nothing ran since
+            first_byte, last_byte = block_bounds(index, bs, meta.size)
+            lo, hi = max(start, first_byte) - first_byte, min(end, last_byte) - first_byte
+            if history is not None:
+                history.read(version, index)
+            stats.took("memory")
+            if floor and not open_ended and plan.is_sequential(index, first, previous):
+                attached += self._read_ahead(meta, index + 1, state_of, ahead.next(False))
+            self._ahead.pop(key, None)
+            ahead.served += hi - lo + 1
+            read.views.append(memoryview(data)[lo : hi + 1])
+        return read
+
+    def _window(
+        self, history: ReadHistory | None, version: Version, first: int, floor: int
+    ) -> _Window:
+        """A read's window: a connection that goes on where it left off keeps its
+        window; a seek starts over."""
+        previous = history.last(version) if history is not None else None
+        kept = history.window(version) if history is not None else None
+        return _Window(self, kept if kept is not None and previous == first - 1 else floor)
 
     async def _ahead_state(self, meta: ObjectMeta, index: int, ask_peers: bool) -> plan.StateOf:
         """What the cache knows of the blocks after `index`; blocks a peer keeps on disk
@@ -387,6 +436,38 @@ class Reads:
                 fetch.attach()
                 started.append(fetch)
         return started
+
+
+class MemoryRead:
+    """The pieces of a read served from memory at once, and what ends it."""
+
+    def __init__(self, finish: Callable[[bool], None]) -> None:
+        self.views: list[memoryview] = []
+        self._finish: Callable[[bool], None] | None = finish
+
+    def done(self, completed: bool) -> None:
+        """The read is over (`completed`: every byte went out); read-ahead it started
+        stops when the client left early, as an abandoned `open` does. Idempotent."""
+        finish, self._finish = self._finish, None
+        if finish is not None:
+            finish(completed)
+
+
+def _finish(
+    attached: list[Fetch],
+    completed: bool,
+    ahead: _Window,
+    history: ReadHistory | None,
+    version: Version,
+    floor: int,
+) -> None:
+    """The end of a read: its fetches let go (stopped when it ended early and nobody
+    else reads them), its window kept for the connection's next read."""
+    for fetch in attached:
+        fetch.detach(abandoned=not completed)
+    ahead.close()
+    if history is not None and floor:
+        history.keep_window(version, ahead.blocks)
 
 
 class _Window:
