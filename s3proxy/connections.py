@@ -223,19 +223,27 @@ class GuardedHandler(RequestHandler):
         ):
             return False
         assert self._fast_lane is not None
-        answer = self._fast_lane(head, self.transport, self._remote)
+        try:
+            answer = self._fast_lane(head, self.transport, self._remote)
+        except Exception:  # a defect: logged, and the request answered the usual way
+            log.exception("the fast lane failed on a request; answering it the usual way")
+            return False
         if answer is None:
             return False
         self._manager.requests_count += 1
         self._cancel_head_timer()
+        transport = self.transport
         pieces = deque(_slices(answer.body))
         first = pieces.popleft() if pieces else b""
-        self.transport.write(answer.head + first)
+        transport.write(answer.head + first)
         sent = len(first)
-        while pieces and not self._paused:
+        while pieces and not self._paused and not transport.is_closing():
             piece = pieces.popleft()
-            self.transport.write(piece)
+            transport.write(piece)
             sent += len(piece)
+        if transport.is_closing():  # the client is gone (a reset): what is left is dropped
+            answer.finish(sent, completed=not pieces)
+            return True
         if pieces:  # the client is slow: the rest waits for the socket
             self._stop_idle_timer()  # not idle while an answer is going out
             self._sending = asyncio.ensure_future(self._send_rest(answer, pieces, sent))
@@ -250,7 +258,7 @@ class GuardedHandler(RequestHandler):
         try:
             while pieces:
                 await self._drain_helper()
-                if self.transport is None:
+                if self.transport is None or self.transport.is_closing():
                     return
                 piece = pieces.popleft()
                 self.transport.write(piece)

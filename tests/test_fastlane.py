@@ -397,3 +397,21 @@ async def test_an_answer_still_going_out_is_not_cut_at_the_keepalive_timeout(
     writer.close()
     assert all(a.endswith(b"\r\n\r\n" + data) for a in answers)
     assert running.proxy.fast_answers == MANY
+
+
+async def test_a_client_that_resets_at_once_costs_no_writes_to_a_dead_socket(
+    pair: tuple[RunningProxy, RunningProxy], caplog: pytest.LogCaptureFixture
+) -> None:
+    fast, _ = pair
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    whole = head(f"/t/{make_token('fast*')}/{ASSET}", f"Range: bytes=0-{2 * MIB - 1}")
+    for _ in range(20):
+        sock = socket.create_connection((fast.server.host, fast.server.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.sendall(whole)
+        sock.close()  # a reset right behind the head: the proxy reads it, then can not send
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)
+    assert fast.proxy.fast_answers >= 1  # (a head the reset overtook is never read)
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+    assert fast.metric("s3proxy_inflight_requests") == 0
