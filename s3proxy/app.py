@@ -374,9 +374,14 @@ def answer_from_memory(
     )
     if read is None:
         return None
-    served.first_byte_at = time.perf_counter()
+    try:
+        served.first_byte_at = time.perf_counter()
+        answer = MemoryAnswer(proxy, served, status, answer_head, read)
+    except BaseException:
+        read.done(False)  # its read-ahead and window let go, as an abandoned read's
+        raise
     proxy.fast_answers += 1
-    return MemoryAnswer(proxy, served, status, answer_head, read)
+    return answer
 
 
 def _fast_target(head: Head) -> tuple[str | None, str | None]:
@@ -386,8 +391,8 @@ def _fast_target(head: Head) -> tuple[str | None, str | None]:
     path_token: str | None = None
     if head.path.startswith("/t/"):
         path_token, slash, name = head.path[3:].partition("/")
-        if not path_token or not slash:
-            return None, None
+        if not path_token or not slash or "{" in path_token or "}" in path_token:
+            return None, None  # the route's `{token}` is `[^{}/]+`
     elif head.path.startswith("/vod/"):
         name = head.path[5:]
     else:

@@ -139,6 +139,8 @@ class GuardedHandler(RequestHandler):
         self._remote: str | None = None
         self._sending: asyncio.Future[None] | None = None  # a fast answer's rest, going out
         self._held = b""  # what the client sent meanwhile
+        # bytes past a body went to aiohttp's parser: it may hold a head's start
+        self._after_body = False
 
     # --- connection ---------------------------------------------------------------
 
@@ -185,6 +187,7 @@ class GuardedHandler(RequestHandler):
                 self._held += data
                 return
             if self._body is not None and not self._body.is_eof():  # a body: aiohttp's
+                self._after_body = True
                 self._feed(data)
                 return
             if self._head_bytes == 0 and self._fast_lane:  # nothing of this head fed yet
@@ -217,8 +220,11 @@ class GuardedHandler(RequestHandler):
             not (waiting or (self._request_count == 0 and not self._request_in_progress))
             or self._messages
             or self._message_tail
+            or self._after_body
             or self._upgraded
             or self.transport is None
+            or self.transport.is_closing()  # reset by the client: nothing more goes out
+            or self._paused  # the client is not reading: aiohttp queues and waits
             or len(head) > self._limits.max_head_bytes
         ):
             return False
@@ -234,27 +240,29 @@ class GuardedHandler(RequestHandler):
         self._cancel_head_timer()
         transport = self.transport
         pieces = deque(_slices(answer.body))
-        first = pieces.popleft() if pieces else b""
-        transport.write(answer.head + first)
-        sent = len(first)
-        while pieces and not self._paused and not transport.is_closing():
-            piece = pieces.popleft()
-            transport.write(piece)
-            sent += len(piece)
-        if transport.is_closing():  # the client is gone (a reset): what is left is dropped
-            answer.finish(sent, completed=not pieces)
-            return True
-        if pieces:  # the client is slow: the rest waits for the socket
-            self._stop_idle_timer()  # not idle while an answer is going out
-            self._sending = asyncio.ensure_future(self._send_rest(answer, pieces, sent))
-            self._pause_transport_reading()
-            return True
-        answer.finish(sent, completed=True)
-        self._answered()
+        sent, rest = 0, False
+        try:
+            first = pieces.popleft() if pieces else b""
+            transport.write(answer.head + first)
+            sent = len(first)
+            while pieces and not self._paused and not transport.is_closing():
+                piece = pieces.popleft()
+                transport.write(piece)
+                sent += len(piece)
+            if pieces and not transport.is_closing():  # a slow client: the rest waits
+                self._stop_idle_timer()  # not idle while an answer is going out
+                self._sending = asyncio.ensure_future(self._send_rest(answer, pieces, sent))
+                self._sending.add_done_callback(_report_failure)
+                self._pause_transport_reading()
+                rest = True
+        finally:
+            if not rest:  # done, or the client is gone (a reset): the rest is dropped
+                answer.finish(sent, completed=not pieces)
+        if not rest and not transport.is_closing():
+            self._answered()
         return True
 
     async def _send_rest(self, answer: FastAnswer, pieces: deque[memoryview], sent: int) -> None:
-        completed = False
         try:
             while pieces:
                 await self._drain_helper()
@@ -263,12 +271,15 @@ class GuardedHandler(RequestHandler):
                 piece = pieces.popleft()
                 self.transport.write(piece)
                 sent += len(piece)
-            completed = True
         except ConnectionError:
             return
+        except Exception:
+            if self.transport is not None:
+                self.transport.close()  # reading stays paused: nothing more on this one
+            raise
         finally:
-            answer.finish(sent, completed)
             self._sending = None
+            answer.finish(sent, completed=not pieces)
         if self.transport is not None:
             if not self._reading_paused and not self._buffer_paused:
                 self._resume_transport_reading()
@@ -338,6 +349,7 @@ class GuardedHandler(RequestHandler):
         self._head_bytes = 0
         self._tail = b""
         self._line = bytearray()
+        self._after_body = False
 
     def _refuse(self, status: int, reason: str) -> None:
         """Answer `status` in turn (after what is already queued), then close; the rest
@@ -420,6 +432,11 @@ class _Refused(Exception):
 
 class _TooLarge(Exception):
     pass
+
+
+def _report_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a fast answer failed", exc_info=task.exception())
 
 
 def _slices(body: list[memoryview]) -> list[memoryview]:

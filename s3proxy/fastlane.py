@@ -24,8 +24,9 @@ from aiohttp import web
 # 0.5x nginx).
 WRITE_SLICE = 128 * 1024
 MAX_HEAD_BYTES = 8190  # below aiohttp's own bounds on a line and on a header field
+MAX_FIELDS = 64  # header lines (aiohttp refuses more than 128)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*")
 _TARGET = re.compile(r"/[\x21-\x7e]*")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # as aiohttp refuses in a header
 # headers whose presence changes the answer or the connection: left to aiohttp
@@ -41,6 +42,7 @@ _NOT_HERE = frozenset(
         "if-modified-since",
         "if-unmodified-since",
         "if-range",
+        "sec-websocket-key1",  # aiohttp refuses a head with it
     }
 )
 
@@ -56,10 +58,12 @@ class Head:
 def parse_head(data: bytes) -> Head | None:
     """The head, when `data` is exactly one plain GET head (ending in its blank line);
     None for anything the fast lane leaves to aiohttp."""
-    if len(data) > MAX_HEAD_BYTES or not data.endswith(b"\r\n\r\n"):
-        return None
-    text = data[:-4].decode("latin-1")
+    if len(data) > MAX_HEAD_BYTES or not data.endswith(b"\r\n\r\n") or not data.isascii():
+        return None  # (aiohttp decodes other bytes its own way, and strip() differs on them)
+    text = data[:-4].decode("ascii")
     line, *fields = text.split("\r\n")
+    if len(fields) > MAX_FIELDS:
+        return None
     method, _, rest = line.partition(" ")
     target, _, version = rest.partition(" ")
     if method != "GET" or version != "HTTP/1.1" or not _plain_path(target):

@@ -192,15 +192,20 @@ async def test_other_forms_and_refusals_go_the_usual_way(
 ) -> None:
     fast, _ = pair
     line = request_line.format(token=make_token("fast*"), other=make_token("x*"), asset=ASSET)
-    data = f"{line}\r\nHost: x\r\nRange: bytes=0-9\r\nConnection: close\r\n\r\n".encode()
+    data = f"{line}\r\nHost: x\r\nRange: bytes=0-9\r\n\r\n".encode()
     mine, theirs = [await exchange_until_closed(running, data) for running in pair]
     assert steady(mine) == steady(theirs) and mine.startswith(b"HTTP/1.")
     assert fast.proxy.fast_answers == 0
 
 
+CLOSING = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
 async def exchange_until_closed(running: RunningProxy, data: bytes) -> bytes:
+    """Everything the proxy sends for `data` and a request that closes the connection
+    behind it (so the heads in `data` keep the connection alive themselves)."""
     reader, writer = await connect(running)
-    writer.write(data)
+    writer.write(data + CLOSING)
     out = await asyncio.wait_for(reader.read(), 5)
     writer.close()
     return out
@@ -282,7 +287,9 @@ async def test_a_slow_reader_gets_every_byte_and_the_next_answer_after_it(
     assert fast.metric("s3proxy_inflight_requests") == 0
     theirs = await exchange(usual, whole * MANY + then, MANY + 1)
     assert [steady(a) for a in mine] == [steady(a) for a in theirs]
-    assert fast.proxy.fast_answers == MANY + 1
+    # the first went out as the client read; what came after a full socket buffer went
+    # the usual way (aiohttp waits on the socket too)
+    assert fast.proxy.fast_answers >= 1
 
 
 async def test_a_client_gone_mid_answer_is_logged_with_what_it_got(
@@ -396,7 +403,7 @@ async def test_an_answer_still_going_out_is_not_cut_at_the_keepalive_timeout(
     answers = [await read_answer(reader) for _ in range(MANY)]
     writer.close()
     assert all(a.endswith(b"\r\n\r\n" + data) for a in answers)
-    assert running.proxy.fast_answers == MANY
+    assert running.proxy.fast_answers >= 1
 
 
 async def test_a_client_that_resets_at_once_costs_no_writes_to_a_dead_socket(
@@ -415,3 +422,99 @@ async def test_a_client_that_resets_at_once_costs_no_writes_to_a_dead_socket(
     assert fast.proxy.fast_answers >= 1  # (a head the reset overtook is never read)
     assert not [r for r in caplog.records if r.name == "asyncio"]
     assert fast.metric("s3proxy_inflight_requests") == 0
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [b"Range: \x85bytes=0-9"],  # str.strip() would take \x85 for a space; aiohttp not
+        [b"Range: bytes=0-9", b"User-Agent: caf\xc3\xa9"],
+        [b"Range: bytes=0-9", b"Sec-WebSocket-Key1: x"],
+        [b"Range: bytes=0-9"] + [b"X-Many-%d: x" % n for n in range(130)],
+    ],
+)
+async def test_heads_aiohttp_reads_its_own_way_go_the_usual_way(
+    pair: tuple[RunningProxy, RunningProxy], lines: list[bytes]
+) -> None:
+    fast, _ = pair
+    data = head(f"/t/{make_token('fast*')}/{ASSET}")[:-2] + b"".join(x + b"\r\n" for x in lines)
+    mine, theirs = [await exchange_until_closed(running, data + b"\r\n") for running in pair]
+    assert steady(mine) == steady(theirs)
+    assert fast.proxy.fast_answers == 0
+
+
+async def test_a_bearer_token_behind_a_non_ascii_space_is_refused_as_the_usual_way_does(
+    pair: tuple[RunningProxy, RunningProxy],
+) -> None:
+    fast, _ = pair
+    data = f"GET /vod/{ASSET} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n".encode()
+    data += b"Authorization: Bearer \xa0" + make_token("fast*").encode() + b"\r\n\r\n"
+    mine, theirs = [await exchange(running, data) for running in pair]
+    assert mine[0].startswith(b"HTTP/1.1 401") and steady(mine[0]) == steady(theirs[0])
+    assert fast.proxy.fast_answers == 0
+
+
+async def test_a_token_segment_the_routes_refuse_is_not_served_without_auth(
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
+    put_object(emulator, bucket, ASSET, os.urandom(1000))
+    running = await start_proxy(auth={"mode": "none", "keys": []})
+    await exchange(running, head(f"/vod/{ASSET}", "Range: bytes=0-9"))
+    await asyncio.sleep(0.2)
+    (answer,) = await exchange(running, head(f"/t/{{x}}/{ASSET}", "Range: bytes=0-9"))
+    assert answer.startswith(b"HTTP/1.1 404")
+    assert running.proxy.fast_answers == 0
+
+
+async def test_a_client_that_pipelines_without_reading_is_held_back(
+    pair: tuple[RunningProxy, RunningProxy],
+) -> None:
+    fast, usual = pair
+    small = head(f"/t/{make_token('fast*')}/{ASSET}", "Range: bytes=0-131071")
+    reader, writer = await asyncio.open_connection(sock=slow_client(fast))
+    writer.write(small * 2000)
+    await asyncio.sleep(0.5)
+    # what the socket took, and a little more; the rest waits in aiohttp's queue
+    assert fast.proxy.fast_answers < 200
+    mine = [await read_answer(reader) for _ in range(2000)]
+    writer.close()
+    expected = steady((await exchange(usual, small))[0])
+    assert all(steady(a) == expected for a in mine)
+
+
+async def test_pipelined_heads_behind_a_reset_are_not_answered(
+    pair: tuple[RunningProxy, RunningProxy], caplog: pytest.LogCaptureFixture
+) -> None:
+    fast, _ = pair
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    small = head(f"/t/{make_token('fast*')}/{ASSET}", "Range: bytes=0-99")
+    for _ in range(10):
+        sock = socket.create_connection((fast.server.host, fast.server.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.sendall(small * 10)
+        sock.close()
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+    assert fast.metric("s3proxy_inflight_requests") == 0
+
+
+async def test_a_head_begun_behind_a_body_is_read_by_aiohttp_to_its_end(
+    pair: tuple[RunningProxy, RunningProxy],
+) -> None:
+    fast, _ = pair
+    path = f"/t/{make_token('fast*')}/{ASSET}"
+    with_body = head(path, "Range: bytes=0-9", "Content-Length: 5") + b"hello"
+    begun = b"GET /junk HTTP/1.1\r\nX-A: "  # the start of a head, after the body
+    looks_plain = head(path, "Range: bytes=10-19")  # ... which this one ends
+    transcripts = []
+    for running in pair:
+        reader, writer = await connect(running)
+        writer.write(with_body + begun)
+        first = await read_answer(reader)
+        writer.write(looks_plain)
+        transcripts.append([steady(first), steady(await read_answer(reader))])
+        writer.close()
+    mine, theirs = transcripts
+    assert mine == theirs and mine[1].startswith(b"HTTP/1.1 404")
+    assert fast.proxy.fast_answers == 0
