@@ -38,7 +38,7 @@ from .assets import (
 from .auth import AuthFailure, Grant, TokenVerifier, presented_token
 from .config import Config, admin_secret
 from .errors import AssetNotFound, ObjectChanged, S3ProxyError, UpstreamTimeout
-from .fastlane import FAST_LANE, WRITE_SLICE, Head, parse_head, response_head
+from .fastlane import FAST_LANE, Head, parse_head, response_head, write_slices
 from .logs import ACCESS_LOGGER
 from .metrics import Metrics
 from .ranges import (
@@ -115,6 +115,10 @@ class Proxy:
 
     def new_request_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids) & 0xFFFFFFFF:08x}"
+
+    def request_id_for(self, given: str | None) -> str:
+        """The client's `X-Request-ID` when it is a sane one, else a new one."""
+        return given if given and _REQUEST_ID_RE.fullmatch(given) else self.new_request_id()
 
     async def start(self) -> None:
         await self.upstream.start()
@@ -342,17 +346,17 @@ def answer_from_memory(
         headers["Content-Range"] = byte_range.content_range(meta.size)
     if byte_range.length > FAST_MAX_BYTES:
         return None
-    given = head.headers.get("x-request-id", "")
+    stats = ReadStats()
     served = Served(
         "GET",
         f"/t/-/{asset}" if head.path.startswith("/t/") else head.path,
         remote,
         header,
         head.headers.get("user-agent"),
-        given if _REQUEST_ID_RE.fullmatch(given) else proxy.new_request_id(),
+        proxy.request_id_for(head.headers.get("x-request-id")),
         started,
         None,
-        ReadStats(),
+        stats,
         grant,
     )
     lines = [*headers.items(), ("Content-Length", str(byte_range.length))]
@@ -363,14 +367,13 @@ def answer_from_memory(
     answer_head = response_head(status, lines)
     if answer_head is None:
         return None
-    assert served.stats is not None
     read = proxy.store.memory_read(
         meta,
         byte_range.start,
         byte_range.end,
         open_ended=byte_range.open_ended,
         history=proxy.history_of(connection),
-        stats=served.stats,
+        stats=stats,
     )
     if read is None:
         return None
@@ -565,9 +568,9 @@ def request_id(request: web.Request) -> str:
     """The client's `X-Request-ID` when it is a sane one, else a new one; echoed back."""
     given = request.get(REQUEST_ID)
     if given is None:
-        header = request.headers.get("X-Request-ID", "")
-        given = header if _REQUEST_ID_RE.fullmatch(header) else request.app[PROXY].new_request_id()
-        request[REQUEST_ID] = given
+        given = request[REQUEST_ID] = request.app[PROXY].request_id_for(
+            request.headers.get("X-Request-ID")
+        )
     return given
 
 
@@ -587,9 +590,7 @@ async def _begin(request: web.Request, response: web.StreamResponse) -> None:
 
 
 async def _send(request: web.Request, response: web.StreamResponse, data: Chunk) -> None:
-    view = memoryview(data)
-    for offset in range(0, len(view), WRITE_SLICE):
-        piece = view[offset : offset + WRITE_SLICE]
+    for piece in write_slices(data):
         await response.write(piece)
         request[BODY_BYTES] = request.get(BODY_BYTES, 0) + len(piece)
 

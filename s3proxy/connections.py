@@ -26,7 +26,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
 from .config import ServerConfig
-from .fastlane import FAST_LANE, WRITE_SLICE, AnswerFromMemory, FastAnswer
+from .fastlane import FAST_LANE, AnswerFromMemory, FastAnswer, write_slices
 from .logs import LogBudget, redact
 from .metrics import Metrics
 
@@ -245,7 +245,7 @@ class GuardedHandler(RequestHandler):
         self._manager.requests_count += 1
         self._cancel_head_timer()
         transport = self.transport
-        pieces = deque(_slices(answer.body))
+        pieces = deque(piece for view in answer.body for piece in write_slices(view))
         sent, rest = 0, False
         try:
             first = pieces.popleft() if pieces else b""
@@ -443,12 +443,6 @@ class _TooLarge(Exception):
 def _report_failure(task: asyncio.Future[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("a fast answer failed", exc_info=task.exception())
-
-
-def _slices(body: list[memoryview]) -> list[memoryview]:
-    """The body in pieces of at most WRITE_SLICE: what the socket does not take at once
-    is copied into the transport's buffer, so this bounds what a slow client pins."""
-    return [view[at : at + WRITE_SLICE] for view in body for at in range(0, len(view), WRITE_SLICE)]
 
 
 def _head_size(message: Any) -> int:

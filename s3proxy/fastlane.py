@@ -23,6 +23,14 @@ from aiohttp import web
 # 256 KiB, ~225 at 512 KiB; hot 1 MiB ranges lose some throughput for it, still above
 # 0.5x nginx).
 WRITE_SLICE = 128 * 1024
+
+
+def write_slices(data: bytes | bytearray | memoryview) -> list[memoryview]:
+    """`data` in pieces of at most WRITE_SLICE, each handed to the transport at once."""
+    view = memoryview(data)
+    return [view[at : at + WRITE_SLICE] for at in range(0, len(view), WRITE_SLICE)]
+
+
 MAX_HEAD_BYTES = 8190  # below aiohttp's own bounds on a line and on a header field
 MAX_FIELDS = 64  # header lines (aiohttp refuses more than 128)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

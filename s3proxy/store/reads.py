@@ -194,7 +194,7 @@ class Reads:
         progress = _Progress(held=probe and open_ended)
         previous = history.last(version) if history is not None else None
         floor = self._config.readahead_blocks if readahead else 0
-        ahead = self._window(history, version, start // bs, floor)
+        ahead = self._window(history, version, previous, start // bs, floor)
         attached: list[Fetch] = []
         completed = False
         try:
@@ -315,14 +315,17 @@ class Reads:
         previous = history.last(version) if history is not None else None
         floor = self._config.readahead_blocks
         # as in `open`: an open-ended read is held (no read-ahead) through its first bytes
-        wants_ahead = floor and not open_ended and (last > first or previous == first - 1)
-        if wants_ahead and self.tiers.disk_peers:
+        ahead_at = [
+            floor > 0 and not open_ended and plan.is_sequential(i, first, previous)
+            for i in range(first, last + 1)
+        ]
+        if any(ahead_at) and self.tiers.disk_peers:
             return None
-        ahead = self._window(history, version, first, floor)
+        ahead = self._window(history, version, previous, first, floor)
         state_of = self._state_of(meta, frozenset())
         attached: list[Fetch] = []
         read = MemoryRead(lambda done: _finish(attached, done, ahead, history, version, floor))
-        for index, key in zip(range(first, last + 1), keys, strict=True):
+        for index, key, wants_ahead in zip(range(first, last + 1), keys, ahead_at, strict=True):
             data = self.tiers.memory_hit(key)
             assert data is not None  # contains() above, and nothing ran since
             first_byte, last_byte = block_bounds(index, bs, meta.size)
@@ -330,7 +333,7 @@ class Reads:
             if history is not None:
                 history.read(version, index)
             stats.took("memory")
-            if floor and not open_ended and plan.is_sequential(index, first, previous):
+            if wants_ahead:
                 attached += self._read_ahead(meta, index + 1, state_of, ahead.next(False))
             self._ahead.pop(key, None)
             ahead.served += hi - lo + 1
@@ -338,11 +341,15 @@ class Reads:
         return read
 
     def _window(
-        self, history: ReadHistory | None, version: Version, first: int, floor: int
+        self,
+        history: ReadHistory | None,
+        version: Version,
+        previous: int | None,
+        first: int,
+        floor: int,
     ) -> _Window:
-        """A read's window: a connection that goes on where it left off keeps its
-        window; a seek starts over."""
-        previous = history.last(version) if history is not None else None
+        """A read's window: a connection that goes on where it left off (its `previous`
+        block is the one before `first`) keeps its window; a seek starts over."""
         kept = history.window(version) if history is not None else None
         return _Window(self, kept if kept is not None and previous == first - 1 else floor)
 
