@@ -694,19 +694,32 @@ def case_hangups(stack: Stack, fixed: Proxy, adaptive: Proxy, size: int) -> list
         for name, proxy in (("fixed", fixed), ("adaptive", adaptive)):
             key = link(stack, "big1g.mp4", f"egress-{label[:4].strip()}-{name}.mp4")
             sent_before = proxy.metric("s3proxy_response_bytes_total")
-            wasted_before = proxy.metric("s3proxy_readahead_wasted_bytes_total")
+            unused_before = unused_ahead(proxy)
             work(proxy.url(key))
             time.sleep(1.0)
             _, upstream = stack.origin_stats(key)
             sent = proxy.metric("s3proxy_response_bytes_total") - sent_before
-            wasted = proxy.metric("s3proxy_readahead_wasted_bytes_total") - wasted_before
-            figures.append(f"{name} {upstream / max(sent, 1):.2f} ({upstream / MIB:.1f} MiB)")
-            if name == "adaptive":
-                figures.append(f"wasted so far {wasted / MIB:.1f} MiB")
+            # fetched ahead and never read (wasted), or not read yet (unread): at most
+            # this much of the upstream bytes went to read-ahead nobody used
+            unused = unused_ahead(proxy) - unused_before
+            share = 100 * unused / max(upstream, 1)
+            figures.append(
+                f"{name} {upstream / max(sent, 1):.2f} ({upstream / MIB:.1f} MiB, "
+                f"read-ahead unused {unused / MIB:.1f} MiB = {share:.1f} %)"
+            )
         out.append(
-            f"  {'(k) ' + label + ': upstream/sent':<46} " + ", ".join(figures) + " (target < 1.5)"
+            f"  {'(k) ' + label + ': upstream/sent':<46} "
+            + ", ".join(figures)
+            + " (targets < 1.5, unused < 10 %)"
         )
     return out
+
+
+def unused_ahead(proxy: Proxy) -> float:
+    """Bytes fetched ahead that nobody read: wasted, or in memory and unread so far."""
+    return proxy.metric("s3proxy_readahead_wasted_bytes_total") + proxy.metric(
+        "s3proxy_readahead_unread_bytes"
+    )
 
 
 def case_revalidation(stack: Stack, ours: Proxy, ttl_s: float, rounds: int = 10) -> list[str]:

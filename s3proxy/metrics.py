@@ -148,8 +148,15 @@ class Metrics:
         )
         self.readahead_wasted_bytes = Counter(
             "s3proxy_readahead_wasted_bytes",
-            "Bytes fetched ahead and evicted from memory unread",
+            "Bytes fetched ahead and never read: evicted from memory unread, dropped with "
+            "their version, or received for a block its fetch did not finish",
             registry=r,
+        )
+        self.readahead_unread_bytes = Gauge(
+            "s3proxy_readahead_unread_bytes",
+            "Bytes fetched ahead that are in memory and not read yet",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.cache_disk_writes_dropped = Counter(
             "s3proxy_cache_disk_writes_dropped_total",

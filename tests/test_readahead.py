@@ -1,7 +1,8 @@
 """The adaptive read-ahead window, through the store against a slow origin: a sequential
 reader's window grows and a seek starts it over; one byte budget bounds all windows
-with 200 readers; a reader that hangs up starts no more read-ahead. And the window's
-rule as a pure function."""
+with 200 readers; a reader that hangs up starts no more read-ahead; every byte fetched
+ahead is read, unread in memory or counted wasted. And the window's rule as a pure
+function."""
 
 from __future__ import annotations
 
@@ -97,6 +98,81 @@ async def test_no_read_ahead_after_a_hang_up(aiohttp_server: Any, start_proxy: S
     assert started > 0 and store.reads._streams == 0
     await asyncio.sleep(0.3)
     assert running.metric("s3proxy_readahead_blocks_total") == started
+
+
+def ahead_accounts(running: Any) -> tuple[float, float, float]:
+    """(bytes received from S3, wasted read-ahead, unread read-ahead in memory)."""
+    return (
+        running.metric("s3proxy_upstream_bytes_total"),
+        running.metric("s3proxy_readahead_wasted_bytes_total"),
+        running.metric("s3proxy_readahead_unread_bytes"),
+    )
+
+
+async def within(condition: Any, seconds: float = 5) -> None:
+    for _ in range(int(seconds / 0.001)):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("not reached in time")
+
+
+async def settled(store: Any) -> None:
+    for _ in range(200):
+        if store.reads._readahead_inflight == 0 and not len(store.fetches):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("read-ahead still in flight")
+
+
+async def test_every_byte_fetched_ahead_is_read_unread_or_wasted(
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
+    bs = 256 * 1024  # four of the origin's 64 KiB chunks: a GET can stop inside a block
+    state = OriginState(size=40 * bs, chunk_delay_s=0.005)
+    cache = {**CACHE, "block_size": "256KiB", "max_bytes": f"{16 * bs}"}
+    running = await start_with_origin(aiohttp_server, start_proxy, state, cache=cache)
+    store = running.proxy.store
+    store.seek_grace_s = 0
+    # read whole: whatever was fetched ahead was read
+    assert await read(store, "whole.mp4", 0, state.size - 1, None) == pattern(0, state.size)
+    await settled(store)
+    assert running.metric("s3proxy_readahead_blocks_total") > 0
+    assert ahead_accounts(running) == (state.size, 0, 0)
+
+    # a viewer hangs up at a block's end, read-ahead in flight: what read-ahead had
+    # received of blocks it did not finish is wasted, what it finished is unread
+    meta = await store.stat("gone.mp4")
+    taken = 0
+    async with aclosing(store.open(meta, 0, state.size - 1, history=ReadHistory())) as chunks:
+        async for chunk in chunks:
+            taken += len(chunk)
+            if taken == 2 * bs:
+                # until a block fetched ahead has landed and another is half-way
+                await within(
+                    lambda: (
+                        store.reads.unread_bytes > 0
+                        and any(
+                            0 < fetch.received(i) < bs
+                            for fetch in store.fetches.fetches()
+                            for i in fetch.whole
+                        )
+                    )
+                )
+                break
+    await settled(store)
+    received, wasted, unread = ahead_accounts(running)
+    received -= state.size
+    assert wasted % (64 * 1024) == 0 and 0 < wasted < bs, wasted  # chunks of one block
+    assert unread > 0 and unread % bs == 0, unread
+    assert received == taken + wasted + unread, (received, taken, wasted, unread)
+
+    # memory evicts the unread blocks: they were fetched for nothing
+    assert await read(store, "other.mp4", 0, state.size - 1, None) == pattern(0, state.size)
+    await settled(store)
+    received_after, wasted_after, unread_after = ahead_accounts(running)
+    assert received_after == received + 2 * state.size and unread_after == 0
+    assert wasted_after == wasted + unread, (wasted_after, wasted, unread)
 
 
 @given(

@@ -254,6 +254,10 @@ class Fetch:
             self.table.release(self, self.key(index))
         self._on_block(self, index, block)
 
+    def received(self, index: int) -> int:
+        """Bytes of block `index` this fetch has received so far."""
+        return self.filled[index] - self.begin[index]
+
     def attach(self) -> None:
         self.readers += 1
 

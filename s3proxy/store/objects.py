@@ -338,7 +338,9 @@ class ObjectStore:
         self._replaced(meta)
 
     def _replaced(self, meta: ObjectMeta) -> None:
-        self.tiers.drop_version((self.bucket, meta.key, meta.etag))
+        version = (self.bucket, meta.key, meta.etag)
+        self.tiers.drop_version(version)
+        self.reads.version_dropped(version)
 
     # --- bytes ------------------------------------------------------------------
 
@@ -445,6 +447,8 @@ class ObjectStore:
 
     def _block_arrived(self, fetch: Fetch, index: int, block: Block) -> None:
         self.tiers.put(fetch.key(index), block, fetch.meta)
+        if fetch.background:
+            self.reads.block_landed(fetch.key(index), len(block))
 
     def _fetch_ended(self, fetch: Fetch, error: S3ProxyError | None) -> None:
         self.reads.fetch_ended(fetch)

@@ -154,18 +154,61 @@ class Reads:
         self.readahead_budget = int(budget) if budget is not None else int(cache.max_bytes) // 4
         self._streams = 0  # readers streaming with a read-ahead window now
         self.latency_s = FIRST_LATENCY_S  # S3 first-byte latency, a moving average
-        self._ahead: LRUCache[BlockKey, int] = LRUCache(maxsize=65536)  # fetched, unread
+        # blocks fetched ahead that nobody has read: 0 while in flight, their size once
+        # in memory (counted in `unread_bytes`); a read, an eviction or the end of the
+        # fetch that was to bring it takes a block out
+        self._ahead: dict[BlockKey, int] = {}
+        self.unread_bytes = 0
         tiers.on_evict = self._evicted
         self.seek_grace_s = SEEK_GRACE_S
 
     def fetch_ended(self, fetch: Fetch) -> None:
-        if fetch.background:
-            self._readahead_inflight -= 1
-            self._readahead_bytes -= (fetch.last - fetch.first + 1) * self.block_size
+        if not fetch.background:
+            return
+        self._readahead_inflight -= 1
+        self._readahead_bytes -= (fetch.last - fetch.first + 1) * self.block_size
+        wasted = 0
+        for index in fetch.whole:  # cut short: its unread blocks never landed
+            if self._ahead.get(fetch.key(index)) == 0:
+                del self._ahead[fetch.key(index)]
+                wasted += fetch.received(index)
+        if wasted:
+            self._metrics.readahead_wasted_bytes.inc(wasted)
+
+    def block_landed(self, key: BlockKey, size: int) -> None:
+        """A fetched block is in memory: if it was fetched ahead and is unread, it
+        counts as unread read-ahead until a reader takes it or memory evicts it."""
+        if self._ahead.get(key) != 0:
+            return
+        if self.tiers.memory.contains(key):
+            self._ahead[key] = size
+            self._unread(size)
+        else:  # memory did not keep it (a file tier may have): not followed further
+            del self._ahead[key]
+
+    def _taken(self, key: BlockKey) -> None:
+        """A reader reads the block: whatever read-ahead brought it was not wasted."""
+        size = self._ahead.pop(key, None)
+        if size:
+            self._unread(-size)
 
     def _evicted(self, key: BlockKey, size: int) -> None:
-        if self._ahead.pop(key, None) is not None:  # fetched ahead, never read
+        if self._ahead.pop(key, None):  # fetched ahead, in memory, never read
+            self._unread(-size)
             self._metrics.readahead_wasted_bytes.inc(size)
+
+    def version_dropped(self, version: Version) -> None:
+        """Its blocks are gone from the tiers (the version changed upstream): those
+        fetched ahead and unread were fetched for nothing."""
+        for key in [k for k in self._ahead if k.version == version]:
+            size = self._ahead.pop(key)
+            if size:
+                self._unread(-size)
+                self._metrics.readahead_wasted_bytes.inc(size)
+
+    def _unread(self, change: int) -> None:
+        self.unread_bytes += change
+        self._metrics.readahead_unread_bytes.set(self.unread_bytes)
 
     def _measured(self, seconds: float) -> None:
         self.latency_s += (seconds - self.latency_s) * LATENCY_WEIGHT
@@ -261,7 +304,7 @@ class Reads:
                         # it waited on S3 for this block: the window was too small
                         attached += self._read_ahead(meta, index + 1, state_of, ahead.next(True))
                     stats.took("upstream")
-                    self._ahead.pop(key, None)
+                    self._taken(key)
                     asked = time.monotonic()
                     async with aclosing(fetch.read(index, lo, hi)) as pieces:
                         async for piece in _timed(pieces, stats):
@@ -283,7 +326,7 @@ class Reads:
                     if state_of is None:
                         state_of = await self._ahead_state(meta, index, True)
                     attached += self._read_ahead(meta, index + 1, state_of, ahead.next(False))
-                self._ahead.pop(key, None)
+                self._taken(key)
                 ahead.served += hi - lo + 1
                 progress.sent()
                 yield memoryview(data)[lo : hi + 1] if (lo, hi + 1) != (0, len(data)) else data
@@ -335,7 +378,7 @@ class Reads:
             stats.took("memory")
             if wants_ahead:
                 attached += self._read_ahead(meta, index + 1, state_of, ahead.next(False))
-            self._ahead.pop(key, None)
+            self._taken(key)
             ahead.served += hi - lo + 1
             read.views.append(memoryview(data)[lo : hi + 1])
         return read
@@ -439,7 +482,7 @@ class Reads:
                 self._readahead_bytes += (last - first + 1) * self.block_size
                 self._metrics.readahead_blocks.inc(last - first + 1)
                 for index in range(first, last + 1):
-                    self._ahead[BlockKey(self.bucket, meta.key, meta.etag, index)] = 1
+                    self._ahead[BlockKey(self.bucket, meta.key, meta.etag, index)] = 0
                 fetch.attach()
                 started.append(fetch)
         return started
