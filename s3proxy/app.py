@@ -39,7 +39,7 @@ from .auth import AuthFailure, Grant, TokenVerifier, presented_token
 from .config import Config, admin_secret
 from .errors import AssetNotFound, ObjectChanged, S3ProxyError, UpstreamTimeout
 from .fastlane import FAST_LANE, Head, parse_head, response_head, write_slices
-from .logs import ACCESS_LOGGER
+from .logs import ACCESS_LOGGER, log_fields
 from .metrics import Metrics
 from .ranges import (
     ByteRange,
@@ -858,7 +858,7 @@ def _account(proxy: Proxy, served: Served, status: int, sent: int, reason: str |
         fields["sub"], fields["jti"] = grant.subject, grant.token_id
     if reason:
         fields["error"] = reason
-    access_log.info("request", extra={"fields": fields})
+    log_fields(access_log, logging.INFO, "request", fields)
 
 
 def _is_media(request: web.Request) -> bool:

@@ -54,11 +54,32 @@ def redact(text: str) -> str:
     return _JWT.sub("-", text)
 
 
+def log_fields(logger: logging.Logger, level: int, msg: str, fields: dict[str, object]) -> None:
+    """`logger.log(level, msg, extra={"fields": fields})` without the caller look-up (a
+    walk up the stack per record, which no line of ours prints): the access line is
+    written once per request."""
+    if logger.isEnabledFor(level):
+        logger.handle(
+            logger.makeRecord(logger.name, level, "", 0, msg, (), None, None, {"fields": fields})
+        )
+
+
+_ENCODER = json.JSONEncoder(default=str)  # as json.dumps(..., default=str), built once
+
+
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1  # the second `_stamp` is of: strftime once a second, not a line
+        self._stamp = ""
+
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": f"{self._stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -69,7 +90,7 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[0] is not None:
             entry["exc_type"] = record.exc_info[0].__name__
             entry["traceback"] = self.formatException(record.exc_info)
-        return redact(json.dumps(entry, default=str))
+        return redact(_ENCODER.encode(entry))
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -122,6 +143,8 @@ def configure_logging(level: str, fmt: str) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
+    # no line prints a thread's or a process's name: not looked up for every record
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     set_level(level)
 
 

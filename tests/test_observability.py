@@ -5,13 +5,16 @@ fast first bytes go out and whether the node is ready."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from typing import Any
 
 import aiohttp
 import pytest
 
 from s3proxy import __version__
+from s3proxy.logs import JsonFormatter, log_fields
 
 from .conftest import Emulator, RunningProxy, StartProxy, make_token, put_object
 
@@ -81,3 +84,30 @@ async def test_metrics_for_first_bytes_readiness_build_and_the_process(
     assert running.metric("s3proxy_build_info", version=__version__) == 1
     text = running.proxy.metrics.exposition().decode()
     assert "process_resident_memory_bytes" in text and "python_gc_objects_collected" in text
+
+
+def test_json_lines_carry_their_own_time_across_second_boundaries() -> None:
+    formatter = JsonFormatter()  # it writes the date part once a second
+    for created in (1_700_000_000.999, 1_700_000_001.0, 1_700_000_001.5, 1_699_999_999.25):
+        record = logging.LogRecord("s3proxy.access", logging.INFO, "", 0, "request", (), None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        line = json.loads(formatter.format(record))
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        assert line["ts"] == f"{expected}.{int(record.msecs):03d}Z", (created, line["ts"])
+
+
+def test_a_line_logged_with_its_fields_is_the_line_logged_the_usual_way(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logger = logging.getLogger("s3proxy.access")
+    fields: dict[str, object] = {"method": "GET", "status": 206, "path": "/t/-/a.mp4"}
+    with caplog.at_level(logging.INFO, logger="s3proxy.access"):
+        logger.info("request", extra={"fields": fields})
+        log_fields(logger, logging.INFO, "request", fields)
+        log_fields(logger, logging.DEBUG, "not this one", fields)
+    usual, ours = (r for r in caplog.records if r.name == "s3proxy.access")
+    formatter = JsonFormatter()
+    lines = [json.loads(formatter.format(r)) for r in (usual, ours)]
+    for line in lines:
+        del line["ts"]  # made a moment apart
+    assert lines[0] == lines[1] and lines[0]["status"] == 206
