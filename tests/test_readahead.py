@@ -1,8 +1,8 @@
 """The adaptive read-ahead window, through the store against a slow origin: a sequential
 reader's window grows and a seek starts it over; one byte budget bounds all windows
 with 200 readers; a reader that hangs up starts no more read-ahead; every byte fetched
-ahead is read, unread in memory or counted wasted. And the window's rule as a pure
-function."""
+ahead is read, unread in memory or counted wasted (cut short, evicted, or its version
+replaced). And the window's rule as a pure function."""
 
 from __future__ import annotations
 
@@ -173,6 +173,24 @@ async def test_every_byte_fetched_ahead_is_read_unread_or_wasted(
     received_after, wasted_after, unread_after = ahead_accounts(running)
     assert received_after == received + 2 * state.size and unread_after == 0
     assert wasted_after == wasted + unread, (wasted_after, wasted, unread)
+
+
+async def test_read_ahead_of_a_version_replaced_before_it_was_read_is_wasted(
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
+    state = OriginState(size=24 * BS)
+    cache = {**CACHE, "metadata_ttl_s": 0.05}
+    running = await start_with_origin(aiohttp_server, start_proxy, state, cache=cache)
+    store = running.proxy.store
+    store.seek_grace_s = 0
+    assert await read(store, "v.mp4", 0, 4 * BS - 1, ReadHistory()) == pattern(0, 4 * BS)
+    await settled(store)
+    _, wasted, unread = ahead_accounts(running)
+    assert unread > 0 and wasted == 0  # fetched past the read's end, for the next one
+    state.overwrite()
+    await asyncio.sleep(0.1)
+    assert (await store.stat("v.mp4")).etag == state.etag  # the old version's blocks go
+    assert ahead_accounts(running)[1:] == (unread, 0)
 
 
 @given(
