@@ -169,11 +169,11 @@ class Reads:
         self._readahead_bytes -= (fetch.last - fetch.first + 1) * self.block_size
         wasted = 0
         for index in fetch.whole:  # cut short: its unread blocks never landed
-            if self._ahead.get(fetch.key(index)) == 0:
-                del self._ahead[fetch.key(index)]
+            key = fetch.key(index)
+            if self._ahead.get(key) == 0:
+                del self._ahead[key]
                 wasted += fetch.received(index)
-        if wasted:
-            self._metrics.readahead_wasted_bytes.inc(wasted)
+        self._wasted(wasted)
 
     def block_landed(self, key: BlockKey, size: int) -> None:
         """A fetched block is in memory: if it was fetched ahead and is unread, it
@@ -186,25 +186,26 @@ class Reads:
         else:  # memory did not keep it (a file tier may have): not followed further
             del self._ahead[key]
 
-    def _taken(self, key: BlockKey) -> None:
-        """A reader reads the block: whatever read-ahead brought it was not wasted."""
+    def _taken(self, key: BlockKey) -> int:
+        """The block is no longer followed as read-ahead (a reader read it, or it left
+        memory): the bytes it held unread in memory, now no longer counted there."""
         size = self._ahead.pop(key, None)
         if size:
             self._unread(-size)
+        return size or 0
 
     def _evicted(self, key: BlockKey, size: int) -> None:
-        if self._ahead.pop(key, None):  # fetched ahead, in memory, never read
-            self._unread(-size)
-            self._metrics.readahead_wasted_bytes.inc(size)
+        self._wasted(self._taken(key))  # fetched ahead, in memory, never read
 
     def version_dropped(self, version: Version) -> None:
         """Its blocks are gone from the tiers (the version changed upstream): those
         fetched ahead and unread were fetched for nothing."""
         for key in [k for k in self._ahead if k.version == version]:
-            size = self._ahead.pop(key)
-            if size:
-                self._unread(-size)
-                self._metrics.readahead_wasted_bytes.inc(size)
+            self._wasted(self._taken(key))
+
+    def _wasted(self, size: int) -> None:
+        if size:
+            self._metrics.readahead_wasted_bytes.inc(size)
 
     def _unread(self, change: int) -> None:
         self.unread_bytes += change
