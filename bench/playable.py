@@ -29,7 +29,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from run import BUCKET, MIB, Proxy, Stack, link
+from run import BUCKET, MIB, Proxy, Stack, add_settle_argument, link, settle_memory
 
 from tests.mistlike import mp4_start_up
 
@@ -142,7 +142,7 @@ def measure(stack: Stack, proxy: Proxy, port: int, delay: int, name: str, runs: 
     c, w, h, d = (statistics.median(x) for x in (cold, warm, cached, whole))
     return (
         f"  {delay:>4}ms {actual / MIB:>6.0f} MiB {c:>7.3f}s {w:>7.3f}s {h:>7.3f}s "
-        f"{c / h:>10.2f}x {d:>8.3f}s                  {figures}"
+        f"{c / h:>10.2f}x {(h + delay / 1000) / h:>6.2f}x {d:>8.3f}s                  {figures}"
     )
 
 
@@ -158,6 +158,7 @@ def main() -> int:
         default=[30, 100],
         help="origin latencies in ms (default 30,100)",
     )
+    add_settle_argument(parser)
     args = parser.parse_args()
     for tool in ("nginx", "ffmpeg"):
         if shutil.which(tool) is None:
@@ -166,11 +167,15 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="s3proxy-playable-"))
     lines = [
         f"time to playable (median of {args.runs}): seconds until the Mist-like start-up "
-        "reads are done; cached = the same start again, every byte in the cache"
+        "reads are done; cached = the same start again, every byte in the cache; floor = "
+        "(cached + one origin round trip) / cached, as no cold start gets its first byte "
+        "sooner than a round trip to the origin",
+        f"  memory settled first: {args.settle_mib} MiB touched in "
+        f"{settle_memory(args.settle_mib):.1f} s (--settle-mib)",
     ]
     lines.append(
         f"  {'origin':>6} {'asset':>10} {'cold':>8} {'warmed':>8} {'cached':>8} "
-        f"{'cold/cached':>11} {'download':>9}   S3 GETs / MiB: {'cold start':>14} "
+        f"{'cold/cached':>11} {'floor':>7} {'download':>9}   S3 GETs / MiB: {'cold start':>14} "
         f"{'warm-up':>14} {'start after it':>15}"
     )
     stack = Stack(tmp)
