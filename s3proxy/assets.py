@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mimetypes
+import re
 
 MAX_ASSET_BYTES = 1024
 
@@ -28,6 +29,9 @@ class InvalidAssetName(ValueError):
     """The asset name is not acceptable; the message says why (without echoing it)."""
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def validate_asset_name(name: str) -> str:
     """Return the name if it is a safe relative object name, else raise InvalidAssetName.
 
@@ -40,7 +44,7 @@ def validate_asset_name(name: str) -> str:
         raise InvalidAssetName("asset name longer than 1024 bytes")
     if "\\" in name:
         raise InvalidAssetName("backslash in asset name")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+    if _CONTROL.search(name):
         raise InvalidAssetName("control character in asset name")
     for segment in name.split("/"):
         if segment == "":

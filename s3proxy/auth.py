@@ -252,6 +252,7 @@ class TokenVerifier:
     """Verifies tokens against the configured keys; remembers good ones until their exp."""
 
     MEMO_SIZE = 65536
+    ALLOWED_SIZE = 4096  # (scope, asset) answers kept: at most ~4 MiB of asset names
 
     def __init__(
         self,
@@ -267,6 +268,9 @@ class TokenVerifier:
         self._memo: TLRUCache[bytes, Grant] = TLRUCache(
             maxsize=self.MEMO_SIZE, ttu=self._memo_until, timer=clock
         )
+        # whether a scope's globs match an asset: a pure answer, asked at every request
+        # (a media server reads one asset many times with one token); emptied when full
+        self._allowed: dict[tuple[tuple[str, ...], str], bool] = {}
 
     @classmethod
     def from_config(cls, config: AuthConfig, source: str) -> TokenVerifier:
@@ -290,9 +294,18 @@ class TokenVerifier:
         if not token:
             raise AuthFailure("missing", "no token")
         grant = self.verify(token)
-        if not grant.scope.allows(asset):
+        if not self._allows(grant.scope, asset):
             raise AuthFailure("forbidden", "token does not cover this asset")
         return grant
+
+    def _allows(self, scope: AssetScope, asset: str) -> bool:
+        key = (scope.patterns, asset)
+        allowed = self._allowed.get(key)
+        if allowed is None:
+            if len(self._allowed) >= self.ALLOWED_SIZE:
+                self._allowed.clear()
+            allowed = self._allowed[key] = scope.allows(asset)
+        return allowed
 
     def verify(self, token: str) -> Grant:
         if len(token) > MAX_TOKEN_CHARS or not _TOKEN_RE.fullmatch(token):

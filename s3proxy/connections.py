@@ -26,7 +26,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
 from .config import ServerConfig
-from .fastlane import FAST_LANE, AnswerFromMemory, FastAnswer, write_slices
+from .fastlane import FAST_LANE, WRITE_SLICE, AnswerFromMemory, FastAnswer, write_slices
 from .logs import LogBudget, redact
 from .metrics import Metrics
 
@@ -245,10 +245,14 @@ class GuardedHandler(RequestHandler):
         self._manager.requests_count += 1
         self._cancel_head_timer()
         transport = self.transport
-        pieces = deque(piece for view in answer.body for piece in write_slices(view))
+        body = answer.body
+        if len(body) == 1 and len(body[0]) <= WRITE_SLICE:  # most answers: one slice
+            first, pieces = body[0], deque[memoryview]()
+        else:
+            pieces = deque(piece for view in body for piece in write_slices(view))
+            first = pieces.popleft() if pieces else memoryview(b"")
         sent, rest = 0, False
         try:
-            first = pieces.popleft() if pieces else b""
             transport.write(answer.head + first)
             sent = len(first)
             while pieces and not self._paused and not transport.is_closing():

@@ -16,6 +16,8 @@ from itertools import pairwise
 from typing import Literal
 
 _RANGE_SPEC_RE = re.compile(r"^([0-9]*)[ \t]*-[ \t]*([0-9]*)$")
+# the one closed range media servers send, offsets short enough for int() to be exact
+_PLAIN_RANGE_RE = re.compile(r"bytes=([0-9]{1,18})-([0-9]{1,18})")
 MAX_DATE_CHARS = 64  # "Sunday, 06-Nov-1994 08:49:37 GMT" and friends are shorter
 # Offsets with more digits than this lie past the end of any object (10^18 bytes).
 MAX_OFFSET_DIGITS = 18
@@ -52,6 +54,14 @@ def parse_range_header(header: str, size: int) -> list[ByteRange] | None:
     RFC 9110 says such a header is ignored and the whole body sent). Raises
     RangeNotSatisfiable when it is valid but no range overlaps the object.
     """
+    plain = _PLAIN_RANGE_RE.fullmatch(header)
+    if plain is not None:  # what the rules below make of it, sooner
+        lo, hi = int(plain[1]), int(plain[2])
+        if hi < lo:
+            return None
+        if lo >= size:
+            raise RangeNotSatisfiable()
+        return [ByteRange(lo, min(hi, size - 1))]
     unit, sep, spec = header.partition("=")
     if not sep or unit.strip().lower() != "bytes":
         return None

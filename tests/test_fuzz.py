@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from s3proxy.assets import InvalidAssetName, validate_asset_name
 from s3proxy.auth import AuthFailure, TokenVerifier, presented_token
 from s3proxy.ranges import (
+    ByteRange,
     EntityTag,
     RangeNotSatisfiable,
     evaluate_preconditions,
@@ -81,6 +82,27 @@ def test_a_closed_range_agrees_with_integer_arithmetic(first: str, last: str, si
     assert ranges is not None and len(ranges) == 1
     assert ranges[0].start == start
     assert ranges[0].end == min(size - 1, end if end is not None else size - 1)
+
+
+short_digits = st.one_of(
+    st.integers(0, 10**18 - 1).map(str),
+    st.integers(0, 10**6).map(lambda n: f"{n:07d}"),  # leading zeros
+    st.integers(1, 18).map(lambda n: "9" * n),
+)
+
+
+@given(short_digits, short_digits, st.integers(0, 10**19))
+def test_a_plain_range_parses_as_the_general_rules_do(first: str, last: str, size: int) -> None:
+    """`bytes=a-b` takes a shorter way; a space after it (which the rules allow) takes
+    the general one: the two agree, the 416 included."""
+
+    def parsed(header: str) -> list[ByteRange] | str | None:
+        try:
+            return parse_range_header(header, size)
+        except RangeNotSatisfiable:
+            return "416"
+
+    assert parsed(f"bytes={first}-{last}") == parsed(f"bytes={first}-{last} ")
 
 
 @given(range_headers)
@@ -235,6 +257,33 @@ def test_any_token_text_is_a_grant_or_an_auth_failure(verifier: TokenVerifier, t
         verifier.verify(token)
     except AuthFailure as failure:
         assert failure.status in (401, 403)
+
+
+asset_names = st.from_regex(r"[ab]{1,3}(/[ab.]{1,3}){0,2}(\.dtsh)?", fullmatch=True)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(st.sampled_from(["a/*", "**/b", "a?/**", "b", "*.dtsh"]), min_size=1, max_size=2),
+    st.lists(asset_names, min_size=1, max_size=40),
+)
+def test_a_remembered_scope_answer_is_the_globs_answer(
+    verifier: TokenVerifier, patterns: list[str], assets: list[str]
+) -> None:
+    """Whether a token's scope covers an asset is remembered (it is asked at every
+    request); each answer, first or remembered, is the globs' own."""
+    verifier.ALLOWED_SIZE = 16  # (an instance's own bound) emptied often within a run
+    token = make_token(patterns)
+    scope = verifier.verify(token).scope
+    for asset in assets + assets:
+        try:
+            verifier.authorize(token, asset)
+            allowed = True
+        except AuthFailure as failure:
+            assert failure.status == 403
+            allowed = False
+        assert allowed == scope.allows(asset)
+    assert len(verifier._allowed) <= 16
 
 
 # --- a running proxy ------------------------------------------------------------
