@@ -9,6 +9,7 @@ import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -22,7 +23,7 @@ from .conftest import (
     require_tool,
     stored_within,
 )
-from .mistlike import mp4_start_up
+from .mistlike import Connection, Exchange, mp4_start_up
 from .test_http import fetch
 from .test_sidecars import DTSH as WITH_TAIL
 
@@ -235,3 +236,32 @@ async def test_warm_command_asks_the_running_proxy(
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 1
     assert err.decode().strip() == "s3proxy: warm movies/missing.mp4: 404 object not found"
+
+
+async def test_the_first_block_is_fetched_once_though_the_box_walk_hangs_up_before_it_lands(
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
+    """Mist's HEAD fetches block 0 with the metadata; its box walk reads 16 bytes of it
+    and hangs up, then seeks (a new connection) to the next box, in block 0 still. From a
+    far origin the block is not whole yet when the first reader leaves: it must go on
+    being fetched, for the next read, not be fetched again (a round trip more at start)."""
+    from .origin import OriginState, pattern
+    from .test_upstream import start_with_origin
+
+    state = OriginState(size=4 << 20, chunk_delay_s=0.01)  # 1 MiB blocks: 160 ms each
+    running = await start_with_origin(aiohttp_server, start_proxy, state)
+    port = running.server.port
+    assert port is not None
+    source = f"/t/{make_token()}/movie.mp4"
+    log: list[Exchange] = []
+    conn = await Connection.open("127.0.0.1", port, log)
+    head = await conn.request("HEAD", source)
+    assert head.status == 200
+    for offset in (0, 32, 64):  # box headers, each read from a new connection
+        exchange = await conn.request("GET", source, f"bytes={offset}-")
+        assert await conn.read(exchange, 16) == pattern(offset, 16)
+        conn.drop()
+        conn = await Connection.open("127.0.0.1", port, log)
+    conn.drop()
+    gets = [r for r in state.requests if r == ("GET", "bytes=0-1048575")]
+    assert len(gets) == 1, state.requests

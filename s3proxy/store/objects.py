@@ -201,7 +201,7 @@ class ObjectStore:
         table before it is sent: its answer says the version is still current. None when
         it is gone (412), or the block is on its way already."""
         end = block_bounds(index, self.block_size, known.size)[1]
-        fetch = self._new_fetch(known, index * self.block_size, end)
+        fetch = self._new_fetch(known, index * self.block_size, end, keep=index == 0)
         if not fetch.start_in(self.fetches):
             return None
         await fetch.answered()
@@ -249,7 +249,11 @@ class ObjectStore:
         except (RangeBeyondEnd, UpstreamInvalid):
             return None
         meta = self.meta.remember(answer.meta)
-        fetch = self._new_fetch(meta, start, min(end, meta.size - 1), answer=answer)
+        # the first block is kept whatever its first reader does (the plan's rule: every
+        # media client comes back to it; Mist's box walk reads 16 bytes and hangs up)
+        fetch = self._new_fetch(
+            meta, start, min(end, meta.size - 1), answer=answer, keep=index == 0
+        )
         if not fetch.start_in(self.fetches):
             answer.close()  # that block is on its way already
         return meta
