@@ -9,6 +9,8 @@ both proxies read the same bytes the same way; a TCP relay (delay_proxy.py) in f
 it adds 30 ms to each request for the latency cases. The peer is nginx with `slice 1m`,
 `proxy_cache` and `proxy_cache_lock`. Every server runs on 127.0.0.1; every loop is
 bounded in count and time. Figures, not assertions: the machine is shared and noisy.
+Before anything is measured, 4 GiB are touched once (`--settle-mib`): in a virtual
+machine, memory the guest never used costs several times more at its first touch.
 """
 
 from __future__ import annotations
