@@ -26,7 +26,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
 from .config import ServerConfig
-from .fastlane import FAST_LANE, WRITE_SLICE, AnswerFromMemory, FastAnswer, write_slices
+from .fastlane import FAST_LANE, AnswerFromMemory, FastAnswer, send_now, write_slices
 from .logs import LogBudget, redact
 from .metrics import Metrics
 
@@ -245,29 +245,22 @@ class GuardedHandler(RequestHandler):
         self._manager.requests_count += 1
         self._cancel_head_timer()
         transport = self.transport
-        body = answer.body
-        if len(body) == 1 and len(body[0]) <= WRITE_SLICE:  # most answers: one slice
-            first, pieces = body[0], deque[memoryview]()
-        else:
-            pieces = deque(piece for view in body for piece in write_slices(view))
-            first = pieces.popleft() if pieces else memoryview(b"")
-        sent, rest = 0, False
+        head_length = len(answer.head)
+        pieces = deque([memoryview(answer.head)])
+        pieces.extend(piece for view in answer.body for piece in write_slices(view))
+        handed, rest = 0, False
         try:
-            transport.write(answer.head + first)
-            sent = len(first)
-            while pieces and not self._paused and not transport.is_closing():
-                piece = pieces.popleft()
-                transport.write(piece)
-                sent += len(piece)
+            handed = send_now(transport, pieces)
             if pieces and not transport.is_closing():  # a slow client: the rest waits
                 self._stop_idle_timer()  # not idle while an answer is going out
+                sent = handed - head_length  # below 0 while the head is not all out
                 self._sending = asyncio.ensure_future(self._send_rest(answer, pieces, sent))
                 self._sending.add_done_callback(_report_failure)
                 self._pause_transport_reading()
                 rest = True
         finally:
             if not rest:  # done, or the client is gone (a reset): the rest is dropped
-                answer.finish(sent, completed=not pieces)
+                answer.finish(max(handed - head_length, 0), completed=not pieces)
         if not rest and not transport.is_closing():
             self._answered()
         return True
@@ -278,9 +271,7 @@ class GuardedHandler(RequestHandler):
                 await self._drain_helper()
                 if self.transport is None or self.transport.is_closing():
                     return
-                piece = pieces.popleft()
-                self.transport.write(piece)
-                sent += len(piece)
+                sent += send_now(self.transport, pieces)
         except ConnectionError:
             return
         except Exception:
@@ -289,7 +280,7 @@ class GuardedHandler(RequestHandler):
             raise
         finally:
             self._sending = None
-            answer.finish(sent, completed=not pieces)
+            answer.finish(max(sent, 0), completed=not pieces)
         if self.transport is not None:
             if not self._reading_paused and not self._buffer_paused:
                 self._resume_transport_reading()

@@ -10,9 +10,13 @@ malformed header) goes the usual way, which also gives every error its answer.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import socket
+from collections import deque
 from dataclasses import dataclass
 from http import HTTPStatus
+from itertools import islice
 from typing import Protocol
 
 from aiohttp import web
@@ -29,6 +33,48 @@ def write_slices(data: bytes | bytearray | memoryview) -> list[memoryview]:
     """`data` in pieces of at most WRITE_SLICE, each handed to the transport at once."""
     view = memoryview(data)
     return [view[at : at + WRITE_SLICE] for at in range(0, len(view), WRITE_SLICE)]
+
+
+_GATHER = 64  # pieces handed to one sendmsg (Linux takes up to 1024)
+
+
+def send_now(transport: asyncio.WriteTransport, pieces: deque[memoryview]) -> int:
+    """Hand `pieces` to `transport`, in order, as far as it takes them without waiting;
+    the bytes handed over. While the transport holds nothing unsent they go to its socket
+    in one gathering `sendmsg`, so a head and its body leave in one system call and one
+    segment, and nothing is copied on the way (`transport.write` would send the head
+    alone, or a joined copy of both). The first piece the socket does not take whole goes
+    through `transport.write`, which keeps its rest (at most one slice) and pauses the
+    writer: what is left in `pieces` waits for the resume. A transport without a plain
+    socket (TLS, another loop's) gets every piece through `write`."""
+    sock = getattr(transport, "_sock", None)  # asyncio's selector transport: its socket
+    gather = isinstance(sock, socket.socket)
+    handed = 0
+    while pieces and not transport.is_closing() and not transport.get_write_buffer_size():
+        if gather:
+            assert isinstance(sock, socket.socket)
+            batch = list(islice(pieces, _GATHER))
+            try:
+                taken = sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                taken = 0
+            except OSError:
+                gather = False  # `write` meets the error again and reports it as its own
+                continue
+            handed += taken
+            for piece in batch:
+                if taken < len(piece):
+                    break
+                taken -= len(piece)
+                pieces.popleft()
+            else:
+                continue  # the whole batch went: the next one
+            if taken:
+                pieces[0] = pieces[0][taken:]
+        piece = pieces.popleft()
+        transport.write(piece)  # the socket is full: buffered, and the writer paused
+        handed += len(piece)
+    return handed
 
 
 MAX_HEAD_BYTES = 8190  # below aiohttp's own bounds on a line and on a header field

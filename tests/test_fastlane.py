@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import re
 import socket
 import time
+from collections import deque
 from typing import Any
 
 import pytest
@@ -18,7 +20,7 @@ from aiohttp.http_parser import HttpRequestParser
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from s3proxy.fastlane import parse_head
+from s3proxy.fastlane import WRITE_SLICE, parse_head, send_now
 
 from .conftest import Emulator, RunningProxy, StartProxy, make_token, put_object
 from .test_connections import connect, statuses
@@ -518,3 +520,56 @@ async def test_a_head_begun_behind_a_body_is_read_by_aiohttp_to_its_end(
     mine, theirs = transcripts
     assert mine == theirs and mine[1].startswith(b"HTTP/1.1 404")
     assert fast.proxy.fast_answers == 0
+
+
+class _Writer(asyncio.Protocol):
+    """A transport's protocol that says when its writer may go on."""
+
+    def __init__(self) -> None:
+        self.resumed = asyncio.Event()
+        self.resumed.set()
+
+    def pause_writing(self) -> None:
+        self.resumed.clear()
+
+    def resume_writing(self) -> None:
+        self.resumed.set()
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_send_now_hands_every_piece_over_in_order_through_a_full_socket(seed: int) -> None:
+    """Pieces of random sizes, the socket's buffers small and the reader slow: whatever
+    `send_now` hands over in each turn (one gathering sendmsg, then the transport's
+    buffer once the socket is full) arrives whole and in order, and its count is exact."""
+    rng = random.Random(seed)
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    theirs.setblocking(False)
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_connection(_Writer, sock=ours)
+    transport.set_write_buffer_limits(high=0)  # as GuardedHandler sets it
+    sizes = [
+        rng.choice([1, 17, 300, 4096, 65536, WRITE_SLICE]) for _ in range(rng.randrange(1, 40))
+    ]
+    data = [os.urandom(size) for size in sizes]
+    pieces = deque(memoryview(piece) for piece in data)
+    got = bytearray()
+
+    async def read_slowly() -> None:
+        while len(got) < sum(sizes):
+            got.extend(await asyncio.wait_for(loop.sock_recv(theirs, rng.randrange(1, 50000)), 5))
+            await asyncio.sleep(0.001 * rng.random())
+
+    reading = asyncio.ensure_future(read_slowly())
+    handed, turns = 0, 0
+    while pieces:
+        await asyncio.wait_for(protocol.resumed.wait(), 5)
+        handed += send_now(transport, pieces)
+        turns += 1
+    await asyncio.wait_for(reading, 10)
+    transport.close()
+    theirs.close()
+    assert handed == sum(sizes)
+    assert bytes(got) == b"".join(data)
+    assert turns > 1 or sum(sizes) < 8192  # the socket was full at least once
