@@ -53,6 +53,21 @@ def box_at(data: bytes, offset: int, object_size: int, known_only: bool = True) 
     return Box(kind, offset, size, header)
 
 
+def index_at_start(head: bytes | memoryview, object_size: int) -> Box | None:
+    """The `moov` of a faststart MP4, from the object's first bytes `head`: the top-level
+    boxes before it must be whole boxes whose headers `head` holds; None when the media
+    comes first, the walk leaves `head`, or it is not an MP4."""
+    offset = 0
+    while offset + HEADER_BYTES <= len(head):
+        box = box_at(bytes(head[offset : offset + HEADER_BYTES]), offset, object_size)
+        if box is None or box.kind in ("mdat", "moof"):
+            return None
+        if box.kind == "moov":
+            return box
+        offset = box.end
+    return None
+
+
 def duration_s(moov: bytes) -> float | None:
     """The movie's duration from its `mvhd`, or None when it has none (or says 0)."""
     at = moov.find(b"mvhd")

@@ -4,7 +4,8 @@ and answers that are not what was asked.
 
 Objects are `size` bytes of a fixed pattern per version (byte i of version v is
 (i + v) % 251), so any range of any version can be produced and checked without storing
-it. `overwrite()` makes a new version of the same size. A well-behaved origin honours
+it; `head` replaces the first bytes (an MP4's top-level boxes, say). `overwrite()`
+makes a new version of the same size. A well-behaved origin honours
 If-Match (412) and If-None-Match (304); `faults` lists misbehaviour for the next GETs,
 one each, in order. Every key holds that object, but no `.dtsh` sidecar (404).
 """
@@ -62,6 +63,15 @@ class OriginState:
     hangups: int = 0
     sidecar_lookups: int = 0  # of `<key>.dtsh` (404: not counted above)
     hung_up: asyncio.Event = field(default_factory=asyncio.Event)
+    head: bytes = b""  # the object's first bytes, in place of the pattern's
+
+    def content(self, start: int, length: int, version: int | None = None) -> bytes:
+        """Bytes start..start+length of the object (of its current version)."""
+        out = pattern(start, length, self.version if version is None else version)
+        if start >= len(self.head):
+            return out
+        overlap = self.head[start : start + length]
+        return overlap + out[len(overlap) :]
 
     @property
     def etag(self) -> str:
@@ -147,7 +157,7 @@ def make_origin(state: OriginState) -> web.Application:
                 if state.behaviour == "stall_body" and position - start >= 2 * CHUNK:
                     await asyncio.sleep(3600)
                 n = min(CHUNK, start + send - position)
-                await response.write(pattern(position, n, version))
+                await response.write(state.content(position, n, version))
                 if state.chunk_delay_s:
                     await asyncio.sleep(state.chunk_delay_s)
                 state.bytes_sent += n

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from s3proxy.mp4 import Box, box_at, duration_s, media_extent
+from s3proxy.mp4 import Box, box_at, duration_s, index_at_start, media_extent
 
 
 def header(kind: bytes, size: int, large: bool = False) -> bytes:
@@ -74,3 +74,35 @@ def test_the_media_extent_stays_inside_the_mdat_and_the_cap(
     if duration and extent.length < min(cap, size - 8):
         assert extent.bitrate_bps is not None
         assert abs(extent.length - seconds * extent.bitrate_bps / 8) <= 1
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([b"ftyp", b"free", b"uuid"]), st.integers(16, 5000)), max_size=4
+    ),
+    st.sampled_from([b"moov", b"mdat", b"moof"]),
+    st.integers(16, 10**7),
+    st.integers(0, 20000),
+)
+def test_the_index_at_the_start_is_the_moov_after_whole_leading_boxes(
+    leading: list[tuple[bytes, int]], kind: bytes, size: int, held: int
+) -> None:
+    """Boxes laid end to end, then a moov (or the media): the moov is found exactly when
+    its header lies within the first `held` bytes, and never any other box."""
+    layout, offset = bytearray(), 0
+    for name, length in leading:
+        layout += header(name, length) + bytes(length - 8)
+        offset += length
+    object_size = offset + size
+    layout += header(kind, size) + bytes(8)
+    found = index_at_start(bytes(layout[:held]), object_size)
+    if kind == b"moov" and offset + 16 <= held:
+        assert found == Box("moov", offset, size, 8)
+    else:
+        assert found is None
+
+
+def test_a_moov_after_the_media_is_not_the_index_at_the_start() -> None:
+    start = header(b"ftyp", 24) + bytes(16) + header(b"mdat", 1000) + bytes(992)
+    start += header(b"moov", 500)
+    assert index_at_start(start + bytes(600), 2024 + 500) is None

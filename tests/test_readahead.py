@@ -11,13 +11,16 @@ import math
 from contextlib import aclosing
 from typing import Any
 
+import aiohttp
 from hypothesis import given
 from hypothesis import strategies as st
 
+from s3proxy.store.blocks import BlockKey
 from s3proxy.store.plan import readahead_window
 from s3proxy.store.reads import ReadHistory
 
-from .conftest import StartProxy
+from .conftest import StartProxy, make_token
+from .mistlike import Connection, Exchange
 from .origin import OriginState, pattern
 from .test_upstream import start_with_origin
 
@@ -231,3 +234,80 @@ def test_the_window_rule(
         readahead_window(5, 0, 32, waited=True, rate_bps=1e9, latency_s=1, block_size=BS, share=99)
         == 0
     )
+
+
+MOOV = 32  # a faststart MP4: ftyp (32 bytes), then the moov, then the mdat
+MOOV_SIZE = 2 * BS + BS // 2
+
+
+def faststart_head(size: int) -> bytes:
+    """The top-level boxes of a faststart MP4 of `size` bytes: ftyp, moov, mdat."""
+    mdat = MOOV + MOOV_SIZE
+    return (
+        (32).to_bytes(4, "big")
+        + b"ftypisom"
+        + bytes(20)
+        + MOOV_SIZE.to_bytes(4, "big")
+        + b"moov"
+        + bytes(MOOV_SIZE - 8)
+        + (size - mdat).to_bytes(4, "big")
+        + b"mdat"
+    )
+
+
+async def moov_read(running: Any, source: str, take: int) -> None:
+    """Mist's start: a HEAD, the ftyp's header from `bytes=0-`, then `bytes=32-` on a new
+    connection, of which it takes `take` bytes before hanging up."""
+    port = running.server.port
+    log: list[Exchange] = []
+    conn = await Connection.open("127.0.0.1", port, log)
+    assert (await conn.request("HEAD", source)).status == 200
+    exchange = await conn.request("GET", source, "bytes=0-")
+    assert len(await conn.read(exchange, 16)) == 16
+    conn.drop()
+    conn = await Connection.open("127.0.0.1", port, log)
+    exchange = await conn.request("GET", source, f"bytes={MOOV}-")
+    assert len(await conn.read(exchange, take)) == take
+    conn.drop()
+
+
+async def test_a_moov_reader_s_read_ahead_reaches_the_first_media_and_outlives_it(
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
+    """Mist reads the moov whole, hangs up and opens its media readers at the mdat: the
+    moov reader's read-ahead goes `startup_blocks` past the moov, and those fetches go
+    on after it hangs up (before, they stopped with it: the media readers then paid a
+    round trip for their first blocks). Nothing further is fetched."""
+    state = OriginState(size=64 * BS, chunk_delay_s=0.002)
+    state.head = faststart_head(state.size)
+    running = await start_with_origin(aiohttp_server, start_proxy, state, cache=CACHE)
+    store = running.proxy.store
+    source = f"/t/{make_token()}/movie.mp4"
+    await moov_read(running, source, MOOV_SIZE)
+    meta = await store.stat("movie.mp4")
+    moov_last = (MOOV + MOOV_SIZE - 1) // BS
+    reach = moov_last + store.reads.startup_blocks
+    assert store.reads.startup_blocks == 8  # a quarter of the widest window
+    keys = [BlockKey(store.bucket, meta.key, meta.etag, i) for i in range(reach + 1)]
+    await within(lambda: all(store.tiers.memory.contains(key) for key in keys))
+    await settled(store)
+    ends = [int(r.partition("-")[2]) for m, r in state.requests if m == "GET" and r]
+    assert max(ends) == (reach + 1) * BS - 1, state.requests
+    async with aiohttp.ClientSession() as session:
+        start = MOOV + MOOV_SIZE + 8  # where the media readers begin
+        got = await session.get(running.url(source), headers={"Range": f"bytes={start}-"})
+        assert await got.read() == state.content(start, state.size - start)
+
+
+async def test_a_box_walker_that_hangs_up_at_the_moov_s_header_costs_no_more(
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
+    """A walker that takes the moov's 16-byte header and hangs up at once (within the
+    seek grace) starts no GET past block 0, start-up read-ahead included."""
+    state = OriginState(size=64 * BS, chunk_delay_s=0.002)
+    state.head = faststart_head(state.size)
+    running = await start_with_origin(aiohttp_server, start_proxy, state, cache=CACHE)
+    running.proxy.store.seek_grace_s = 0.2  # a hang-up is in well within it
+    await moov_read(running, f"/t/{make_token()}/movie.mp4", 16)
+    await asyncio.sleep(0.3)
+    assert [r for m, r in state.requests if m == "GET"] == [f"bytes=0-{BS - 1}"]

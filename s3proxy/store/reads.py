@@ -8,6 +8,13 @@ before a GET is sent: once a GET is on its way, S3 bills whatever it sends, howe
 it is abandoned (kernel buffers take megabytes a client never reads, so "the client took
 the bytes" proves nothing). A client that does keep reading has those first bytes
 meanwhile.
+
+The start-up read-ahead: a reader of a faststart MP4's `moov` (a read that begins at the
+`moov` box block 0 shows) reads it whole, and a player's media reads from the `mdat`
+right after it follow at once (Mist's two greedy readers, ../shared/mist.md). Its
+read-ahead therefore reaches past the `moov` into the first media, and those fetches are
+kept when it hangs up: the media readers that replace it find them in flight or landed,
+a round trip sooner than their own first GETs would bring them.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Protocol
 
 from cachetools import LRUCache
 
+from .. import mp4
 from ..config import CacheConfig
 from ..metrics import Metrics
 from ..upstream import ObjectMeta
@@ -148,6 +156,10 @@ class Reads:
         self.fetches = fetches
         self._new_fetch = new_fetch
         self._probed: LRUCache[BlockKey, bool] = LRUCache(maxsize=65536)
+        # each version's `moov` as its block 0 shows it (None: not a faststart MP4)
+        self._indexes: LRUCache[Version, mp4.Box | None] = LRUCache(maxsize=4096)
+        # media blocks past the `moov` its reader's read-ahead reaches at start-up
+        self.startup_blocks = max(cache.readahead_blocks, cache.readahead_max_blocks // 4)
         self._readahead_inflight = 0
         self._readahead_bytes = 0  # of read-ahead GETs in flight
         budget = cache.readahead_max_bytes
@@ -210,6 +222,26 @@ class Reads:
     def _unread(self, change: int) -> None:
         self.unread_bytes += change
         self._metrics.readahead_unread_bytes.set(self.unread_bytes)
+
+    def _startup_last(self, meta: ObjectMeta, start: int) -> int | None:
+        """The last block the start-up read-ahead reaches for a read beginning at
+        `start`: `startup_blocks` past the `moov` when the read begins at the `moov` of
+        a faststart MP4 whose block 0 is in memory (as it is by the time a read asks for
+        read-ahead); None for any other read."""
+        if start == 0 or start >= self.block_size:  # (a moov's header is in block 0)
+            return None
+        version: Version = (self.bucket, meta.key, meta.etag)
+        if version in self._indexes:
+            moov = self._indexes[version]
+        else:
+            head = self.tiers.memory.get(BlockKey(self.bucket, meta.key, meta.etag, 0))
+            if head is None:
+                return None  # not known yet: no guess
+            moov = self._indexes[version] = mp4.index_at_start(head, meta.size)
+        if moov is None or moov.offset != start:
+            return None
+        moov_last = (moov.end - 1) // self.block_size
+        return min(moov_last + self.startup_blocks, last_block(meta.size, self.block_size))
 
     def _measured(self, seconds: float) -> None:
         self.latency_s += (seconds - self.latency_s) * LATENCY_WEIGHT
@@ -303,7 +335,8 @@ class Reads:
                     # read-ahead after its own fetch has its blocks
                     if floor and plan.wants_readahead(reader):
                         # it waited on S3 for this block: the window was too small
-                        attached += self._read_ahead(meta, index + 1, state_of, ahead.next(True))
+                        window = ahead.next(True)
+                        attached += self._ahead_of(meta, start, index, state_of, window)
                     stats.took("upstream")
                     self._taken(key)
                     asked = time.monotonic()
@@ -326,7 +359,8 @@ class Reads:
                 if floor and sequential and not progress.held:  # plan.wants_readahead
                     if state_of is None:
                         state_of = await self._ahead_state(meta, index, True)
-                    attached += self._read_ahead(meta, index + 1, state_of, ahead.next(False))
+                    window = ahead.next(False)
+                    attached += self._ahead_of(meta, start, index, state_of, window)
                 self._taken(key)
                 ahead.served += hi - lo + 1
                 progress.sent()
@@ -378,7 +412,8 @@ class Reads:
                 history.read(version, index)
             stats.took("memory")
             if wants_ahead:
-                attached += self._read_ahead(meta, index + 1, state_of, ahead.next(False))
+                window = ahead.next(False)
+                attached += self._ahead_of(meta, start, index, state_of, window)
             self._taken(key)
             ahead.served += hi - lo + 1
             read.views.append(memoryview(data)[lo : hi + 1])
@@ -453,12 +488,28 @@ class Reads:
         finally:
             fetch.detach(abandoned=not completed)
 
+    def _ahead_of(
+        self, meta: ObjectMeta, start: int, index: int, state_of: plan.StateOf, window: int
+    ) -> list[Fetch]:
+        """Read-ahead after block `index` of a read that began at `start`: the reader's
+        window, or, for a `moov` reader short of the start-up media, through it, kept."""
+        reach = self._startup_last(meta, start)
+        if reach is not None and index < reach:
+            return self._read_ahead(meta, index + 1, state_of, max(window, reach - index), True)
+        return self._read_ahead(meta, index + 1, state_of, window)
+
     def _read_ahead(
-        self, meta: ObjectMeta, after: int, state_of: plan.StateOf, window: int
+        self,
+        meta: ObjectMeta,
+        after: int,
+        state_of: plan.StateOf,
+        window: int,
+        keep: bool = False,
     ) -> list[Fetch]:
         """Fetch the next `window` blocks that nobody has or is fetching, within the
         process-wide budget of read-ahead bytes in flight. The fetches started come back
-        attached to the reader: they stop if it hangs up before anyone else joins."""
+        attached to the reader: they stop if it hangs up before anyone else joins, unless
+        `keep`."""
         started: list[Fetch] = []
         if window == 0 or meta.size == 0:
             return started
@@ -477,7 +528,7 @@ class Reads:
             if last < first:
                 break
             end = block_bounds(last, self.block_size, meta.size)[1]
-            fetch = self._new_fetch(meta, first * self.block_size, end, background=True)
+            fetch = self._new_fetch(meta, first * self.block_size, end, keep=keep, background=True)
             if fetch.start_in(self.fetches):
                 self._readahead_inflight += 1
                 self._readahead_bytes += (last - first + 1) * self.block_size
