@@ -26,7 +26,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
 from .config import ServerConfig
-from .fastlane import FAST_LANE, AnswerFromMemory, FastAnswer, send_now, write_slices
+from .fastlane import FAST_LANE, WRITE_SLICE, AnswerFromMemory, FastAnswer, send_now, write_slices
 from .logs import LogBudget, redact
 from .metrics import Metrics
 
@@ -246,8 +246,12 @@ class GuardedHandler(RequestHandler):
         self._cancel_head_timer()
         transport = self.transport
         head_length = len(answer.head)
-        pieces = deque([memoryview(answer.head)])
-        pieces.extend(piece for view in answer.body for piece in write_slices(view))
+        body = answer.body
+        if len(body) == 1 and len(body[0]) <= WRITE_SLICE:  # most answers: one slice
+            pieces = deque((memoryview(answer.head), body[0]))
+        else:
+            pieces = deque([memoryview(answer.head)])
+            pieces.extend(piece for view in body for piece in write_slices(view))
         handed, rest = 0, False
         try:
             handed = send_now(transport, pieces)
