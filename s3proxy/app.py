@@ -38,7 +38,7 @@ from .assets import (
 from .auth import AuthFailure, Grant, TokenVerifier, presented_token
 from .config import Config, admin_secret
 from .errors import AssetNotFound, ObjectChanged, S3ProxyError, UpstreamTimeout
-from .fastlane import FAST_LANE, Head, parse_head, response_head, write_slices
+from .fastlane import FAST_LANE, Head, header_lines, parse_head, status_line, write_slices
 from .logs import ACCESS_LOGGER, log_fields
 from .metrics import Metrics
 from .ranges import (
@@ -75,6 +75,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # every seek).
 RUNNER_OPTIONS: dict[str, Any] = {"access_log": None, "handler_cancellation": True}
 CLIENT_CLOSED = 499  # as nginx logs a request whose client went away
+ENTITY_LINES_KEPT = 4096  # versions whose fast-lane header lines are kept encoded
 Chunk = bytes | bytearray | memoryview
 
 
@@ -112,6 +113,20 @@ class Proxy:
         # random ones they replace, without reading the system's random source per request
         self._id_prefix = secrets.token_hex(4)
         self._ids = itertools.count()
+        self._entity_lines: dict[tuple[ObjectMeta, str], bytes | None] = {}
+        node = config.server.node_name
+        self.node_line = f"X-S3Proxy-Node: {node}\r\n" if node is not None else ""
+
+    def entity_lines(self, meta: ObjectMeta, asset: str) -> bytes | None:
+        """A version's entity header lines as the fast lane sends them (None: not
+        sendable), encoded once per version and name."""
+        key = (meta, asset)
+        lines = self._entity_lines.get(key, b"")
+        if lines == b"":
+            if len(self._entity_lines) >= ENTITY_LINES_KEPT:
+                self._entity_lines.clear()
+            lines = self._entity_lines[key] = header_lines(_entity_headers(meta, asset).items())
+        return lines
 
     def new_request_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids) & 0xFFFFFFFF:08x}"
@@ -299,14 +314,21 @@ class MemoryAnswer:
         self.head = head
         self.body = read.views
         self._proxy, self._served, self._status, self._read = proxy, served, status, read
-        proxy.inflight += 1
-        proxy.metrics.inflight.inc()
+        self._waiting = False
+
+    def waits(self) -> None:
+        # Counted in flight only now: an answer that went out within the call that
+        # made it was never in flight for anything that could look (the drain, a scrape).
+        self._waiting = True
+        self._proxy.inflight += 1
+        self._proxy.metrics.inflight.inc()
 
     def finish(self, sent: int, completed: bool) -> None:
         proxy = self._proxy
         self._read.done(completed)
-        proxy.inflight -= 1
-        proxy.metrics.inflight.dec()
+        if self._waiting:
+            proxy.inflight -= 1
+            proxy.metrics.inflight.dec()
         reason = None if completed else "client closed the connection"
         _account(proxy, self._served, self._status, sent, reason)
 
@@ -332,18 +354,20 @@ def answer_from_memory(
     meta = proxy.store.fresh(asset)
     if meta is None or meta.size == 0:
         return None
-    headers = _entity_headers(meta, asset)
+    entity = proxy.entity_lines(meta, asset)
+    if entity is None:
+        return None
     header = head.headers.get("range")
     try:
         ranges = _ranges_for(header, None, meta, proxy.config.http.max_ranges)
     except MediaError:
         return None  # a 416, answered the usual way
-    byte_range, status = ByteRange(0, meta.size - 1, open_ended=True), 200
+    byte_range, status, content_range = ByteRange(0, meta.size - 1, open_ended=True), 200, ""
     if ranges is not None:
         if len(ranges) != 1:
             return None
         (byte_range,), status = ranges, 206
-        headers["Content-Range"] = byte_range.content_range(meta.size)
+        content_range = f"Content-Range: {byte_range.content_range(meta.size)}\r\n"
     if byte_range.length > FAST_MAX_BYTES:
         return None
     stats = ReadStats()
@@ -359,14 +383,14 @@ def answer_from_memory(
         stats,
         grant,
     )
-    lines = [*headers.items(), ("Content-Length", str(byte_range.length))]
-    lines += [("Date", rfc822_formatted_time()), ("Server", SERVER_SOFTWARE)]
-    lines.append(("X-Request-ID", served.request_id))
-    if proxy.config.server.node_name is not None:
-        lines.append(("X-S3Proxy-Node", proxy.config.server.node_name))
-    answer_head = response_head(status, lines)
-    if answer_head is None:
-        return None
+    # the head after the entity's lines: digits, a date, fixed words, a request id and a
+    # node name both of checked characters: nothing aiohttp would refuse to send
+    rest = (
+        f"{content_range}Content-Length: {byte_range.length}\r\n"
+        f"Date: {rfc822_formatted_time()}\r\nServer: {SERVER_SOFTWARE}\r\n"
+        f"X-Request-ID: {served.request_id}\r\n{proxy.node_line}\r\n"
+    )
+    answer_head = b"".join((status_line(status), entity, rest.encode()))
     read = proxy.store.memory_read(
         meta,
         byte_range.start,

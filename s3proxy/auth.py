@@ -252,6 +252,7 @@ class TokenVerifier:
     """Verifies tokens against the configured keys; remembers good ones until their exp."""
 
     MEMO_SIZE = 65536
+    RECENT_SIZE = 256  # tokens kept by their text: at most 2 MiB of the longest
     ALLOWED_SIZE = 4096  # (scope, asset) answers kept: at most ~4 MiB of asset names
 
     def __init__(
@@ -268,6 +269,10 @@ class TokenVerifier:
         self._memo: TLRUCache[bytes, Grant] = TLRUCache(
             maxsize=self.MEMO_SIZE, ttu=self._memo_until, timer=clock
         )
+        # the tokens of the last few requests, by their text, each with the memo's
+        # deadline: a media server presents one token at every request of a stream, and
+        # the shape check, digest and timed look-up cost more than the answer's head
+        self._recent: dict[str, tuple[Grant, float]] = {}
         # whether a scope's globs match an asset: a pure answer, asked at every request
         # (a media server reads one asset many times with one token); emptied when full
         self._allowed: dict[tuple[tuple[str, ...], str], bool] = {}
@@ -286,6 +291,7 @@ class TokenVerifier:
         revocations = Revocations.load(config.revoked_file, source)
         self._config, self._keys, self._revocations = config, keys, revocations
         self._memo.clear()
+        self._recent.clear()
 
     def authorize(self, token: str | None, asset: str) -> Grant:
         """The grant for `asset`, or AuthFailure. Never does I/O."""
@@ -308,6 +314,18 @@ class TokenVerifier:
         return allowed
 
     def verify(self, token: str) -> Grant:
+        now = self._clock()
+        recent = self._recent.get(token)
+        if recent is not None and now < recent[1]:
+            grant = recent[0]
+        else:
+            grant = self._remembered(token, now)
+        if self._revocations.refuses(grant):
+            raise AuthFailure("invalid", "token revoked")
+        return grant
+
+    def _remembered(self, token: str, now: float) -> Grant:
+        """The grant from the memo, else from the signature; kept among the recent."""
         if len(token) > MAX_TOKEN_CHARS or not _TOKEN_RE.fullmatch(token):
             raise AuthFailure("invalid", "malformed token")  # before any crypto
         digest = hashlib.sha256(token.encode("ascii")).digest()
@@ -315,10 +333,11 @@ class TokenVerifier:
         if grant is None:
             grant = self._verify_signature(token)
             self._memo[digest] = grant
-        elif self._clock() > grant.expires_at + self._config.leeway_s:
+        elif now > grant.expires_at + self._config.leeway_s:
             raise AuthFailure("expired", "token expired")
-        if self._revocations.refuses(grant):
-            raise AuthFailure("invalid", "token revoked")
+        if len(self._recent) >= self.RECENT_SIZE:
+            self._recent.clear()
+        self._recent[token] = (grant, self._memo_until(digest, grant, now))
         return grant
 
     def _verify_signature(self, token: str) -> Grant:

@@ -258,6 +258,7 @@ class GuardedHandler(RequestHandler):
             if pieces and not transport.is_closing():  # a slow client: the rest waits
                 self._stop_idle_timer()  # not idle while an answer is going out
                 sent = handed - head_length  # below 0 while the head is not all out
+                answer.waits()
                 self._sending = asyncio.ensure_future(self._send_rest(answer, pieces, sent))
                 self._sending.add_done_callback(_report_failure)
                 self._pause_transport_reading()

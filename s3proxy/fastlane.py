@@ -14,6 +14,7 @@ import asyncio
 import re
 import socket
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from itertools import islice
@@ -145,15 +146,25 @@ def _plain_path(target: str) -> bool:
     return "//" not in target and "/./" not in target + "/" and "/../" not in target + "/"
 
 
-def response_head(status: int, headers: list[tuple[str, str]]) -> bytes | None:
-    """An HTTP/1.1 status line and header lines, with the blank line after them, encoded
-    as aiohttp encodes them; None when a value holds a control character (aiohttp would
-    refuse to send it: the usual way then gives the error)."""
+def header_lines(headers: Iterable[tuple[str, str]]) -> bytes | None:
+    """Header lines, each ending in CRLF, encoded as aiohttp encodes them; None when a
+    value holds a control character (aiohttp would refuse to send it: the usual way then
+    gives the error)."""
     lines = [f"{name}: {value}" for name, value in headers]
     if _CONTROL.search("\t".join(lines)):  # one search: a tab is allowed, as are ": "
         return None
-    text = "\r\n".join(lines)
-    return f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n{text}\r\n\r\n".encode()
+    return "".join(f"{line}\r\n" for line in lines).encode()
+
+
+_STATUS_LINES = {s: f"HTTP/1.1 {s} {HTTPStatus(s).phrase}\r\n".encode() for s in (200, 206)}
+
+
+def status_line(status: int) -> bytes:
+    """An HTTP/1.1 status line, as aiohttp writes it."""
+    line = _STATUS_LINES.get(status)
+    return (
+        line if line is not None else f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode()
+    )
 
 
 class FastAnswer(Protocol):
@@ -161,6 +172,9 @@ class FastAnswer(Protocol):
 
     head: bytes
     body: list[memoryview]
+
+    def waits(self) -> None:
+        """The body did not all go out at once: the rest follows as the client reads."""
 
     def finish(self, sent: int, completed: bool) -> None:
         """Once, when the body is out (`completed`) or the client has gone."""

@@ -327,10 +327,12 @@ def _worker_main(
     reasons: Any,
 ) -> None:
     from .logs import configure_logging
+    from .metrics import fix_process_identity
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
     configure_logging(config.log.level, config.log.format)
+    fix_process_identity()
     try:
         code = asyncio.run(
             run(

@@ -370,3 +370,36 @@ async def test_token_never_appears_in_logs_or_metrics(
         signature = token.rsplit(".", 1)[1]
         assert signature not in text
         assert signature not in exposition
+
+
+def test_a_token_presented_at_every_request_still_expires_and_is_still_revoked(
+    tmp_path: Path,
+) -> None:
+    """The verifier keeps the last tokens by their text (no digest, no timed look-up at
+    each request); that shortcut must not outlive a token's exp or a revocation."""
+    from s3proxy.auth import AuthFailure, TokenVerifier
+
+    from .conftest import make_config
+
+    revoked = tmp_path / "revoked.txt"
+    revoked.write_text("")
+    config = make_config(
+        "http://127.0.0.1:9", "b", auth={"leeway_s": 0, "revoked_file": str(revoked)}
+    )
+    verifier = TokenVerifier.from_config(config.auth, config.source)
+    short = make_token("a.mp4", ttl=1)
+    long = make_token("a.mp4", jti="later-revoked")
+    for _ in range(3):
+        assert verifier.authorize(short, "a.mp4").expires_at > time.time() - 1
+        verifier.authorize(long, "a.mp4")
+    exp = jwt.decode(short, options={"verify_signature": False})["exp"]
+    while time.time() <= exp + 0.05:  # bounded: at most ~1 s
+        time.sleep(0.05)
+    with pytest.raises(AuthFailure) as failure:
+        verifier.authorize(short, "a.mp4")
+    assert failure.value.reason == "expired"
+    revoked.write_text("jti:later-revoked\n")
+    verifier.reload(config.auth, config.source)
+    with pytest.raises(AuthFailure) as failure:
+        verifier.authorize(long, "a.mp4")
+    assert failure.value.reason == "invalid"

@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -111,3 +114,44 @@ def test_a_line_logged_with_its_fields_is_the_line_logged_the_usual_way(
     for line in lines:
         del line["ts"]  # made a moment apart
     assert lines[0] == lines[1] and lines[0]["status"] == 206
+
+
+# A worker's values: prometheus-client's multiprocess mode otherwise asks the kernel for
+# the pid at every inc and observe (to notice a fork).
+_WORKER_METRICS = """
+import os, sys
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.multiprocess import MultiProcessCollector
+from s3proxy.metrics import fix_process_identity
+
+if sys.argv[2] == "fixed":
+    fix_process_identity()
+counter = Counter("hits", "hits", registry=CollectorRegistry())
+counter.inc()  # the first update may notice a fork: not counted
+calls = []
+sys.setprofile(lambda frame, event, arg: calls.append(arg) if event == "c_call" else None)
+for _ in range(5):
+    counter.inc()
+sys.setprofile(None)
+registry = CollectorRegistry()
+MultiProcessCollector(registry)
+print(sum(1 for c in calls if c is os.getpid), registry.get_sample_value("hits_total"),
+      os.path.exists(os.path.join(sys.argv[1], f"counter_{os.getpid()}.db")))
+"""
+
+
+@pytest.mark.parametrize(("mode", "pid_reads"), [("plain", "5"), ("fixed", "0")])
+def test_a_worker_reads_its_pid_once_not_at_every_metric_update(
+    tmp_path: Any, mode: str, pid_reads: str
+) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", _WORKER_METRICS, str(tmp_path), mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split()
+    # the values still land in this process's own file, and still sum
+    assert out == [pid_reads, "6.0", "True"]
