@@ -384,26 +384,30 @@ class Reads:
         changed, when a block is not in memory or its read-ahead would need a file tier
         shared with peers (asking it is I/O). Call `MemoryRead.done` once the bytes are
         out, or the client has gone."""
-        bs = self.block_size
-        version: Version = (self.bucket, meta.key, meta.etag)
-        first, last = start // bs, end // bs
-        keys = [BlockKey(self.bucket, meta.key, meta.etag, i) for i in range(first, last + 1)]
-        if end < start or not all(self.tiers.memory.contains(key) for key in keys):
+        if end < start:
             return None
+        bs, bucket, name, etag = self.block_size, self.bucket, meta.key, meta.etag
+        version: Version = (bucket, name, etag)
+        first, last = start // bs, end // bs
+        keys = [BlockKey(bucket, name, etag, i) for i in range(first, last + 1)]
+        contains = self.tiers.memory.contains
+        for key in keys:
+            if not contains(key):
+                return None
         previous = history.last(version) if history is not None else None
         floor = self._config.readahead_blocks
-        # as in `open`: an open-ended read is held (no read-ahead) through its first bytes
-        ahead_at = [
-            floor > 0 and not open_ended and plan.is_sequential(i, first, previous)
-            for i in range(first, last + 1)
-        ]
-        if any(ahead_at) and self.tiers.disk_peers:
+        # as in `open`: an open-ended read is held (no read-ahead) through its first
+        # bytes; the others read ahead at each block where they are sequential, the last
+        # block among them whenever any is
+        streams = floor > 0 and not open_ended
+        if streams and self.tiers.disk_peers and plan.is_sequential(last, first, previous):
             return None
         ahead = self._window(history, version, previous, first, floor)
-        state_of = self._state_of(meta, frozenset())
+        state_of: plan.StateOf | None = None  # made at the first read-ahead
         attached: list[Fetch] = []
         read = MemoryRead(lambda done: _finish(attached, done, ahead, history, version, floor))
-        for index, key, wants_ahead in zip(range(first, last + 1), keys, ahead_at, strict=True):
+        views = read.views
+        for index, key in zip(range(first, last + 1), keys, strict=True):
             data = self.tiers.memory_hit(key)
             assert data is not None  # contains() above, and nothing ran since
             first_byte, last_byte = block_bounds(index, bs, meta.size)
@@ -411,12 +415,14 @@ class Reads:
             if history is not None:
                 history.read(version, index)
             stats.took("memory")
-            if wants_ahead:
+            if streams and plan.is_sequential(index, first, previous):
+                if state_of is None:
+                    state_of = self._state_of(meta, frozenset())
                 window = ahead.next(False)
                 attached += self._ahead_of(meta, start, index, state_of, window)
             self._taken(key)
             ahead.served += hi - lo + 1
-            read.views.append(memoryview(data)[lo : hi + 1])
+            views.append(memoryview(data)[lo : hi + 1])
         return read
 
     def _window(
