@@ -162,9 +162,9 @@ _STATUS_LINES = {s: f"HTTP/1.1 {s} {HTTPStatus(s).phrase}\r\n".encode() for s in
 def status_line(status: int) -> bytes:
     """An HTTP/1.1 status line, as aiohttp writes it."""
     line = _STATUS_LINES.get(status)
-    return (
-        line if line is not None else f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode()
-    )
+    if line is None:
+        line = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode()
+    return line
 
 
 class FastAnswer(Protocol):

@@ -216,10 +216,11 @@ class Metrics:
 
 def fix_process_identity() -> None:
     """In a worker, before its first metric: in multiprocess mode prometheus-client asks
-    the kernel for the pid at every update of every value, to notice a fork (9 system
-    calls a memory hit, 13 % of a worker's time in bench b). A worker never forks a
-    process that updates metrics, so its pid is read once here; the files keep their
-    names (`counter_<pid>.db`), so the supervisor's `mark_process_dead` still applies."""
+    the kernel for the pid at every update of every value, to notice a fork (a memory
+    hit makes 7 updates; each took 1.2 us here, 0.7 us without the system call). A
+    worker never forks a process that updates metrics, so its pid is read once here; the
+    files keep their names (`counter_<pid>.db`): the supervisor's `mark_process_dead`
+    still applies."""
     from prometheus_client import values
 
     pid = os.getpid()
