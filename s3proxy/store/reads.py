@@ -397,8 +397,8 @@ class Reads:
         previous = history.last(version) if history is not None else None
         floor = self._config.readahead_blocks
         # as in `open`: an open-ended read is held (no read-ahead) through its first
-        # bytes; the others read ahead at each block where they are sequential, the last
-        # block among them whenever any is
+        # bytes; another reads ahead at each block where it is sequential, so at its
+        # last block if at any
         streams = floor > 0 and not open_ended
         if streams and self.tiers.disk_peers and plan.is_sequential(last, first, previous):
             return None
