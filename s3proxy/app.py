@@ -121,11 +121,13 @@ class Proxy:
         """A version's entity header lines as the fast lane sends them (None: not
         sendable), encoded once per version and name."""
         key = (meta, asset)
-        lines = self._entity_lines.get(key, b"")
-        if lines == b"":
-            if len(self._entity_lines) >= ENTITY_LINES_KEPT:
-                self._entity_lines.clear()
-            lines = self._entity_lines[key] = header_lines(_entity_headers(meta, asset).items())
+        try:
+            return self._entity_lines[key]
+        except KeyError:
+            pass
+        if len(self._entity_lines) >= ENTITY_LINES_KEPT:
+            self._entity_lines.clear()
+        lines = self._entity_lines[key] = header_lines(_entity_headers(meta, asset).items())
         return lines
 
     def new_request_id(self) -> str:

@@ -154,6 +154,34 @@ async def test_a_memory_hit_is_answered_by_the_fast_lane_as_the_usual_way_answer
     assert lines[0]["cache"] == "hit" and lines[0]["upstream_ms"] == 0
 
 
+async def test_a_new_version_s_memory_hits_carry_that_version_s_headers(
+    emulator: Emulator, bucket: str, start_proxy: StartProxy
+) -> None:
+    """The fast lane keeps a version's header lines encoded: a new version of the same
+    name (same size) gets its own, as the usual way gives them."""
+    put_object(emulator, bucket, ASSET, b"a" * MIB, "video/mp4")
+    fast = await start_proxy(cache={"metadata_ttl_s": 0.2, "readahead_blocks": 0})
+    usual = await start_proxy(fast_lane=False, cache={"metadata_ttl_s": 0.2})
+    path = f"/t/{make_token('fast*')}/{ASSET}"
+    asked = head(path, "Range: bytes=0-1023")
+    answers = []
+    for body in (b"a", b"b"):
+        if body == b"b":
+            put_object(emulator, bucket, ASSET, body * MIB, "video/quicktime")
+            await asyncio.sleep(0.3)  # the metadata is stale: the next read looks again
+        await exchange(fast, asked)  # block 0 of this version into memory
+        before = fast.proxy.fast_answers
+        (answer,) = await exchange(fast, asked)
+        assert fast.proxy.fast_answers == before + 1  # a fast-lane hit
+        assert answer.endswith(body * 1024)
+        (theirs,) = await exchange(usual, asked)
+        assert steady(answer) == steady(theirs)
+        answers.append(answer)
+    etags = [re.search(rb"\r\nETag: ([^\r]*)", a) for a in answers]
+    assert etags[0] is not None and etags[1] is not None
+    assert etags[0].group(1) != etags[1].group(1)
+
+
 @pytest.mark.parametrize(
     "lines",
     [
