@@ -156,15 +156,12 @@ def header_lines(headers: Iterable[tuple[str, str]]) -> bytes | None:
     return "".join(f"{line}\r\n" for line in lines).encode()
 
 
-_STATUS_LINES = {s: f"HTTP/1.1 {s} {HTTPStatus(s).phrase}\r\n".encode() for s in (200, 206)}
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
 
 def status_line(status: int) -> bytes:
     """An HTTP/1.1 status line, as aiohttp writes it."""
-    line = _STATUS_LINES.get(status)
-    if line is None:
-        line = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode()
-    return line
+    return _STATUS_LINES[status]
 
 
 class FastAnswer(Protocol):
