@@ -229,8 +229,12 @@ http {{
             "AWS_SECRET_ACCESS_KEY": "bench",
             "AWS_EC2_METADATA_DISABLED": "true",
         }
+        # `-m` runs the tree this bench is in (the working directory comes first on the
+        # path), whatever the install: `python /tmp/old/bench/run.py` measures /tmp/old
         process = self.spawn(
-            [sys.executable, "-m", "s3proxy", "serve", "--config", str(path)], env=env
+            [sys.executable, "-m", "s3proxy", "serve", "--config", str(path)],
+            env=env,
+            cwd=BENCH.parent,
         )
         wait_port(port)
         wait_port(admin)
@@ -248,6 +252,7 @@ http {{
                 "2h",
             ],
             env=env,
+            cwd=BENCH.parent,
             capture_output=True,
             text=True,
             check=True,

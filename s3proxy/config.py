@@ -185,6 +185,7 @@ class CacheConfig:
         metadata=_check(lambda v: 4096 <= v <= 1 << 30, "must be between 4KiB and 1GiB"),
     )
     max_bytes: ByteSize = ByteSize(512 << 20)
+    preallocate: bool = True  # hold the memory tier's bytes from start-up (see store.memory)
     metadata_ttl_s: float = field(default=30.0, metadata=_NON_NEGATIVE)
     readahead_blocks: int = field(default=2, metadata=_NON_NEGATIVE)  # the first window
     readahead_max_blocks: int = field(default=32, metadata=_NON_NEGATIVE)

@@ -56,6 +56,7 @@ def demo_config(endpoint_url: str, host: str, port: int, admin_port: int = 0) ->
             "admin": {"host": "127.0.0.1", "port": admin_port},
             "s3": {"bucket": BUCKET, "endpoint_url": endpoint_url, "max_attempts": 2},
             "auth": {"algorithms": ["HS256"], "keys": [{"kid": "demo", "secret_env": SECRET_ENV}]},
+            "cache": {"preallocate": False},  # one small sample: 512 MiB held for nothing
             "log": {"level": "info", "format": "text"},
         },
         source="<demo>",

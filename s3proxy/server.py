@@ -19,6 +19,7 @@ from .config import Config, reread
 from .connections import GuardedRunner, Limits
 from .errors import S3ProxyError, StartupError
 from .logs import set_level
+from .store.memory import preallocate
 from .store.tiers import SHM
 from .workdirs import make_locked_dir, remove_abandoned
 
@@ -41,6 +42,21 @@ def _bound(runner: web.AppRunner) -> tuple[str, int]:
     return str(address[0]), int(address[1])
 
 
+def _preallocate(size: int, block_size: int, worker: int) -> dict[str, float]:
+    """cache.preallocate: this process's memory tier, held (and touched) from here on;
+    what was held, for the "listening" line (nothing when the tier holds no block)."""
+    if size < block_size:
+        return {}
+    started = time.monotonic()
+    if not preallocate(size, block_size):
+        log.warning(
+            "cache.preallocate: not done here (it needs glibc and blocks under 32MiB)",
+            extra={"fields": {"worker": worker}},
+        )
+        return {}
+    return {"preallocated_bytes": size, "preallocated_s": round(time.monotonic() - started, 3)}
+
+
 async def run(
     config: Config,
     *,
@@ -60,6 +76,11 @@ async def run(
     if config.auth.mode == "none" and worker == 0:
         log.warning("auth.mode is none: every request is served without a token check")
     proxy = Proxy(config, worker=worker, workers=workers, shared_dir=shared_dir)
+    held = (
+        _preallocate(proxy.store.tiers.memory.max_bytes, int(config.cache.block_size), worker)
+        if config.cache.preallocate
+        else {}
+    )
     shared = workers > 1
     # aiohttp waits its shutdown timeout for handlers, then again after cancelling them:
     # the drain below is ours, so the whole stop stays within server.shutdown_timeout_s
@@ -109,6 +130,7 @@ async def run(
                     "main": f"{listening.main[0]}:{listening.main[1]}",
                     "admin": f"{listening.admin[0]}:{listening.admin[1]}",
                     "bucket": config.s3.bucket,
+                    **held,
                 }
             },
         )

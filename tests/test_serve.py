@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -360,3 +361,52 @@ def test_workers_stop_when_the_supervisor_is_killed(served: Served, workers: int
             return  # nobody listens any more: the workers are gone
         time.sleep(0.2)
     raise AssertionError("the workers kept serving after their supervisor died")
+
+
+def page_faults(pid: int) -> int:
+    """Minor page faults of a process so far (/proc/<pid>/stat, field 10)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
+def resident_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="cache.preallocate needs glibc")
+def test_a_preallocated_memory_tier_caches_blocks_without_touching_new_pages(
+    emulator: Emulator, bucket: str, tmp_path: Path
+) -> None:
+    """cache.preallocate: the memory tier's bytes are held and touched before the first
+    request, so blocks cached later fill pages the process has (no page faults); without
+    it each 1 MiB block faults in 256 new pages (which shows that the probe sees them)."""
+    warm, data = os.urandom(2 << 20), os.urandom(12 << 20)
+    put_object(emulator, bucket, "warm.mp4", warm)
+    put_object(emulator, bucket, "held.mp4", data)
+    token = make_token("*")
+    resident: dict[bool, int] = {}
+    faults: dict[bool, int] = {}
+    said: dict[bool, int | None] = {}
+    for preallocate in (False, True):
+        cache = {"max_bytes": "32MiB", "preallocate": preallocate}
+        with serve_process(emulator, bucket, tmp_path, 1, cache) as served:
+            pid = served.process.pid
+            listening = next(r for r in served.lines if r.get("msg") == "listening")
+            said[preallocate] = listening.get("preallocated_bytes")
+            resident[preallocate] = resident_bytes(pid)
+            # connections, buffers and lazy imports first: what is left is the blocks
+            path = f"/t/{token}/warm.mp4"
+            assert read_response(raw_get(served.port, path, "Range: bytes=0-\r\n"))[1] == warm
+            time.sleep(0.5)
+            before = page_faults(pid)
+            path = f"/t/{token}/held.mp4"
+            assert read_response(raw_get(served.port, path, "Range: bytes=0-\r\n"))[1] == data
+            time.sleep(0.5)  # the last blocks land in the cache
+            faults[preallocate] = page_faults(pid) - before
+    assert said == {False: None, True: 32 << 20}
+    assert resident[True] - resident[False] > 28 << 20
+    pages = len(data) // 4096
+    assert faults[False] > pages // 2, faults
+    assert faults[True] < pages // 4, faults

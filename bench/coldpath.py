@@ -1,0 +1,116 @@
+"""What a cold read costs s3proxy in CPU: milliseconds of the proxy process's CPU per MiB
+it fetches from the origin and sends on, so a change to the cold path (S3 body reads,
+block joins, readers following a fetch) shows as a figure instead of in the noise of the
+latency cases, where the relay, the origin and the client share the same cores.
+
+    python bench/coldpath.py                  # cold and cached, median of the rounds
+    python bench/coldpath.py --rounds 9 --mib 64
+    python /tmp/old/bench/coldpath.py        # an older tree (git archive), side by side
+
+The origin is bench/run.py's nginx (no relay: the proxy is the bottleneck, so CPU time is
+close to wall time) and the client is curl, which costs little. Each round reads a new
+key (the same bytes under another name: cold for the proxy) with one `bytes=0-` GET,
+then the same key again (all memory hits). CPU is the proxy process's user + system
+time from /proc, in clock ticks. Figures, not assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import (  # bench/ is not a package: its own directory is on the path
+    MIB,
+    Proxy,
+    add_settle_argument,
+    link,
+    make_data,
+    settle_memory,
+    stack_in,
+)
+
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def usage(pid: int) -> tuple[float, int]:
+    """(user + system seconds, minor page faults) of the process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * TICK_S, int(fields[7])
+
+
+def curl(url: str) -> tuple[int, float]:
+    """(body bytes, seconds) of one `bytes=0-` GET."""
+    out = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-r", "0-", "-w", "%{size_download} %{time_total}", url],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.split()
+    return int(out[0]), float(out[1])
+
+
+def read_once(proxy: Proxy, key: str) -> tuple[float, int, float, int]:
+    """(CPU s, page faults, wall s, bytes) of one whole read through the proxy."""
+    cpu, faults = usage(proxy.process.pid)
+    size, seconds = curl(proxy.url(key))
+    cpu_after, faults_after = usage(proxy.process.pid)
+    return cpu_after - cpu, faults_after - faults, seconds, size
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--mib", type=int, choices=(64, 256), default=64, help="object size")
+    add_settle_argument(parser)
+    args = parser.parse_args()
+    for tool in ("nginx", "curl"):
+        if shutil.which(tool) is None:
+            print(f"bench needs {tool}: apt-get install nginx-light curl", file=sys.stderr)
+            return 2
+    settled = settle_memory(args.settle_mib)
+    source = "asset64.mp4" if args.mib == 64 else "big1g.mp4"
+    tmp = Path(tempfile.mkdtemp(prefix="s3proxy-coldpath-"))
+    cold: list[tuple[float, float, float]] = []
+    hot: list[tuple[float, float, float]] = []
+    try:
+        with stack_in(tmp) as stack:
+            make_data(stack, quick=True)  # the big file is 256 MiB
+            stack.start_origin()
+            proxy = stack.start_s3proxy("s3proxy-coldpath", delayed=False, max_bytes="1GiB")
+            read_once(proxy, link(stack, source, "warm-up.mp4"))  # connections, imports
+            for n in range(args.rounds):
+                key = link(stack, source, f"cold-{n}.mp4")
+                for into in (cold, hot):
+                    cpu, faults, wall, size = read_once(proxy, key)
+                    assert size == args.mib * MIB, size
+                    into.append((cpu * 1000 / args.mib, faults / args.mib, args.mib / wall))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"s3proxy CPU per MiB of a whole-object read ({os.cpu_count()} cores; "
+        f"{args.mib} MiB object, {args.rounds} rounds; memory settled first: "
+        f"{args.settle_mib} MiB in {settled:.1f} s)"
+    )
+    for name, rows in (("cold (every byte from the origin)", cold), ("cached (memory hits)", hot)):
+        ms, faults, rate = ([r[i] for r in rows] for i in range(3))
+        print(
+            f"  {name:<36} {statistics.median(ms):6.2f} ms CPU/MiB "
+            f"(min {min(ms):.2f}, max {max(ms):.2f}); {statistics.median(faults):6.0f} page "
+            f"faults/MiB; {statistics.median(rate):6.0f} MiB/s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
