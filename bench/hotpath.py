@@ -6,7 +6,7 @@ in bench case (b)'s noise.
     python bench/hotpath.py                  # us per answer, best and median of 9 rounds
     python bench/hotpath.py --profile        # and cProfile's top functions
     python bench/hotpath.py --single         # metrics as with server.workers: 1
-    PYTHONPATH=/tmp/old python bench/hotpath.py   # an older tree, side by side
+    python /tmp/old/bench/hotpath.py         # an older tree (git archive), side by side
 
 The origin is the tests' scriptable S3-like origin on 127.0.0.1 (64 MiB object, warmed
 into memory through the proxy first). By default the metrics are multiprocess ones, as
@@ -124,7 +124,7 @@ def main() -> None:
         AWS_DEFAULT_REGION="us-east-1",
         AWS_EC2_METADATA_DISABLED="true",
     )
-    sys.path.append(str(ROOT))  # tests.origin; s3proxy from PYTHONPATH or the install
+    sys.path.insert(0, str(ROOT))  # tests.origin, and s3proxy of the tree this script is in
     with tempfile.TemporaryDirectory(prefix="s3proxy-hotpath-") as metrics_dir:
         if not args.single:  # before prometheus_client is imported, as the supervisor does
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir

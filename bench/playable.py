@@ -6,7 +6,7 @@ s3proxy warmed (POST /warm), the same start with every byte cached, and the old 
 (download the whole file first). Also printed: the S3 GETs and bytes of the cold
 start-up, of the warm-up, and of the start-up after it.
 
-    apt-get install nginx-light ffmpeg
+    apt-get install nginx-light ffmpeg haproxy
     python bench/playable.py            # --sizes 50,500 for a shorter run
 """
 
@@ -184,6 +184,7 @@ def main() -> int:
 
         make_data(stack, quick=True)
         stack.start_origin()
+        lines.append(f"  origin latency added by: {stack.relay_kind}")
         names = {size: make_asset(stack, size) for size in (int(s) for s in args.sizes.split(","))}
         for delay in args.delays:
             port = stack.delayed_port if delay == 30 else stack.relay(delay)
