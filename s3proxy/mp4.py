@@ -68,6 +68,21 @@ def index_at_start(head: bytes | memoryview, object_size: int) -> Box | None:
     return None
 
 
+def media_start(moov: Box, data: bytes | memoryview, at: int, object_size: int) -> int | None:
+    """Where the media of a faststart MP4 begins, the payload of the first `mdat` after
+    its `moov`, from `data` (the object's bytes from offset `at`) holding the headers
+    between; None when the walk leaves `data`, or meets a `moof` or no box."""
+    offset = moov.end
+    while at <= offset and offset + HEADER_BYTES <= at + len(data):
+        box = box_at(bytes(data[offset - at : offset - at + HEADER_BYTES]), offset, object_size)
+        if box is None or box.kind == "moof":
+            return None
+        if box.kind == "mdat":
+            return box.payload
+        offset = box.end
+    return None
+
+
 def duration_s(moov: bytes) -> float | None:
     """The movie's duration from its `mvhd`, or None when it has none (or says 0)."""
     at = moov.find(b"mvhd")

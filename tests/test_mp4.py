@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from s3proxy.mp4 import Box, box_at, duration_s, index_at_start, media_extent
+from s3proxy.mp4 import Box, box_at, duration_s, index_at_start, media_extent, media_start
 
 
 def header(kind: bytes, size: int, large: bool = False) -> bytes:
@@ -106,3 +106,39 @@ def test_a_moov_after_the_media_is_not_the_index_at_the_start() -> None:
     start = header(b"ftyp", 24) + bytes(16) + header(b"mdat", 1000) + bytes(992)
     start += header(b"moov", 500)
     assert index_at_start(start + bytes(600), 2024 + 500) is None
+
+
+@given(
+    st.integers(16, 5000),
+    st.lists(
+        st.tuples(st.sampled_from([b"free", b"uuid", b"skip"]), st.integers(16, 5000)), max_size=3
+    ),
+    st.sampled_from([b"mdat", b"moof"]),
+    st.booleans(),
+    st.integers(0, 20000),
+    st.integers(0, 20000),
+)
+def test_the_media_starts_at_the_payload_of_the_first_mdat_after_the_moov(
+    moov_size: int,
+    between: list[tuple[bytes, int]],
+    kind: bytes,
+    large: bool,
+    at: int,
+    held: int,
+) -> None:
+    """ftyp, moov, boxes, then the media: its start is found exactly when `data` (the
+    bytes from `at`) holds every header from the moov's end to the mdat's, and it is the
+    mdat's payload (after a 64-bit size too); a fragmented file's moof is no media start."""
+    layout = bytearray(header(b"ftyp", 32) + bytes(24))
+    moov = Box("moov", len(layout), moov_size, 8)
+    layout += header(b"moov", moov_size) + bytes(moov_size - 8)
+    for name, length in between:
+        layout += header(name, length) + bytes(length - 8)
+    mdat_at, mdat_size = len(layout), 10**6
+    layout += header(kind, mdat_size, large) + bytes(16)
+    object_size = mdat_at + mdat_size
+    found = media_start(moov, bytes(layout[at : at + held]), at, object_size)
+    if kind == b"mdat" and at <= moov.end and mdat_at + 16 <= at + held:
+        assert found == mdat_at + (16 if large else 8)
+    else:
+        assert found is None

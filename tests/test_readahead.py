@@ -240,19 +240,28 @@ MOOV = 32  # a faststart MP4: ftyp (32 bytes), then the moov, then the mdat
 MOOV_SIZE = 2 * BS + BS // 2
 
 
-def faststart_head(size: int) -> bytes:
+def faststart_head(size: int, moov_size: int = MOOV_SIZE) -> bytes:
     """The top-level boxes of a faststart MP4 of `size` bytes: ftyp, moov, mdat."""
-    mdat = MOOV + MOOV_SIZE
+    mdat = MOOV + moov_size
     return (
         (32).to_bytes(4, "big")
         + b"ftypisom"
         + bytes(20)
-        + MOOV_SIZE.to_bytes(4, "big")
+        + moov_size.to_bytes(4, "big")
         + b"moov"
-        + bytes(MOOV_SIZE - 8)
+        + bytes(moov_size - 8)
         + (size - mdat).to_bytes(4, "big")
         + b"mdat"
     )
+
+
+async def seek_read(running: Any, source: str, start: int, take: int) -> None:
+    """A seek of Mist's: `bytes=<start>-` on a new connection, of which it takes `take`
+    bytes before hanging up."""
+    conn = await Connection.open("127.0.0.1", running.server.port, [])
+    exchange = await conn.request("GET", source, f"bytes={start}-")
+    assert len(await conn.read(exchange, take)) == take
+    conn.drop()
 
 
 async def moov_read(running: Any, source: str, take: int) -> None:
@@ -265,10 +274,7 @@ async def moov_read(running: Any, source: str, take: int) -> None:
     exchange = await conn.request("GET", source, "bytes=0-")
     assert len(await conn.read(exchange, 16)) == 16
     conn.drop()
-    conn = await Connection.open("127.0.0.1", port, log)
-    exchange = await conn.request("GET", source, f"bytes={MOOV}-")
-    assert len(await conn.read(exchange, take)) == take
-    conn.drop()
+    await seek_read(running, source, MOOV, take)
 
 
 async def test_a_moov_reader_s_read_ahead_reaches_the_first_media_and_outlives_it(
@@ -311,3 +317,44 @@ async def test_a_box_walker_that_hangs_up_at_the_moov_s_header_costs_no_more(
     await moov_read(running, f"/t/{make_token()}/movie.mp4", 16)
     await asyncio.sleep(0.3)
     assert [r for m, r in state.requests if m == "GET"] == [f"bytes=0-{BS - 1}"]
+
+
+async def test_a_media_reader_of_a_moov_inside_block_0_streams_at_once(
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
+    """The moov lies inside block 0, so its reader is served from memory and hangs up
+    within its seek grace, with no read-ahead; the walk then reads the mdat's header and
+    hangs up, at no cost. A read from the mdat's payload is a media reader: its start-up
+    read-ahead, the widest window, goes out at once, not after a seek grace (before, it
+    waited the grace out, then grew from the narrowest). A read from elsewhere in the
+    media is a seek, held as before."""
+    moov_size = 4096
+    state = OriginState(size=64 * BS, chunk_delay_s=0.002)
+    state.head = faststart_head(state.size, moov_size)
+    running = await start_with_origin(aiohttp_server, start_proxy, state, cache=CACHE)
+    store = running.proxy.store
+    store.seek_grace_s = 5.0  # far longer than the test waits
+    source = f"/t/{make_token()}/movie.mp4"
+
+    def last_asked() -> int:
+        return max(int(r.partition("-")[2]) for m, r in state.requests if m == "GET" and r)
+
+    await moov_read(running, source, moov_size)
+    mdat = MOOV + moov_size
+    await seek_read(running, source, mdat, 16)
+    await asyncio.sleep(0.05)
+    assert last_asked() == BS - 1, state.requests
+    reach = CACHE["readahead_max_blocks"]  # past the media's first block, 0
+    assert isinstance(reach, int) and reach > store.reads.startup_blocks
+    conn = await Connection.open("127.0.0.1", running.server.port, [])
+    exchange = await conn.request("GET", source, f"bytes={mdat + 8}-")
+    assert len(await conn.read(exchange, 1000)) == 1000
+    await within(lambda: last_asked() >= (reach + 1) * BS - 1, seconds=1)
+    conn.drop()
+    await settled(store)
+    asked = last_asked()
+    elsewhere = (asked // BS + 4) * BS + 100
+    await seek_read(running, source, elsewhere, 16)
+    await asyncio.sleep(0.1)
+    block_end = (elsewhere // BS + 1) * BS - 1
+    assert state.requests[-1] == ("GET", f"bytes={elsewhere}-{block_end}")  # a probe alone

@@ -20,7 +20,8 @@ The rules, in the order they apply:
 - else a fetch starts; it runs on when its reader leaves early only when it is the
   second seek to a probed block (so a popular block ends up cached);
 - a reader is sequential by its own progress (it read the block before, in this request
-  or an earlier one on its own connection), never by another client's;
+  or an earlier one on its own connection), never by another client's; a media reader
+  (reads.py: one that starts at a faststart MP4's media) streams, and is not held;
 - a sequential reader's read-ahead window (`readahead_window`) is sized to what it takes
   while a GET comes back, grows while it waits and eases back while blocks wait for it;
   a seek starts it again from `cache.readahead_blocks`.

@@ -15,6 +15,13 @@ right after it follow at once (Mist's two greedy readers, ../shared/mist.md). It
 read-ahead therefore reaches past the `moov` into the first media, and those fetches are
 kept when it hangs up: the media readers that replace it find them in flight or landed,
 a round trip sooner than their own first GETs would bring them.
+
+A media reader (a read that begins at the payload of the `mdat` after that `moov`) is
+not held: Mist's box walk reads the `mdat`'s header, never its payload, so a read from
+there is one of the greedy readers, which take tens of MB. It streams from its first
+block, and its read-ahead reaches the widest window past that block at once. When the
+`moov` lies inside block 0 that is the only start-up read-ahead: the `moov` reader,
+served from memory, hangs up within its grace.
 """
 
 from __future__ import annotations
@@ -158,6 +165,8 @@ class Reads:
         self._probed: LRUCache[BlockKey, bool] = LRUCache(maxsize=65536)
         # each version's `moov` as its block 0 shows it (None: not a faststart MP4)
         self._indexes: LRUCache[Version, mp4.Box | None] = LRUCache(maxsize=4096)
+        # where each such version's media begins (None: not known from its blocks)
+        self._media: LRUCache[Version, int | None] = LRUCache(maxsize=4096)
         # media blocks past the `moov` its reader's read-ahead reaches at start-up
         self.startup_blocks = max(cache.readahead_blocks, cache.readahead_max_blocks // 4)
         self._readahead_inflight = 0
@@ -223,25 +232,57 @@ class Reads:
         self.unread_bytes += change
         self._metrics.readahead_unread_bytes.set(self.unread_bytes)
 
-    def _startup_last(self, meta: ObjectMeta, start: int) -> int | None:
-        """The last block the start-up read-ahead reaches for a read beginning at
-        `start`: `startup_blocks` past the `moov` when the read begins at the `moov` of
-        a faststart MP4 whose block 0 is in memory (as it is by the time a read asks for
-        read-ahead); None for any other read."""
-        if start == 0 or start >= self.block_size:  # (a moov's header is in block 0)
-            return None
+    def _moov(self, meta: ObjectMeta) -> mp4.Box | None:
+        """The `moov` of a faststart MP4 whose block 0 is in memory (as it is by the time
+        a read asks for read-ahead); None for any other object, or while not known."""
         version: Version = (self.bucket, meta.key, meta.etag)
         if version in self._indexes:
-            moov = self._indexes[version]
-        else:
-            head = self.tiers.memory.get(BlockKey(self.bucket, meta.key, meta.etag, 0))
-            if head is None:
-                return None  # not known yet: no guess
-            moov = self._indexes[version] = mp4.index_at_start(head, meta.size)
-        if moov is None or moov.offset != start:
+            return self._indexes[version]
+        head = self.tiers.memory.get(BlockKey(self.bucket, meta.key, meta.etag, 0))
+        if head is None:
+            return None  # not known yet: no guess
+        moov = self._indexes[version] = mp4.index_at_start(head, meta.size)
+        return moov
+
+    def _media_start(self, meta: ObjectMeta, moov: mp4.Box) -> int | None:
+        """Where the media after `moov` begins, once the block holding the headers after
+        the `moov` is in memory (Mist's walk reads them before its media readers come)."""
+        version: Version = (self.bucket, meta.key, meta.etag)
+        if version in self._media:
+            return self._media[version]
+        index = moov.end // self.block_size
+        data = self.tiers.memory.get(BlockKey(self.bucket, meta.key, meta.etag, index))
+        if data is None:
             return None
-        moov_last = (moov.end - 1) // self.block_size
-        return min(moov_last + self.startup_blocks, last_block(meta.size, self.block_size))
+        media = self._media[version] = mp4.media_start(
+            moov, data, index * self.block_size, meta.size
+        )
+        return media
+
+    def _at_media(self, meta: ObjectMeta, start: int) -> bool:
+        """A read from where a faststart MP4's media begins is a media reader: Mist's
+        greedy readers start there, and its box walk reads the `mdat`'s header instead."""
+        moov = self._moov(meta) if start else None
+        return moov is not None and start > moov.end and start == self._media_start(meta, moov)
+
+    def _startup(self, meta: ObjectMeta, start: int) -> tuple[int, bool] | None:
+        """The start-up read-ahead of a read beginning at `start`: the last block it
+        reaches, and whether it is kept when the reader hangs up. A `moov` reader's goes
+        `startup_blocks` past the `moov`, kept: Mist hangs up once it has the `moov`
+        and opens its media readers, which then find their first blocks on the way. A
+        media reader's goes the widest window (`cache.readahead_max_blocks`) past its
+        first block: Mist's greedy readers take some 78 MB of media whatever the asset,
+        so it needs no growing into, and an origin far away costs one round trip for it,
+        not one per doubling. It is not kept: a probing client (ffprobe) that hangs up
+        there stops it. None for any other read."""
+        moov = self._moov(meta) if start else None
+        if moov is not None and moov.offset == start:
+            first, blocks, keep = (moov.end - 1) // self.block_size, self.startup_blocks, True
+        elif self._at_media(meta, start):
+            first, blocks, keep = start // self.block_size, self._config.readahead_max_blocks, False
+        else:
+            return None
+        return min(first + blocks, last_block(meta.size, self.block_size)), keep
 
     def _measured(self, seconds: float) -> None:
         self.latency_s += (seconds - self.latency_s) * LATENCY_WEIGHT
@@ -266,8 +307,10 @@ class Reads:
         version: Version = (self.bucket, meta.key, meta.etag)
         last_needed = end // bs
         # An open-ended read (Mist's, at every seek) is held: no GET past its first block
-        # or probe until the seek grace after its first bytes went out.
-        progress = _Progress(held=probe and open_ended)
+        # or probe until the seek grace after its first bytes went out; but a media
+        # reader streams from its first block.
+        at_once = open_ended and self._at_media(meta, start)
+        progress = _Progress(held=probe and open_ended and not at_once)
         previous = history.last(version) if history is not None else None
         floor = self._config.readahead_blocks if readahead else 0
         ahead = self._window(history, version, previous, start // bs, floor)
@@ -281,7 +324,7 @@ class Reads:
                 first_byte, last_byte = block_bounds(index, bs, meta.size)
                 lo, hi = max(start, first_byte) - first_byte, min(end, last_byte) - first_byte
                 key = BlockKey(self.bucket, meta.key, meta.etag, index)
-                sequential = plan.is_sequential(index, start // bs, previous)
+                sequential = at_once or plan.is_sequential(index, start // bs, previous)
                 # a block in memory is served at once: `next_step` of a cached block is Serve
                 data, source = self.tiers.memory_hit(key), "memory"
                 if data is None:
@@ -498,11 +541,16 @@ class Reads:
         self, meta: ObjectMeta, start: int, index: int, state_of: plan.StateOf, window: int
     ) -> list[Fetch]:
         """Read-ahead after block `index` of a read that began at `start`: the reader's
-        window, or, for a `moov` reader short of the start-up media, through it, kept."""
-        reach = self._startup_last(meta, start)
-        if reach is not None and index < reach:
-            return self._read_ahead(meta, index + 1, state_of, max(window, reach - index), True)
-        return self._read_ahead(meta, index + 1, state_of, window)
+        window; for a `moov` or media reader short of its start-up read-ahead's reach,
+        through it (see `_startup`), and the rest of a wider window beyond, as usual."""
+        startup = self._startup(meta, start)
+        if startup is None or index >= startup[0]:
+            return self._read_ahead(meta, index + 1, state_of, window)
+        reach, keep = startup
+        started = self._read_ahead(meta, index + 1, state_of, reach - index, keep)
+        if window > reach - index:
+            started += self._read_ahead(meta, reach + 1, state_of, window - (reach - index))
+        return started
 
     def _read_ahead(
         self,
