@@ -5,13 +5,16 @@ latency cases, where the relay, the origin and the client share the same cores.
 
     python bench/coldpath.py                  # cold and cached, median of the rounds
     python bench/coldpath.py --rounds 9 --mib 64
+    python bench/coldpath.py --workers 2      # workers share blocks through /dev/shm
     python /tmp/old/bench/coldpath.py        # an older tree (git archive), side by side
 
 The origin is bench/run.py's nginx (no relay: the proxy is the bottleneck, so CPU time is
 close to wall time) and the client is curl, which costs little. Each round reads a new
 key (the same bytes under another name: cold for the proxy) with one `bytes=0-` GET,
-then the same key again (all memory hits). CPU is the proxy process's user + system
-time from /proc, in clock ticks. Figures, not assertions.
+then the same key again (all memory hits; with workers, the other worker's reads come
+from the shared tier). CPU is the user + system time from /proc, in clock ticks, of the
+proxy process (with workers, the supervisor's and every worker's). Figures, not
+assertions.
 """
 
 from __future__ import annotations
@@ -40,10 +43,32 @@ from run import (  # bench/ is not a package: its own directory is on the path
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
 
-def usage(pid: int) -> tuple[float, int]:
-    """(user + system seconds, minor page faults) of the process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * TICK_S, int(fields[7])
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat's fields after the command name (field 3, the state, first)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def family(pid: int) -> list[int]:
+    """The process and its children (a supervisor's workers)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int(_stat(int(entry.name))[1]) == pid:
+                    children.append(int(entry.name))
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+    return [pid, *children]
+
+
+def usage(pids: list[int]) -> tuple[float, int]:
+    """(user + system seconds, minor page faults) of the processes so far."""
+    cpu, faults = 0.0, 0
+    for pid in pids:
+        fields = _stat(pid)
+        cpu += (int(fields[11]) + int(fields[12])) * TICK_S
+        faults += int(fields[7])
+    return cpu, faults
 
 
 def curl(url: str) -> tuple[int, float]:
@@ -58,11 +83,12 @@ def curl(url: str) -> tuple[int, float]:
     return int(out[0]), float(out[1])
 
 
-def read_once(proxy: Proxy, key: str) -> tuple[float, int, float, int]:
-    """(CPU s, page faults, wall s, bytes) of one whole read through the proxy."""
-    cpu, faults = usage(proxy.process.pid)
+def read_once(proxy: Proxy, pids: list[int], key: str) -> tuple[float, int, float, int]:
+    """(CPU s, page faults, wall s, bytes) of one whole read through the proxy (all of
+    `pids`: with workers, the supervisor and each worker)."""
+    cpu, faults = usage(pids)
     size, seconds = curl(proxy.url(key))
-    cpu_after, faults_after = usage(proxy.process.pid)
+    cpu_after, faults_after = usage(pids)
     return cpu_after - cpu, faults_after - faults, seconds, size
 
 
@@ -72,6 +98,9 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--mib", type=int, choices=(64, 256), default=64, help="object size")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="server.workers (2: blocks go through /dev/shm)"
+    )
     add_settle_argument(parser)
     args = parser.parse_args()
     for tool in ("nginx", "curl"):
@@ -87,22 +116,30 @@ def main() -> int:
         with stack_in(tmp) as stack:
             make_data(stack, quick=True)  # the big file is 256 MiB
             stack.start_origin()
-            proxy = stack.start_s3proxy("s3proxy-coldpath", delayed=False, max_bytes="1GiB")
-            read_once(proxy, link(stack, source, "warm-up.mp4"))  # connections, imports
+            proxy = stack.start_s3proxy(
+                "s3proxy-coldpath", delayed=False, max_bytes="1GiB", workers=args.workers
+            )
+            pids = family(proxy.process.pid)
+            assert len(pids) == args.workers + (args.workers > 1), pids
+            for _ in range(args.workers):  # each worker's connections and imports
+                read_once(proxy, pids, link(stack, source, "warm-up.mp4"))
             for n in range(args.rounds):
                 key = link(stack, source, f"cold-{n}.mp4")
                 for into in (cold, hot):
-                    cpu, faults, wall, size = read_once(proxy, key)
+                    cpu, faults, wall, size = read_once(proxy, pids, key)
                     assert size == args.mib * MIB, size
                     into.append((cpu * 1000 / args.mib, faults / args.mib, args.mib / wall))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"s3proxy CPU per MiB of a whole-object read ({os.cpu_count()} cores; "
-        f"{args.mib} MiB object, {args.rounds} rounds; memory settled first: "
-        f"{args.settle_mib} MiB in {settled:.1f} s)"
+        f"{args.mib} MiB object, {args.rounds} rounds, {args.workers} worker(s); "
+        f"memory settled first: {args.settle_mib} MiB in {settled:.1f} s)"
     )
-    for name, rows in (("cold (every byte from the origin)", cold), ("cached (memory hits)", hot)):
+    for name, rows in (
+        ("cold (every byte from the origin)", cold),
+        ("cached (memory or shared tier)", hot),
+    ):
         ms, faults, rate = ([r[i] for r in rows] for i in range(3))
         print(
             f"  {name:<36} {statistics.median(ms):6.2f} ms CPU/MiB "
