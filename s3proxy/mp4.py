@@ -8,6 +8,7 @@ before its first segment, ../shared/mist.md). Warm-up loads the same bytes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 HEADER_BYTES = 16  # what a reader takes to learn one box (a 64-bit size included)
@@ -53,18 +54,28 @@ def box_at(data: bytes, offset: int, object_size: int, known_only: bool = True) 
     return Box(kind, offset, size, header)
 
 
+def boxes_in(
+    data: bytes | memoryview, at: int, offset: int, object_size: int
+) -> Iterator[Box | None]:
+    """The top-level boxes laid end to end from `offset` whose headers `data` (the
+    object's bytes from offset `at`) holds; a None where a header is no box ends them."""
+    while at <= offset and offset + HEADER_BYTES <= at + len(data):
+        box = box_at(bytes(data[offset - at : offset - at + HEADER_BYTES]), offset, object_size)
+        yield box
+        if box is None:
+            return
+        offset = box.end
+
+
 def index_at_start(head: bytes | memoryview, object_size: int) -> Box | None:
     """The `moov` of a faststart MP4, from the object's first bytes `head`: the top-level
     boxes before it must be whole boxes whose headers `head` holds; None when the media
     comes first, the walk leaves `head`, or it is not an MP4."""
-    offset = 0
-    while offset + HEADER_BYTES <= len(head):
-        box = box_at(bytes(head[offset : offset + HEADER_BYTES]), offset, object_size)
+    for box in boxes_in(head, 0, 0, object_size):
         if box is None or box.kind in ("mdat", "moof"):
             return None
         if box.kind == "moov":
             return box
-        offset = box.end
     return None
 
 
@@ -72,14 +83,11 @@ def media_start(moov: Box, data: bytes | memoryview, at: int, object_size: int) 
     """Where the media of a faststart MP4 begins, the payload of the first `mdat` after
     its `moov`, from `data` (the object's bytes from offset `at`) holding the headers
     between; None when the walk leaves `data`, or meets a `moof` or no box."""
-    offset = moov.end
-    while at <= offset and offset + HEADER_BYTES <= at + len(data):
-        box = box_at(bytes(data[offset - at : offset - at + HEADER_BYTES]), offset, object_size)
+    for box in boxes_in(data, at, moov.end, object_size):
         if box is None or box.kind == "moof":
             return None
         if box.kind == "mdat":
             return box.payload
-        offset = box.end
     return None
 
 

@@ -165,7 +165,8 @@ class Reads:
         self._probed: LRUCache[BlockKey, bool] = LRUCache(maxsize=65536)
         # each version's `moov` as its block 0 shows it (None: not a faststart MP4)
         self._indexes: LRUCache[Version, mp4.Box | None] = LRUCache(maxsize=4096)
-        # where each such version's media begins (None: not known from its blocks)
+        # where each such version's media begins (None: no `mdat` where the headers
+        # after its `moov` are)
         self._media: LRUCache[Version, int | None] = LRUCache(maxsize=4096)
         # media blocks past the `moov` its reader's read-ahead reaches at start-up
         self.startup_blocks = max(cache.readahead_blocks, cache.readahead_max_blocks // 4)
@@ -263,7 +264,7 @@ class Reads:
         """A read from where a faststart MP4's media begins is a media reader: Mist's
         greedy readers start there, and its box walk reads the `mdat`'s header instead."""
         moov = self._moov(meta) if start else None
-        return moov is not None and start > moov.end and start == self._media_start(meta, moov)
+        return moov is not None and start == self._media_start(meta, moov)
 
     def _startup(self, meta: ObjectMeta, start: int) -> tuple[int, bool] | None:
         """The start-up read-ahead of a read beginning at `start`: the last block it
@@ -276,9 +277,11 @@ class Reads:
         not one per doubling. It is not kept: a probing client (ffprobe) that hangs up
         there stops it. None for any other read."""
         moov = self._moov(meta) if start else None
-        if moov is not None and moov.offset == start:
+        if moov is None:
+            return None
+        if moov.offset == start:
             first, blocks, keep = (moov.end - 1) // self.block_size, self.startup_blocks, True
-        elif self._at_media(meta, start):
+        elif start == self._media_start(meta, moov):
             first, blocks, keep = start // self.block_size, self._config.readahead_max_blocks, False
         else:
             return None
