@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import struct
+import zlib
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -389,6 +391,40 @@ async def test_disk_tier_survives_restart_and_discards_damaged_blocks(
     third = await start_proxy(config)
     assert (await fetch(url(third, "d.mp4")))[2] == data, "damaged blocks are refetched"
     assert third.metric("s3proxy_cache_corrupt_blocks_total", tier="disk") == 2
+
+
+async def test_disk_tier_keeps_block_files_of_the_earlier_crc32_format(
+    emulator: Emulator, bucket: str, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """An upgrade keeps its hits: files with the earlier header (magic S3PB, CRC-32,
+    length) are read and checked as before, never counted corrupt; a damaged one is."""
+    data = os.urandom(6 * 64 * KIB)
+    put_object(emulator, bucket, "old.mp4", data)
+    cache = {
+        "block_size": "64KiB",
+        "max_bytes": "64KiB",
+        "readahead_blocks": 0,
+        "disk": {"path": str(tmp_path / "blocks"), "max_bytes": "1MiB"},
+    }
+    config = make_config(emulator.endpoint_url, bucket, cache=cache)
+    first = await start_proxy(config)
+    assert (await fetch(url(first, "old.mp4")))[2] == data
+    await asyncio.sleep(0.3)  # evicted blocks are written in the background
+    files = sorted((tmp_path / "blocks").rglob("*.blk"))
+    assert len(files) == 5
+    for path in files:  # rewritten as the earlier format spelled them
+        block = path.read_bytes()[20:]
+        path.write_bytes(struct.pack(">4sIQ", b"S3PB", zlib.crc32(block), len(block)) + block)
+    raw = bytearray(files[0].read_bytes())
+    raw[100] ^= 0xFF
+    files[0].write_bytes(bytes(raw))
+    gets_before = gets_for(emulator, bucket, "old.mp4")
+
+    second = await start_proxy(config)
+    assert (await fetch(url(second, "old.mp4")))[2] == data
+    assert second.metric("s3proxy_cache_hits_total", tier="disk") == 4
+    assert second.metric("s3proxy_cache_corrupt_blocks_total", tier="disk") == 1
+    assert gets_for(emulator, bucket, "old.mp4") == gets_before + 2  # memory's, the damaged
 
 
 async def test_disk_tier_stays_within_its_bound(

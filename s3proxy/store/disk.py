@@ -5,7 +5,7 @@ size), so a
 version's blocks sit in one directory; `{root}/w{worker}/keys/{k[:2]}/{k}.json`, k = hash
 of (bucket, key), holds the metadata of the version whose blocks the worker keeps, so a
 restart (or another worker) revalidates what is held instead of fetching it again. Each
-block file is a 16-byte header (magic, CRC-32, length) then the block; a file whose
+block file is a 20-byte header (magic, checksum, length) then the block; a file whose
 length or checksum does not match is deleted and counted, never served. Files are
 written under a temporary name and renamed, so a reader (or another worker) never sees
 half a block. The index is rebuilt from the directory at start-up, oldest first.
@@ -31,12 +31,13 @@ from ..upstream import ObjectMeta
 from .blockfile import (
     KEYS,
     SUFFIX,
-    decode,
-    encode,
+    file_size,
     key_file,
+    read_block,
     read_meta,
     unlink,
     version_dir,
+    write_block,
     write_meta,
 )
 from .blocks import Block, BlockKey, Version
@@ -187,7 +188,7 @@ class FileTier:
         full = root / relative
         try:
             with open(full, "rb") as handle:
-                raw = handle.read()
+                data = read_block(handle)
         except FileNotFoundError:
             if own:
                 self._forget(relative)
@@ -198,7 +199,6 @@ class FileTier:
                 extra={"fields": {"tier": self.tier, "error": exc.strerror}},
             )
             return None
-        data = decode(raw)
         if data is None:
             self._metrics.cache_corrupt_blocks.labels(tier=self.tier).inc()
             log.warning(
@@ -218,19 +218,17 @@ class FileTier:
         if relative in self._index:
             return
         full = self.root / relative
-        raw = encode(data)
-        if len(raw) > self.max_bytes:
+        size = file_size(data)
+        if size > self.max_bytes:
             return
         temporary = f"{full}.tmp.{os.getpid()}.{threading.get_ident()}"
         try:
-            full.parent.mkdir(parents=True, exist_ok=True)
             directory = os.path.dirname(relative)
             if directory not in self._key_files:  # the version's first block
                 path = self.root / key_file(self.bucket, meta.key)
                 write_meta(path, self.bucket, meta)
                 self._key_files[directory] = path
-            with open(temporary, "wb") as handle:
-                handle.write(raw)
+            write_block(temporary, data)
             os.replace(temporary, full)
         except OSError as exc:
             unlink(temporary)
@@ -243,8 +241,8 @@ class FileTier:
             if relative not in self._index:
                 self._per_version[os.path.dirname(relative)] += 1
             self._bytes -= self._index.pop(relative, 0)
-            self._index[relative] = len(raw)
-            self._bytes += len(raw)
+            self._index[relative] = size
+            self._bytes += size
         self._evict_over_bound()
         self._publish()
 
