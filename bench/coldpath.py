@@ -11,10 +11,11 @@ latency cases, where the relay, the origin and the client share the same cores.
 The origin is bench/run.py's nginx (no relay: the proxy is the bottleneck, so CPU time is
 close to wall time) and the client is curl, which costs little. Each round reads a new
 key (the same bytes under another name: cold for the proxy) with one `bytes=0-` GET,
-then the same key again (all memory hits; with workers, the other worker's reads come
-from the shared tier). With workers, cold reads first fill the shared tier to its bound,
-so its tmpfs pages are recycled as a running server's are: pages new to the tier cost
-2-3x more to write into on these virtual machines, whose host takes freed pages back.
+then the same key again: all memory hits when the worker that fetched it serves it, or
+all shared-tier hits when another worker does (each row says which). With workers,
+cold reads first fill the shared tier to its bound, so its tmpfs pages are recycled as
+a running server's are: pages new to the tier cost 2-3x more to write into on these
+virtual machines, whose host takes freed pages back.
 CPU is the user + system time from /proc, in clock ticks, of the proxy process (with
 workers, the supervisor's and every worker's). Figures, not assertions.
 """
@@ -65,12 +66,12 @@ def family(pid: int) -> list[int]:
     return [pid, *children]
 
 
-def usage(pids: list[int]) -> tuple[float, int]:
-    """(user + system seconds, minor page faults) of the processes so far."""
-    cpu, faults = 0.0, 0
+def usage(pids: list[int]) -> tuple[list[float], int]:
+    """(user + system seconds of each process, minor page faults of all) so far."""
+    cpu, faults = [], 0
     for pid in pids:
         fields = _stat(pid)
-        cpu += (int(fields[11]) + int(fields[12])) * TICK_S
+        cpu.append((int(fields[11]) + int(fields[12])) * TICK_S)
         faults += int(fields[7])
     return cpu, faults
 
@@ -87,13 +88,16 @@ def curl(url: str) -> tuple[int, float]:
     return int(out[0]), float(out[1])
 
 
-def read_once(proxy: Proxy, pids: list[int], key: str) -> tuple[float, int, float, int]:
-    """(CPU s, page faults, wall s, bytes) of one whole read through the proxy (all of
-    `pids`: with workers, the supervisor and each worker)."""
+def read_once(proxy: Proxy, pids: list[int], key: str) -> tuple[float, int, float, int, int]:
+    """(CPU s, page faults, wall s, bytes, the pid that served it) of one whole read
+    through the proxy (CPU and faults of all of `pids`: with workers, the supervisor and
+    each worker; the server is the one whose CPU rose most)."""
     cpu, faults = usage(pids)
     size, seconds = curl(proxy.url(key))
     cpu_after, faults_after = usage(pids)
-    return cpu_after - cpu, faults_after - faults, seconds, size
+    rose = [after - before for before, after in zip(cpu, cpu_after, strict=True)]
+    server = pids[rose.index(max(rose))]
+    return sum(rose), faults_after - faults, seconds, size, server
 
 
 def main() -> int:
@@ -115,7 +119,8 @@ def main() -> int:
     source = "asset64.mp4" if args.mib == 64 else "big1g.mp4"
     tmp = Path(tempfile.mkdtemp(prefix="s3proxy-coldpath-"))
     cold: list[tuple[float, float, float]] = []
-    hot: list[tuple[float, float, float]] = []
+    hot: list[tuple[float, float, float]] = []  # served by the worker that fetched it
+    peer: list[tuple[float, float, float]] = []  # by another: from the shared tier
     try:
         with stack_in(tmp) as stack:
             make_data(stack, quick=True)  # the big file is 256 MiB
@@ -132,10 +137,13 @@ def main() -> int:
                     read_once(proxy, pids, link(stack, source, f"fill-{n}.mp4"))
             for n in range(args.rounds):
                 key = link(stack, source, f"cold-{n}.mp4")
-                for into in (cold, hot):
-                    cpu, faults, wall, size = read_once(proxy, pids, key)
+                fetcher = None
+                for _ in range(2):  # cold, then cached
+                    cpu, faults, wall, size, server = read_once(proxy, pids, key)
                     assert size == args.mib * MIB, size
+                    into = cold if fetcher is None else hot if server == fetcher else peer
                     into.append((cpu * 1000 / args.mib, faults / args.mib, args.mib / wall))
+                    fetcher = fetcher or server
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(
@@ -145,8 +153,11 @@ def main() -> int:
     )
     for name, rows in (
         ("cold (every byte from the origin)", cold),
-        ("cached (memory or shared tier)", hot),
+        ("cached, same worker (memory)", hot),
+        ("cached, other worker (shared tier)", peer),
     ):
+        if not rows:
+            continue
         ms, faults, rate = ([r[i] for r in rows] for i in range(3))
         print(
             f"  {name:<36} {statistics.median(ms):6.2f} ms CPU/MiB "

@@ -102,7 +102,8 @@ def read_meta(path: Path, bucket: str, key: str | None) -> ObjectMeta | None:
 
 def read_block(handle: BinaryIO) -> Block | None:
     """The block a block file holds; None if its header, length or checksum is wrong.
-    The header is read first, so the block is read into its own bytes, not sliced out."""
+    The header is read first, so the block is read into its own bytes, not sliced out
+    (with an unbuffered `handle`: a buffered one joins what it read ahead, a copy)."""
     start = handle.read(HEADER.size)
     if start[:4] == MAGIC and len(start) == HEADER.size:
         _magic, checksum, length = HEADER.unpack(start)

@@ -187,7 +187,7 @@ class FileTier:
     def _read_file(self, root: Path, relative: str, own: bool) -> Block | None:
         full = root / relative
         try:
-            with open(full, "rb") as handle:
+            with open(full, "rb", buffering=0) as handle:  # unbuffered: read in one copy
                 data = read_block(handle)
         except FileNotFoundError:
             if own:
