@@ -160,7 +160,7 @@ class Metrics:
         )
         self.cache_disk_writes_dropped = Counter(
             "s3proxy_cache_disk_writes_dropped_total",
-            "Blocks not written to the file tier because too many writes were pending",
+            "Blocks not written to the file tier: too many writes were pending, or it failed",
             registry=r,
         )
         self.time_to_first_byte = Histogram(

@@ -5,8 +5,10 @@ origin."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
+import shutil
 import struct
 import zlib
 from contextlib import aclosing
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from .conftest import Emulator, RunningProxy, StartProxy, make_config, make_token, put_object
 from .origin import OriginState, pattern
@@ -425,6 +428,43 @@ async def test_disk_tier_keeps_block_files_of_the_earlier_crc32_format(
     assert second.metric("s3proxy_cache_hits_total", tier="disk") == 4
     assert second.metric("s3proxy_cache_corrupt_blocks_total", tier="disk") == 1
     assert gets_for(emulator, bucket, "old.mp4") == gets_before + 2  # memory's, the damaged
+
+
+async def test_a_file_tier_that_can_not_write_counts_the_blocks_and_logs_within_a_budget(
+    emulator: Emulator,
+    bucket: str,
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A tier whose every write fails (its file system full, say) serves on from S3,
+    counts each block it could not write, and logs a warning a second, not one a block."""
+    data = os.urandom(24 * 64 * KIB)
+    put_object(emulator, bucket, "full.mp4", data)
+    root = tmp_path / "blocks"
+    cache = {
+        "block_size": "64KiB",
+        "max_bytes": "64KiB",
+        "readahead_blocks": 0,
+        "disk": {"path": str(root), "max_bytes": "4MiB"},
+    }
+    running = await start_proxy(make_config(emulator.endpoint_url, bucket, cache=cache))
+    shutil.rmtree(root / "w0")
+    (root / "w0").write_bytes(b"")  # no directory can be made in it: every write fails
+    caplog.set_level(logging.WARNING, logger="s3proxy.disk")
+    for start in range(0, len(data), 64 * KIB):  # a block a request: 23 evictions
+        ranged = f"bytes={start}-{start + 64 * KIB - 1}"
+        assert (await fetch(url(running, "full.mp4"), Range=ranged))[2] == (
+            data[start : start + 64 * KIB]
+        )
+    for _ in range(100):  # evicted blocks are written in the background
+        if running.metric("s3proxy_cache_disk_writes_dropped_total") >= 23:
+            break
+        await asyncio.sleep(0.05)
+    assert running.metric("s3proxy_cache_disk_writes_dropped_total") == 23
+    warnings = [r for r in caplog.records if r.getMessage() == "cache tier write failed"]
+    assert 1 <= len(warnings) <= 3, "a warning a second (the test takes about a second)"
+    assert running.metric("s3proxy_cache_bytes", tier="disk") == 0
 
 
 async def test_disk_tier_stays_within_its_bound(

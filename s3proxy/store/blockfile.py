@@ -54,15 +54,17 @@ def write_block(path: str, data: Block) -> None:
     directory is made when missing (a version's first block, or its last just went),
     not looked at for every block."""
     start = HEADER.pack(MAGIC, xxhash.xxh3_64_intdigest(data), len(data))
-    try:
+
+    def write() -> None:
         with open(path, "wb") as handle:
             handle.write(start)
             handle.write(data)
+
+    try:
+        write()
     except FileNotFoundError:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as handle:
-            handle.write(start)
-            handle.write(data)
+        write()
 
 
 def write_meta(path: Path, bucket: str, meta: ObjectMeta) -> None:

@@ -26,6 +26,7 @@ import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
 
+from ..logs import LogBudget
 from ..metrics import Metrics
 from ..upstream import ObjectMeta
 from .blockfile import (
@@ -76,6 +77,9 @@ class FileTier:
         self._key_files: dict[str, Path] = {}  # version directory -> its key's file
         self._bytes = 0
         self._lock = threading.Lock()  # the index is touched from worker threads
+        # a tier that fails at every block (its file system full: Mist fills /dev/shm
+        # too) must not log a line per block
+        self._log_budget = LogBudget(per_second=1.0)
 
     def relative(self, key: BlockKey) -> str:
         return f"{self._version_dir(*key.version)}/{key.block}{SUFFIX}"
@@ -194,17 +198,11 @@ class FileTier:
                 self._forget(relative)
             return None
         except OSError as exc:
-            log.warning(
-                "cache tier read failed",
-                extra={"fields": {"tier": self.tier, "error": exc.strerror}},
-            )
+            self._warn("cache tier read failed", {"error": exc.strerror})
             return None
         if data is None:
             self._metrics.cache_corrupt_blocks.labels(tier=self.tier).inc()
-            log.warning(
-                "discarding a corrupt block file",
-                extra={"fields": {"tier": self.tier, "file": relative}},
-            )
+            self._warn("discarding a corrupt block file", {"file": relative})
             if own:  # a peer's file is the peer's to delete
                 unlink(str(full))
                 self._forget(relative)
@@ -232,10 +230,8 @@ class FileTier:
             os.replace(temporary, full)
         except OSError as exc:
             unlink(temporary)
-            log.warning(
-                "cache tier write failed",
-                extra={"fields": {"tier": self.tier, "error": exc.strerror}},
-            )
+            self._metrics.cache_disk_writes_dropped.inc()
+            self._warn("cache tier write failed", {"error": exc.strerror})
             return
         with self._lock:
             if relative not in self._index:
@@ -245,6 +241,14 @@ class FileTier:
             self._bytes += size
         self._evict_over_bound()
         self._publish()
+
+    def _warn(self, message: str, fields: dict[str, object]) -> None:
+        """A warning within the tier's log budget, with how many were left out before it."""
+        with self._lock:
+            allowed, dropped = self._log_budget.take()
+        if allowed:
+            extra = {"dropped": dropped} if dropped else {}
+            log.warning(message, extra={"fields": {"tier": self.tier, **fields, **extra}})
 
     def _evict_over_bound(self) -> None:
         while True:
