@@ -500,9 +500,12 @@ class Reads:
     def _state_of(self, meta: ObjectMeta, peer_held: frozenset[BlockKey]) -> plan.StateOf:
         def state_of(index: int) -> plan.BlockState:
             key = BlockKey(self.bucket, meta.key, meta.etag, index)
+            fetching = key in self.fetches
+            # a block in flight is not looked up (a stat of each peer's file, for every
+            # block of a window each time a block is served): joining it serves it too
             return plan.BlockState(
-                cached=self.tiers.has(key) or key in peer_held,
-                fetching=key in self.fetches,
+                cached=(not fetching and self.tiers.has(key)) or key in peer_held,
+                fetching=fetching,
                 probed=key in self._probed,
             )
 
