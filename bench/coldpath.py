@@ -100,6 +100,16 @@ def read_once(proxy: Proxy, pids: list[int], key: str) -> tuple[float, int, floa
     return sum(rose), faults_after - faults, seconds, size, server
 
 
+def per_mib(
+    proxy: Proxy, pids: list[int], key: str, mib: int
+) -> tuple[tuple[float, float, float], int]:
+    """One whole read of a `mib` MiB key: (ms of CPU, page faults, MiB/s) per MiB, and
+    the pid that served it."""
+    cpu, faults, wall, size, server = read_once(proxy, pids, key)
+    assert size == mib * MIB, size
+    return (cpu * 1000 / mib, faults / mib, mib / wall), server
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -137,13 +147,10 @@ def main() -> int:
                     read_once(proxy, pids, link(stack, source, f"fill-{n}.mp4"))
             for n in range(args.rounds):
                 key = link(stack, source, f"cold-{n}.mp4")
-                fetcher = None
-                for _ in range(2):  # cold, then cached
-                    cpu, faults, wall, size, server = read_once(proxy, pids, key)
-                    assert size == args.mib * MIB, size
-                    into = cold if fetcher is None else hot if server == fetcher else peer
-                    into.append((cpu * 1000 / args.mib, faults / args.mib, args.mib / wall))
-                    fetcher = fetcher or server
+                row, fetcher = per_mib(proxy, pids, key, args.mib)
+                cold.append(row)
+                row, server = per_mib(proxy, pids, key, args.mib)
+                (hot if server == fetcher else peer).append(row)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(

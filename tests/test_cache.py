@@ -18,6 +18,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from s3proxy.config import Config
+
 from .conftest import Emulator, RunningProxy, StartProxy, make_config, make_token, put_object
 from .origin import OriginState, pattern
 from .test_http import fetch
@@ -363,24 +365,39 @@ async def test_cold_seeks_that_keep_reading_stream_on_across_blocks(
             assert body == pattern(offset, size), offset
 
 
+def one_block_in_memory(root: Path, disk_bytes: str) -> dict[str, Any]:
+    """64 KiB blocks, memory for one of them and no read-ahead: every block a read
+    passes goes to the disk tier at `root` when the next one arrives."""
+    return {
+        "block_size": "64KiB",
+        "max_bytes": "64KiB",
+        "readahead_blocks": 0,
+        "disk": {"path": str(root), "max_bytes": disk_bytes},
+    }
+
+
+async def spill_to_disk(
+    start_proxy: StartProxy, config: Config, asset: str, data: bytes, root: Path
+) -> list[Path]:
+    """Read `asset` whole through a new proxy; the block files its evictions wrote."""
+    first = await start_proxy(config)
+    assert (await fetch(url(first, asset)))[2] == data
+    await asyncio.sleep(0.3)  # evicted blocks are written in the background
+    files = sorted(root.rglob("*.blk"))
+    assert len(files) == len(data) // (64 * KIB) - 1, "all but the block still in memory"
+    return files
+
+
 async def test_disk_tier_survives_restart_and_discards_damaged_blocks(
     emulator: Emulator, bucket: str, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
     data = os.urandom(6 * 64 * KIB)
     put_object(emulator, bucket, "d.mp4", data)
-    cache = {
-        "block_size": "64KiB",
-        "max_bytes": "64KiB",
-        "readahead_blocks": 0,
-        "disk": {"path": str(tmp_path / "blocks"), "max_bytes": "1MiB"},
-    }
-    config = make_config(emulator.endpoint_url, bucket, cache=cache)
-    first = await start_proxy(config)
-    assert (await fetch(url(first, "d.mp4")))[2] == data
-    await asyncio.sleep(0.3)  # evicted blocks are written in the background
+    config = make_config(
+        emulator.endpoint_url, bucket, cache=one_block_in_memory(tmp_path / "blocks", "1MiB")
+    )
+    files = await spill_to_disk(start_proxy, config, "d.mp4", data, tmp_path / "blocks")
     gets_before = gets_for(emulator, bucket, "d.mp4")
-    files = sorted((tmp_path / "blocks").rglob("*.blk"))
-    assert len(files) == 5, "all but the block still in memory went to disk"
 
     second = await start_proxy(config)  # a restart: a new process would see the same
     assert (await fetch(url(second, "d.mp4")))[2] == data
@@ -403,18 +420,10 @@ async def test_disk_tier_keeps_block_files_of_the_earlier_crc32_format(
     length) are read and checked as before, never counted corrupt; a damaged one is."""
     data = os.urandom(6 * 64 * KIB)
     put_object(emulator, bucket, "old.mp4", data)
-    cache = {
-        "block_size": "64KiB",
-        "max_bytes": "64KiB",
-        "readahead_blocks": 0,
-        "disk": {"path": str(tmp_path / "blocks"), "max_bytes": "1MiB"},
-    }
-    config = make_config(emulator.endpoint_url, bucket, cache=cache)
-    first = await start_proxy(config)
-    assert (await fetch(url(first, "old.mp4")))[2] == data
-    await asyncio.sleep(0.3)  # evicted blocks are written in the background
-    files = sorted((tmp_path / "blocks").rglob("*.blk"))
-    assert len(files) == 5
+    config = make_config(
+        emulator.endpoint_url, bucket, cache=one_block_in_memory(tmp_path / "blocks", "1MiB")
+    )
+    files = await spill_to_disk(start_proxy, config, "old.mp4", data, tmp_path / "blocks")
     for path in files:  # rewritten as the earlier format spelled them
         block = path.read_bytes()[20:]
         path.write_bytes(struct.pack(">4sIQ", b"S3PB", zlib.crc32(block), len(block)) + block)
@@ -442,12 +451,7 @@ async def test_a_file_tier_that_can_not_write_counts_the_blocks_and_logs_within_
     data = os.urandom(24 * 64 * KIB)
     put_object(emulator, bucket, "full.mp4", data)
     root = tmp_path / "blocks"
-    cache = {
-        "block_size": "64KiB",
-        "max_bytes": "64KiB",
-        "readahead_blocks": 0,
-        "disk": {"path": str(root), "max_bytes": "4MiB"},
-    }
+    cache = one_block_in_memory(root, "4MiB")
     running = await start_proxy(make_config(emulator.endpoint_url, bucket, cache=cache))
     shutil.rmtree(root / "w0")
     (root / "w0").write_bytes(b"")  # no directory can be made in it: every write fails
