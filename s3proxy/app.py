@@ -53,7 +53,7 @@ from .ranges import (
     parse_range_header,
     ranges_to_serve,
 )
-from .store import MemoryRead, ObjectStore, ReadHistory, ReadStats
+from .store import BlockSpan, MemoryRead, ObjectStore, ReadHistory, ReadStats
 from .upstream import ObjectMeta, S3Upstream
 
 log = logging.getLogger("s3proxy.app")
@@ -76,7 +76,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RUNNER_OPTIONS: dict[str, Any] = {"access_log": None, "handler_cancellation": True}
 CLIENT_CLOSED = 499  # as nginx logs a request whose client went away
 ENTITY_LINES_KEPT = 4096  # versions whose fast-lane header lines are kept encoded
-Chunk = bytes | bytearray | memoryview
+Chunk = bytes | bytearray | memoryview | BlockSpan  # a span: sent from its file
 
 
 class Proxy:
@@ -502,6 +502,11 @@ def _ranges_for(
     return ranges_to_serve(ranges, max_ranges)
 
 
+def _closed_after(chunk: Chunk) -> contextlib.AbstractContextManager[object]:
+    """A span of a block file is closed once the request is done with it, sent or not."""
+    return chunk if isinstance(chunk, BlockSpan) else contextlib.nullcontext()
+
+
 async def _first_chunk(chunks: AsyncIterator[Chunk]) -> Chunk:
     """Start the upstream read before any header goes out, so a failure to start is a
     clean error status rather than a truncated 2xx."""
@@ -532,13 +537,15 @@ async def _stream(
             open_ended=byte_range.open_ended,
             history=proxy.history(request),
             stats=_stats(request),
+            spans=True,
         )
     ) as chunks:
         first = await _first_chunk(chunks)
-        request[FIRST_BYTE_AT] = time.perf_counter()
-        await _begin(request, response)
-        if await _pump(request, response, first, chunks):
-            await response.write_eof()
+        with _closed_after(first):
+            request[FIRST_BYTE_AT] = time.perf_counter()
+            await _begin(request, response)
+            if await _pump(request, response, first, chunks):
+                await response.write_eof()
     return response
 
 
@@ -562,14 +569,16 @@ async def _stream_multipart(
                 open_ended=part.range.open_ended,
                 history=proxy.history(request),
                 stats=_stats(request),
+                spans=True,
             )
         ) as chunks:
             first = await _first_chunk(chunks) if index == 0 else b""
-            if index == 0:
-                request[FIRST_BYTE_AT] = time.perf_counter()
-                await _begin(request, response)
-            if not await _pump(request, response, part.header + first, chunks):
-                return response
+            with _closed_after(first):
+                if index == 0:
+                    request[FIRST_BYTE_AT] = time.perf_counter()
+                    await _begin(request, response)
+                if not await _pump(request, response, first, chunks, part.header):
+                    return response
     await _send(request, response, layout.trailer)
     await response.write_eof()
     return response
@@ -616,20 +625,47 @@ async def _begin(request: web.Request, response: web.StreamResponse) -> None:
 
 
 async def _send(request: web.Request, response: web.StreamResponse, data: Chunk) -> None:
+    if isinstance(data, BlockSpan):
+        with data:
+            await _send_file(request, data)
+        return
     for piece in write_slices(data):
         await response.write(piece)
         request[BODY_BYTES] = request.get(BODY_BYTES, 0) + len(piece)
 
 
+async def _send_file(request: web.Request, span: BlockSpan) -> None:
+    """A span of a block file, by `sendfile`: the kernel sends it from the file's pages,
+    nothing is copied through the process. What went out counts, even when the client
+    hangs up midway (asyncio leaves the file's position just past it)."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("the client has gone")
+    try:
+        await asyncio.get_running_loop().sendfile(transport, span.file, span.offset, span.length)
+    finally:
+        sent = max(0, span.file.tell() - span.offset)
+        request[BODY_BYTES] = request.get(BODY_BYTES, 0) + sent
+
+
 async def _pump(
-    request: web.Request, response: web.StreamResponse, first: Chunk, chunks: AsyncIterator[Chunk]
+    request: web.Request,
+    response: web.StreamResponse,
+    first: Chunk,
+    chunks: AsyncIterator[Chunk],
+    before: bytes = b"",
 ) -> bool:
-    """Copy chunks to the client with back-pressure. False when the body was cut short.
+    """Copy chunks to the client with back-pressure, `before` them (a part's header).
+    False when the body was cut short.
 
     Once the status line is out it can not change: on an upstream failure (or a new
     version) mid-body, the connection is closed so the client sees a short body.
     """
     try:
+        if before and not isinstance(first, BlockSpan):
+            first, before = before + first, b""  # one write for both
+        if before:
+            await _send(request, response, before)
         if first:
             await _send(request, response, first)
         async for chunk in chunks:

@@ -295,11 +295,17 @@ async def start_proxy(emulator: Emulator, bucket: str) -> AsyncIterator[StartPro
     servers: list[TestServer] = []
 
     async def start(
-        config: Config | None = None, *, fast_lane: bool = True, **overrides: Any
+        config: Config | None = None,
+        *,
+        fast_lane: bool = True,
+        group: tuple[int, int, str] | None = None,
+        **overrides: Any,
     ) -> RunningProxy:
-        """`fast_lane=False`: every request through aiohttp's request machinery."""
+        """`fast_lane=False`: every request through aiohttp's request machinery;
+        `group`: (worker, workers, shared directory), as `s3proxy serve` starts each."""
         config = config or make_config(emulator.endpoint_url, bucket, **overrides)
-        proxy = Proxy(config)
+        worker, workers, shared_dir = group or (0, 1, None)
+        proxy = Proxy(config, worker=worker, workers=workers, shared_dir=shared_dir)
         # As `s3proxy serve` runs them (RUNNER_OPTIONS); TestServer always sets
         # handler_cancellation=True itself.
         options = {k: v for k, v in RUNNER_OPTIONS.items() if k != "handler_cancellation"}

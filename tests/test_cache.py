@@ -9,8 +9,11 @@ import logging
 import os
 import random
 import shutil
+import socket
 import struct
+import tempfile
 import zlib
+from collections.abc import Iterator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -22,11 +25,12 @@ from s3proxy.config import Config
 
 from .conftest import Emulator, RunningProxy, StartProxy, make_config, make_token, put_object
 from .origin import OriginState, pattern
-from .test_http import fetch
+from .test_http import fetch, parse_multipart
 from .test_upstream import start_with_origin
 
 TOKEN = make_token("**", ttl=3600)
 KIB = 1024
+MIB = 1024 * KIB
 
 
 def url(running: RunningProxy, asset: str) -> str:
@@ -469,6 +473,95 @@ async def test_a_file_tier_that_can_not_write_counts_the_blocks_and_logs_within_
     warnings = [r for r in caplog.records if r.getMessage() == "cache tier write failed"]
     assert 1 <= len(warnings) <= 3, "a warning a second (the test takes about a second)"
     assert running.metric("s3proxy_cache_bytes", tier="disk") == 0
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[str]:
+    """A shared tier's directory on tmpfs, as `s3proxy serve` makes one for its workers."""
+    path = tempfile.mkdtemp(prefix="s3proxy-test-", dir="/dev/shm")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def test_a_peer_block_read_whole_is_sent_from_its_shared_file_and_checked(
+    emulator: Emulator, bucket: str, start_proxy: StartProxy, shared_dir: str
+) -> None:
+    """Worker 1 of 2 sends blocks worker 0 fetched from their files in shared memory
+    (`sendfile`), not copying them into its own memory; a part of a block is read and
+    kept there (the fast lane answers it next time). Every file is checked, a damaged or
+    cut one is counted and fetched again."""
+    data = os.urandom(4 * 64 * KIB)
+    put_object(emulator, bucket, "s.mp4", data)
+    cache = {"block_size": "64KiB", "max_bytes": "1MiB", "readahead_blocks": 0}
+    config = make_config(emulator.endpoint_url, bucket, cache=cache)
+    first = await start_proxy(config, group=(0, 2, shared_dir))
+    second = await start_proxy(config, group=(1, 2, shared_dir))
+    assert (await fetch(url(first, "s.mp4")))[2] == data
+    gets = gets_for(emulator, bucket, "s.mp4")
+
+    assert (await fetch(url(second, "s.mp4")))[2] == data
+    assert second.metric("s3proxy_cache_hits_total", tier="shared") == 4
+    assert second.metric("s3proxy_cache_bytes", tier="memory") == 0, "sent from the files"
+    status, headers, body = await fetch(url(second, "s.mp4"), Range="bytes=0-65535,131072-196607")
+    assert status == 206
+    assert parse_multipart(headers["Content-Type"], body) == [
+        (f"bytes 0-65535/{len(data)}", data[: 64 * KIB]),
+        (f"bytes 131072-196607/{len(data)}", data[2 * 64 * KIB : 3 * 64 * KIB]),
+    ]
+    part = await fetch(url(second, "s.mp4"), Range="bytes=100-199")
+    assert (part[0], part[2]) == (206, data[100:200])
+    assert second.metric("s3proxy_cache_bytes", tier="memory") == 64 * KIB, "a part is kept"
+    assert gets_for(emulator, bucket, "s.mp4") == gets
+
+    files = sorted(Path(shared_dir, "w0").rglob("*.blk"), key=lambda f: int(f.stem))
+    raw = bytearray(files[2].read_bytes())
+    raw[5000] ^= 0xFF
+    files[2].write_bytes(bytes(raw))  # damaged
+    files[3].write_bytes(files[3].read_bytes()[:1000])  # cut short
+    assert (await fetch(url(second, "s.mp4")))[2] == data, "damaged blocks are refetched"
+    assert second.metric("s3proxy_cache_corrupt_blocks_total", tier="shared") == 2
+    assert gets_for(emulator, bucket, "s.mp4") == gets + 2
+
+
+async def test_a_client_hanging_up_during_a_sendfile_leaves_no_file_open(
+    emulator: Emulator,
+    bucket: str,
+    start_proxy: StartProxy,
+    shared_dir: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The access line counts what went out before the hang-up; the block file is
+    closed, and the worker serves on."""
+    data = os.urandom(16 * MIB)
+    put_object(emulator, bucket, "h.mp4", data)
+    cache = {"block_size": "1MiB", "max_bytes": "64MiB", "readahead_blocks": 0}
+    config = make_config(emulator.endpoint_url, bucket, cache=cache)
+    first = await start_proxy(config, group=(0, 2, shared_dir))
+    second = await start_proxy(config, group=(1, 2, shared_dir))
+    assert (await fetch(url(first, "h.mp4")))[2] == data
+    caplog.set_level(logging.INFO, logger="s3proxy.access")
+
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KIB)  # the body waits
+    client.connect((second.server.host, second.server.port))
+    reader, writer = await asyncio.open_connection(sock=client)
+    writer.write(f"GET /t/{TOKEN}/h.mp4 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await reader.readexactly(64 * KIB)
+    writer.transport.abort()
+    for _ in range(100):
+        lines = [
+            r.fields  # type: ignore[attr-defined]
+            for r in caplog.records
+            if r.name == "s3proxy.access" and r.fields["worker"] == 1  # type: ignore[attr-defined]
+        ]
+        if lines:
+            break
+        await asyncio.sleep(0.05)
+    (line,) = lines
+    assert line["status"] == 200 and 0 < line["bytes"] < len(data)
+    open_files = [os.readlink(f) for f in Path("/proc/self/fd").iterdir() if f.exists()]
+    assert not [f for f in open_files if f.startswith(shared_dir)]
+    assert (await fetch(url(second, "h.mp4"), Range="bytes=-10"))[2] == data[-10:]
 
 
 async def test_disk_tier_stays_within_its_bound(

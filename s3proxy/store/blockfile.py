@@ -4,13 +4,19 @@ needs. No state: `disk.FileTier` owns the index.
 
 The checksum is XXH3-64 (0.02 ms per MiB, against 0.43 for zlib's CRC-32, paid on every
 write and on every read of a peer's block); files written with CRC-32 before are still
-read and checked as they were, so an upgrade keeps its hits and counts nothing corrupt."""
+read and checked as they were, so an upgrade keeps its hits and counts nothing corrupt.
+
+A block served whole goes to the client from its file (`BlockSpan`, sent with
+`sendfile`, 0.36 ms per MiB against 0.6 from a buffer), checked first as every block
+file is; on tmpfs through a read-only mapping, so its bytes are never copied into the
+process (0.18 ms per MiB, against 0.26 to read them into a buffer)."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import struct
 import threading
@@ -117,6 +123,49 @@ def read_block(handle: BinaryIO) -> Block | None:
         data = start[CRC32_HEADER.size :] + handle.read()
         return data if len(data) == length and zlib.crc32(data) == crc else None
     return None
+
+
+class BlockSpan:
+    """Bytes of a checked block file, open for `sendfile`: `length` bytes at `offset`.
+    Whoever holds it closes it (it is a context manager)."""
+
+    def __init__(self, file: BinaryIO, offset: int, length: int) -> None:
+        self.file, self.offset, self.length = file, offset, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> BlockSpan:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def open_span(handle: BinaryIO, mapped: bool) -> BlockSpan | None:
+    """The block a file open unbuffered holds, checked: a span of `handle` (which it
+    then owns), or None if its header, length or checksum is wrong (`handle` is then
+    the caller's to close).
+
+    `mapped`: the file lives in memory (tmpfs), so it is checked through a read-only
+    mapping, never copied (block files are never truncated: written whole, renamed,
+    unlinked). A file on disk is read into a buffer to check it instead: where a read
+    meets the medium's I/O error and fails, a read of a mapping kills the process."""
+    size = os.fstat(handle.fileno()).st_size
+    if mapped and size > HEADER.size:
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapping:
+            magic, checksum, length = HEADER.unpack_from(mapping)
+            if magic == MAGIC:
+                with memoryview(mapping) as view:
+                    good = size == HEADER.size + length and (
+                        xxhash.xxh3_64_intdigest(view[HEADER.size :]) == checksum
+                    )
+                return BlockSpan(handle, HEADER.size, length) if good else None
+    data = read_block(handle)  # a disk's file, or the earlier format's
+    return BlockSpan(handle, size - len(data), len(data)) if data is not None else None
 
 
 def unlink(path: str) -> None:

@@ -6,7 +6,8 @@ version's blocks sit in one directory; `{root}/w{worker}/keys/{k[:2]}/{k}.json`,
 of (bucket, key), holds the metadata of the version whose blocks the worker keeps, so a
 restart (or another worker) revalidates what is held instead of fetching it again. Each
 block file is a 20-byte header (magic, checksum, length) then the block; a file whose
-length or checksum does not match is deleted and counted, never served. Files are
+length or checksum does not match is deleted and counted, never served (it is checked
+on every read; a block sent whole then goes out from its file by `sendfile`). Files are
 written under a temporary name and renamed, so a reader (or another worker) never sees
 half a block. The index is rebuilt from the directory at start-up, oldest first.
 
@@ -32,8 +33,10 @@ from ..upstream import ObjectMeta
 from .blockfile import (
     KEYS,
     SUFFIX,
+    BlockSpan,
     file_size,
     key_file,
+    open_span,
     read_block,
     read_meta,
     unlink,
@@ -161,19 +164,20 @@ class FileTier:
         relative = self.relative(key)
         return any((peer / relative).exists() for peer in self.peers)
 
-    async def get(self, key: BlockKey) -> Block | None:
+    async def get(self, key: BlockKey, whole: bool = False) -> Block | BlockSpan | None:
         """The block from this worker's files or a peer's; None (no I/O at all) when
-        there are no peers and the index does not hold it."""
+        there are no peers and the index does not hold it. `whole`: it is to be sent
+        whole, so a span of its file (checked, not read) will do."""
         if not self.peers and not self.contains(key):
             return None
         if self.inline:
-            return self.read(key)
-        return await asyncio.to_thread(self.read, key)
+            return self.read(key, whole)
+        return await asyncio.to_thread(self.read, key, whole)
 
-    def read(self, key: BlockKey) -> Block | None:
+    def read(self, key: BlockKey, whole: bool = False) -> Block | BlockSpan | None:
         relative = self.relative(key)
         if relative in self._index:
-            data = self._read_file(self.root, relative, own=True)
+            data = self._read_file(self.root, relative, own=True, whole=whole)
             if data is not None:
                 with self._lock:
                     if relative in self._index:
@@ -183,16 +187,18 @@ class FileTier:
                         os.utime(self.root / relative)
                 return data
         for peer in self.peers:
-            data = self._read_file(peer, relative, own=False)
+            data = self._read_file(peer, relative, own=False, whole=whole)
             if data is not None:
                 return data
         return None
 
-    def _read_file(self, root: Path, relative: str, own: bool) -> Block | None:
+    def _read_file(
+        self, root: Path, relative: str, own: bool, whole: bool
+    ) -> Block | BlockSpan | None:
         full = root / relative
         try:
-            with open(full, "rb", buffering=0) as handle:  # unbuffered: read in one copy
-                data = read_block(handle)
+            # unbuffered: read in one copy (or none); a span keeps it open past this call
+            handle = open(full, "rb", buffering=0)  # noqa: SIM115
         except FileNotFoundError:
             if own:
                 self._forget(relative)
@@ -200,6 +206,15 @@ class FileTier:
         except OSError as exc:
             self._warn("cache tier read failed", {"error": exc.strerror})
             return None
+        data: Block | BlockSpan | None = None
+        try:
+            data = open_span(handle, self.inline) if whole else read_block(handle)
+        except OSError as exc:
+            self._warn("cache tier read failed", {"error": exc.strerror})
+            return None
+        finally:
+            if not isinstance(data, BlockSpan):
+                handle.close()
         if data is None:
             self._metrics.cache_corrupt_blocks.labels(tier=self.tier).inc()
             self._warn("discarding a corrupt block file", {"file": relative})

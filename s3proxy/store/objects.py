@@ -22,6 +22,7 @@ from ..config import CacheConfig
 from ..errors import AssetNotFound, ObjectChanged, RangeBeyondEnd, S3ProxyError, UpstreamInvalid
 from ..metrics import Metrics
 from ..upstream import Answer, NotModified, ObjectMeta, S3Upstream
+from .blockfile import BlockSpan
 from .blocks import Block, BlockKey, block_bounds, last_block
 from .fetch import Fetch, FetchTable, checked
 from .metadata import MetadataCache
@@ -72,6 +73,7 @@ class _Loading:
             self._store.open(meta, start, end, probe=False, readahead=False)
         ) as chunks:
             async for chunk in chunks:
+                assert not isinstance(chunk, BlockSpan)  # not asked for
                 if out is not None:
                     out += chunk
         return end - start + 1
@@ -359,7 +361,8 @@ class ObjectStore:
         probe: bool = True,
         readahead: bool = True,
         stats: ReadStats | None = None,
-    ) -> AsyncGenerator[Block | memoryview, None]:
+        spans: bool = False,
+    ) -> AsyncGenerator[Block | memoryview | BlockSpan, None]:
         """Bytes start..end (inclusive) of exactly the version `meta` describes.
 
         Raises ObjectChanged (before or during the stream) when that version is gone.
@@ -370,6 +373,8 @@ class ObjectStore:
         `probe=False` (warm-up) always goes through whole, cached blocks;
         `readahead=False` (warm-up too) fetches no block past `end`.
         `stats`: what the read cost (first byte's source, blocks, time on S3).
+        `spans`: a block a file tier holds, and the read takes whole, may come as a
+        `BlockSpan` of its file, for the caller to send (`sendfile`) and close.
         """
         return self.reads.open(
             meta,
@@ -380,6 +385,7 @@ class ObjectStore:
             probe=probe,
             readahead=readahead,
             stats=stats,
+            spans=spans,
         )
 
     def fresh(self, asset: str) -> ObjectMeta | None:

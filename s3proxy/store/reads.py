@@ -41,6 +41,7 @@ from ..config import CacheConfig
 from ..metrics import Metrics
 from ..upstream import ObjectMeta
 from . import plan
+from .blockfile import BlockSpan
 from .blocks import Block, BlockKey, Version, block_bounds, block_span, last_block
 from .fetch import Fetch, FetchTable
 from .tiers import Tiers
@@ -301,7 +302,8 @@ class Reads:
         probe: bool = True,
         readahead: bool = True,
         stats: ReadStats | None = None,
-    ) -> AsyncGenerator[Block | memoryview, None]:
+        spans: bool = False,
+    ) -> AsyncGenerator[Block | memoryview | BlockSpan, None]:
         """See `ObjectStore.open`."""
         if end < start:
             return
@@ -319,6 +321,7 @@ class Reads:
         ahead = self._window(history, version, previous, start // bs, floor)
         attached: list[Fetch] = []
         completed = False
+        unsent: BlockSpan | None = None  # a span of a block file taken, not yet yielded
         try:
             for index in block_span(start, end, bs):
                 for passed in [f for f in attached if f.last < index]:
@@ -329,9 +332,13 @@ class Reads:
                 key = BlockKey(self.bucket, meta.key, meta.etag, index)
                 sequential = at_once or plan.is_sequential(index, start // bs, previous)
                 # a block in memory is served at once: `next_step` of a cached block is Serve
+                data: Block | BlockSpan | None
                 data, source = self.tiers.memory_hit(key), "memory"
                 if data is None:
-                    data, source = await self.tiers.lookup(key)
+                    whole = spans and lo == 0 and hi == last_byte - first_byte
+                    data, source = await self.tiers.lookup(key, whole)
+                    if isinstance(data, BlockSpan):
+                        unsent = data  # closed below unless it is handed on
                 state_of: plan.StateOf | None = None
                 if data is None:
                     state_of = await self._ahead_state(meta, index, True)
@@ -410,9 +417,15 @@ class Reads:
                 self._taken(key)
                 ahead.served += hi - lo + 1
                 progress.sent()
-                yield memoryview(data)[lo : hi + 1] if (lo, hi + 1) != (0, len(data)) else data
+                if isinstance(data, BlockSpan):
+                    unsent = None
+                    yield data  # whole: the reader sends and closes it
+                else:
+                    yield memoryview(data)[lo : hi + 1] if (lo, hi + 1) != (0, len(data)) else data
             completed = True
         finally:
+            if unsent is not None:
+                unsent.close()
             _finish(attached, completed, ahead, history, version, floor)
 
     def memory_read(

@@ -3,7 +3,8 @@ between workers), with their metrics and the bounded queue of file writes.
 
 - A look-up tries memory, then the file tier; the file tier is asked (in a thread, for
   disk) only when its index holds the block or peers might.
-- A block read back from the file tier is never written to it again.
+- A block read back from the file tier is never written to it again; one sent whole
+  goes out from its file (`sendfile`) and is not copied into memory at all.
 - With `write_through` (several workers), every block fetched goes to the file tier at
   once, so the other workers find it; otherwise a block goes there when memory evicts it.
 - Writes in flight are bounded: a file tier slower than the eviction rate must not pile
@@ -24,6 +25,7 @@ from cachetools import LRUCache
 from ..config import CacheConfig
 from ..metrics import Metrics
 from ..upstream import ObjectMeta
+from .blockfile import BlockSpan
 from .blocks import Block, BlockKey, Version
 from .disk import FileTier
 from .memory import MemoryTier
@@ -107,16 +109,27 @@ class Tiers:
             self._metrics.child(self._metrics.cache_hits, "memory").inc()
         return data
 
-    async def lookup(self, key: BlockKey) -> tuple[Block | None, str]:
+    async def lookup(
+        self, key: BlockKey, whole: bool = False
+    ) -> tuple[Block | BlockSpan | None, str]:
         """The block from memory, else from the file tier (counted per tier), else None;
-        and where it came from: `memory`, `disk` (any file tier) or `upstream` (None)."""
+        and where it came from: `memory`, `disk` (any file tier) or `upstream` (None).
+
+        `whole`: the block is to be sent whole, so a file tier's hit may come as a span
+        of its file, sent from there and not copied into memory (a stream's blocks are
+        seldom read again by the same worker soon; the small ranges that are, are read
+        and kept in memory, where the fast lane answers them)."""
         data = self.memory_hit(key)
         if data is not None:
             return data, "memory"
         self._metrics.child(self._metrics.cache_misses, "memory").inc()
         if self.files is None:
             return None, "upstream"
-        data = await self.files.get(key)
+        found = await self.files.get(key, whole)
+        if isinstance(found, BlockSpan):
+            self._metrics.cache_hits.labels(tier=self.files.tier).inc()
+            return found, "disk"
+        data = found
         if data is None:
             landed = self.memory.get(key)  # a fetch may have finished it meanwhile
             if landed is not None:
