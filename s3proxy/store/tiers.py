@@ -3,8 +3,9 @@ between workers), with their metrics and the bounded queue of file writes.
 
 - A look-up tries memory, then the file tier; the file tier is asked (in a thread, for
   disk) only when its index holds the block or peers might.
-- A block read back from the file tier is never written to it again; one sent whole
-  goes out from its file (`sendfile`) and is not copied into memory at all.
+- A block read back from the file tier is never written to it again. One sent whole
+  goes out from its file (`sendfile`) and is not copied into memory, unless it is asked
+  for again soon after (see `lookup`).
 - With `write_through` (several workers), every block fetched goes to the file tier at
   once, so the other workers find it; otherwise a block goes there when memory evicts it.
 - Writes in flight are bounded: a file tier slower than the eviction rate must not pile
@@ -52,6 +53,10 @@ class Tiers:
         self._on_file: set[BlockKey] = set()  # blocks in memory a file already holds
         self._versions: LRUCache[Version, ObjectMeta] = LRUCache(maxsize=65536)
         self._writes: set[asyncio.Future[None]] = set()
+        # blocks sent from their files lately: asked again, a block is read into memory
+        # (as many as memory holds, and a few more)
+        sent_kept = memory_bytes // files.block_size if files is not None else 0
+        self._sent_from_file: LRUCache[BlockKey, None] = LRUCache(maxsize=max(64, sent_kept))
         metrics.cache_max_bytes.labels(tier="memory").set(self.memory.max_bytes)
         if files is not None:
             metrics.cache_max_bytes.labels(tier=files.tier).set(files.max_bytes)
@@ -116,19 +121,22 @@ class Tiers:
         and where it came from: `memory`, `disk` (any file tier) or `upstream` (None).
 
         `whole`: the block is to be sent whole, so a file tier's hit may come as a span
-        of its file, sent from there and not copied into memory (a stream's blocks are
-        seldom read again by the same worker soon; the small ranges that are, are read
-        and kept in memory, where the fast lane answers them)."""
+        of its file, sent from there and not copied into memory: the first time. A block
+        asked again soon after (hot), or only in part (a small range, likely asked
+        again), is read and kept in memory, where the fast lane answers it; a stream's
+        blocks, read once, do not crowd out of memory the blocks the worker fetched."""
         data = self.memory_hit(key)
         if data is not None:
             return data, "memory"
         self._metrics.child(self._metrics.cache_misses, "memory").inc()
         if self.files is None:
             return None, "upstream"
-        found = await self.files.get(key, whole)
+        found = await self.files.get(key, whole and key not in self._sent_from_file)
         if isinstance(found, BlockSpan):
+            self._sent_from_file[key] = None
             self._metrics.cache_hits.labels(tier=self.files.tier).inc()
             return found, "disk"
+        self._sent_from_file.pop(key, None)
         data = found
         if data is None:
             landed = self.memory.get(key)  # a fetch may have finished it meanwhile
