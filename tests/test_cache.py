@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 
 from s3proxy.config import Config
+from s3proxy.store.blocks import BlockKey
 
 from .conftest import Emulator, RunningProxy, StartProxy, make_config, make_token, put_object
 from .origin import OriginState, pattern
@@ -524,6 +525,33 @@ async def test_a_peer_block_read_whole_is_sent_from_its_shared_file_and_checked(
     assert rest[2] == data[4 * 64 * KIB :], "damaged blocks are fetched again"
     assert second.metric("s3proxy_cache_corrupt_blocks_total", tier="shared") == 2
     assert gets_for(emulator, bucket, "s.mp4") == gets + 2
+
+
+async def test_a_read_looks_up_each_block_of_a_peer_once_not_once_a_block_served(
+    emulator: Emulator, bucket: str, start_proxy: StartProxy, shared_dir: str
+) -> None:
+    """The read plan asks after every block of its window each time it serves one; a
+    block a peer's shared-memory files hold is a stat there, made once per read."""
+    data = os.urandom(32 * 64 * KIB)
+    put_object(emulator, bucket, "p.mp4", data)
+    cache = {"block_size": "64KiB", "max_bytes": "16MiB"}
+    config = make_config(emulator.endpoint_url, bucket, cache=cache)
+    first = await start_proxy(config, group=(0, 2, shared_dir))
+    second = await start_proxy(config, group=(1, 2, shared_dir))
+    assert (await fetch(url(first, "p.mp4")))[2] == data
+    files = second.proxy.store.tiers.files
+    assert files is not None
+    looked_up: list[int] = []
+    peer_holds = files.peer_holds
+
+    def counted(key: BlockKey) -> bool:
+        looked_up.append(key.block)
+        return peer_holds(key)
+
+    files.peer_holds = counted  # type: ignore[method-assign]
+    assert (await fetch(url(second, "p.mp4"), Range="bytes=0-"))[2] == data
+    assert second.metric("s3proxy_cache_hits_total", tier="shared") == 32
+    assert len(looked_up) == len(set(looked_up)) <= 32
 
 
 async def test_a_client_hanging_up_during_a_sendfile_leaves_no_file_open(

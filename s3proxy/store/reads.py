@@ -322,6 +322,7 @@ class Reads:
         attached: list[Fetch] = []
         completed = False
         unsent: BlockSpan | None = None  # a span of a block file taken, not yet yielded
+        peers_known: set[BlockKey] = set()  # blocks a peer's files held, when asked before
         try:
             for index in block_span(start, end, bs):
                 for passed in [f for f in attached if f.last < index]:
@@ -341,7 +342,7 @@ class Reads:
                         unsent = data  # closed below unless it is handed on
                 state_of: plan.StateOf | None = None
                 if data is None:
-                    state_of = await self._ahead_state(meta, index, True)
+                    state_of = await self._ahead_state(meta, index, True, peers_known)
                 probed_here = False
                 while data is None and lo <= hi:  # until it is in the cache, or read from S3
                     assert state_of is not None  # asked above, as the block was missing
@@ -411,7 +412,7 @@ class Reads:
                 stats.took(source)
                 if floor and sequential and not progress.held:  # plan.wants_readahead
                     if state_of is None:
-                        state_of = await self._ahead_state(meta, index, True)
+                        state_of = await self._ahead_state(meta, index, True, peers_known)
                     window = ahead.next(False)
                     attached += self._ahead_of(meta, start, index, state_of, window)
                 self._taken(key)
@@ -497,7 +498,9 @@ class Reads:
         kept = history.window(version) if history is not None else None
         return _Window(self, kept if kept is not None and previous == first - 1 else floor)
 
-    async def _ahead_state(self, meta: ObjectMeta, index: int, ask_peers: bool) -> plan.StateOf:
+    async def _ahead_state(
+        self, meta: ObjectMeta, index: int, ask_peers: bool, peers_known: set[BlockKey]
+    ) -> plan.StateOf:
         """What the cache knows of the blocks after `index`; blocks a peer keeps on disk
         are not fetched again (a stat, in a thread, asked only when it can matter)."""
         held: frozenset[BlockKey] = frozenset()
@@ -508,16 +511,23 @@ class Reads:
                     for i in range(index + 1, index + self._config.readahead_blocks + 1)
                 ]
             )
-        return self._state_of(meta, held)
+        return self._state_of(meta, held, peers_known)
 
-    def _state_of(self, meta: ObjectMeta, peer_held: frozenset[BlockKey]) -> plan.StateOf:
+    def _state_of(
+        self,
+        meta: ObjectMeta,
+        peer_held: frozenset[BlockKey],
+        peers_known: set[BlockKey] | None = None,
+    ) -> plan.StateOf:
+        """`peers_known`: see `Tiers.has`, kept for one read."""
+
         def state_of(index: int) -> plan.BlockState:
             key = BlockKey(self.bucket, meta.key, meta.etag, index)
             fetching = key in self.fetches
             # a block in flight is not looked up (a stat of each peer's file, for every
             # block of a window each time a block is served): joining it serves it too
             return plan.BlockState(
-                cached=(not fetching and self.tiers.has(key)) or key in peer_held,
+                cached=(not fetching and self.tiers.has(key, peers_known)) or key in peer_held,
                 fetching=fetching,
                 probed=key in self._probed,
             )

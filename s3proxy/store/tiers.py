@@ -97,15 +97,27 @@ class Tiers:
             await asyncio.to_thread(lambda: [key for key in missing if files.peer_holds(key)])
         )
 
-    def has(self, key: BlockKey) -> bool:
+    def has(self, key: BlockKey, peers_known: set[BlockKey] | None = None) -> bool:
         """Whether a tier holds the block, without using it (LRU order unchanged). A
-        peer's shared-memory files count (a lookup there is a stat, not I/O)."""
+        peer's shared-memory files count (a lookup there is a stat, not I/O).
+
+        `peers_known`: blocks a peer's files held when asked before (by one read, whose
+        plan asks after every block of its window each time it serves one): each is
+        looked up once, not once a block served (12 stats a block, before). A peer's
+        file going meanwhile costs only that the block is fetched when it is read."""
         if self.memory.contains(key):
             return True
         files = self.files
-        return files is not None and (
-            files.contains(key) or (files.inline and files.peer_holds(key))
-        )
+        if files is None or files.contains(key):
+            return files is not None
+        if not files.inline:
+            return False
+        if peers_known is not None and key in peers_known:
+            return True
+        held = files.peer_holds(key)
+        if held and peers_known is not None:
+            peers_known.add(key)
+        return held
 
     def memory_hit(self, key: BlockKey) -> Block | None:
         """The block when memory has it (counted as a memory hit), else None."""
