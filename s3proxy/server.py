@@ -6,6 +6,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import resource
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -57,6 +58,41 @@ def _preallocate(size: int, block_size: int, worker: int) -> dict[str, float]:
     return {"preallocated_bytes": size, "preallocated_s": round(time.monotonic() - started, 3)}
 
 
+def open_files_needed(config: Config) -> int:
+    """The open files a worker may need at once: for each main connection its socket
+    and the block file a response is sent from (`sendfile`), for each admin connection
+    its socket (each listener is bounded by server.max_connections), the connections
+    to S3, and a few for logs, metrics and the cache's directories."""
+    return 3 * config.server.max_connections + config.s3.max_connections + 64
+
+
+def _raise_open_files(needed: int, worker: int) -> None:
+    """Raise the soft limit on open files (`ulimit -n`, often 1024) to what the limits
+    configured need, as far as the hard limit allows; say so when that is not enough,
+    rather than failing at accept or sending from S3 what a block file holds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):
+            target = soft
+    if worker != 0:
+        return
+    fields = {"fields": {"from": soft, "to": target, "needed": needed, "hard": hard}}
+    if target < needed:
+        log.warning(
+            "the open files limit (ulimit -n) is below what server.max_connections may "
+            "need: raise its hard limit (LimitNOFILE=, docker --ulimit nofile=) or lower "
+            "server.max_connections",
+            extra=fields,
+        )
+    else:
+        log.info("raised the open files limit", extra=fields)
+
+
 async def run(
     config: Config,
     *,
@@ -75,6 +111,7 @@ async def run(
     """
     if config.auth.mode == "none" and worker == 0:
         log.warning("auth.mode is none: every request is served without a token check")
+    _raise_open_files(open_files_needed(config), worker)
     proxy = Proxy(config, worker=worker, workers=workers, shared_dir=shared_dir)
     held = (
         _preallocate(proxy.store.tiers.memory.max_bytes, int(config.cache.block_size), worker)

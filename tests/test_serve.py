@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -79,9 +80,10 @@ def serve_process(
     workers: int,
     cache: dict[str, Any],
     server: dict[str, Any] | None = None,
+    open_files: tuple[int, int] | None = None,
 ) -> Iterator[Served]:
     """`s3proxy serve` in a process; `server` adds to (or overrides) its server section
-    (a port to come back on, a node name)."""
+    (a port to come back on, a node name); `open_files`: its (soft, hard) limit."""
     server = dict(server or {})
     port, admin = int(server.pop("port", 0)) or free_port(), free_port()
     config = tmp_path / f"s3proxy-{port}.yaml"
@@ -115,6 +117,11 @@ def serve_process(
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=(
+            (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, open_files))
+            if open_files is not None
+            else None
+        ),
     )
     served = Served(process, port, admin)
     try:
@@ -376,6 +383,41 @@ def resident_bytes(pid: int) -> int:
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="cache.preallocate needs glibc")
+@pytest.mark.parametrize(
+    ("max_connections", "soft", "warned"), [(1000, 3128, False), (4096, 4096, True)]
+)
+def test_the_open_files_limit_is_raised_to_what_the_connections_need(
+    emulator: Emulator,
+    bucket: str,
+    tmp_path: Path,
+    max_connections: int,
+    soft: int,
+    warned: bool,
+) -> None:
+    """Started with `ulimit -n` 1024 (hard 4096), a worker raises its soft limit to what
+    3 x server.max_connections + the S3 pool + 64 need, or to the hard limit, and then
+    says that is not enough."""
+    with serve_process(
+        emulator,
+        bucket,
+        tmp_path,
+        1,
+        {"max_bytes": "8MiB"},
+        {"max_connections": max_connections},
+        open_files=(1024, 4096),
+    ) as served:
+        limits = Path(f"/proc/{served.process.pid}/limits").read_text()
+        (line,) = [line for line in limits.splitlines() if line.startswith("Max open files")]
+        assert line.split()[3:5] == [str(soft), "4096"]
+    (record,) = [r for r in served.lines if "open files limit" in r.get("msg", "")]
+    assert record["level"] == ("warning" if warned else "info")
+    assert (record["from"], record["to"], record["needed"]) == (
+        1024,
+        soft,
+        3 * max_connections + 64 + 64,
+    )
+
+
 def test_a_preallocated_memory_tier_caches_blocks_without_touching_new_pages(
     emulator: Emulator, bucket: str, tmp_path: Path
 ) -> None:
