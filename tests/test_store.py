@@ -472,7 +472,7 @@ async def test_a_block_that_lands_during_a_file_tier_look_up_is_not_fetched_agai
     key = BlockKey("b", "k", '"e"', 0)
     meta = ObjectMeta("k", 4096, '"e"', datetime.datetime.now(datetime.UTC), None)
 
-    async def slow_get(_key: BlockKey, _whole: bool = False) -> bytes | None:
+    async def slow_get(_key: BlockKey, _whole: bool = False, keep: bool = False) -> bytes | None:
         tiers.put(key, b"z" * 4096, meta)  # the fetch in flight completes meanwhile
         return None
 

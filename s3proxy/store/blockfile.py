@@ -126,11 +126,12 @@ def read_block(handle: BinaryIO) -> Block | None:
 
 
 class BlockSpan:
-    """Bytes of a checked block file, open for `sendfile`: `length` bytes at `offset`.
-    Whoever holds it closes it (it is a context manager)."""
+    """Bytes of a checked block file, open for `sendfile`: `length` bytes at `offset`;
+    `data`: the block too, when it was read (to be kept in memory). Whoever holds it
+    closes it (it is a context manager)."""
 
-    def __init__(self, file: BinaryIO, offset: int, length: int) -> None:
-        self.file, self.offset, self.length = file, offset, length
+    def __init__(self, file: BinaryIO, offset: int, length: int, data: Block | None = None) -> None:
+        self.file, self.offset, self.length, self.data = file, offset, length, data
 
     def __len__(self) -> int:
         return self.length
@@ -145,17 +146,17 @@ class BlockSpan:
         self.close()
 
 
-def open_span(handle: BinaryIO, mapped: bool) -> BlockSpan | None:
+def open_span(handle: BinaryIO, mapped: bool, keep: bool) -> BlockSpan | None:
     """The block a file open unbuffered holds, checked: a span of `handle` (which it
     then owns), or None if its header, length or checksum is wrong (`handle` is then
-    the caller's to close).
+    the caller's to close). `keep`: with the block's bytes (read, not mapped).
 
     `mapped`: the file lives in memory (tmpfs), so it is checked through a read-only
     mapping, never copied (block files are never truncated: written whole, renamed,
     unlinked). A file on disk is read into a buffer to check it instead: where a read
     meets the medium's I/O error and fails, a read of a mapping kills the process."""
     size = os.fstat(handle.fileno()).st_size
-    if mapped and size > HEADER.size:
+    if mapped and not keep and size > HEADER.size:
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapping:
             magic, checksum, length = HEADER.unpack_from(mapping)
             if magic == MAGIC:
@@ -164,8 +165,10 @@ def open_span(handle: BinaryIO, mapped: bool) -> BlockSpan | None:
                         xxhash.xxh3_64_intdigest(view[HEADER.size :]) == checksum
                     )
                 return BlockSpan(handle, HEADER.size, length) if good else None
-    data = read_block(handle)  # a disk's file, or the earlier format's
-    return BlockSpan(handle, size - len(data), len(data)) if data is not None else None
+    data = read_block(handle)  # a disk's file, one to keep, or the earlier format's
+    if data is None:
+        return None
+    return BlockSpan(handle, size - len(data), len(data), data if keep else None)
 
 
 def unlink(path: str) -> None:

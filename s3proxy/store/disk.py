@@ -164,20 +164,24 @@ class FileTier:
         relative = self.relative(key)
         return any((peer / relative).exists() for peer in self.peers)
 
-    async def get(self, key: BlockKey, whole: bool = False) -> Block | BlockSpan | None:
+    async def get(
+        self, key: BlockKey, whole: bool = False, keep: bool = False
+    ) -> Block | BlockSpan | None:
         """The block from this worker's files or a peer's; None (no I/O at all) when
         there are no peers and the index does not hold it. `whole`: it is to be sent
-        whole, so a span of its file (checked, not read) will do."""
+        whole, so a span of its file will do (`keep`: with its bytes read)."""
         if not self.peers and not self.contains(key):
             return None
         if self.inline:
-            return self.read(key, whole)
-        return await asyncio.to_thread(self.read, key, whole)
+            return self.read(key, whole, keep)
+        return await asyncio.to_thread(self.read, key, whole, keep)
 
-    def read(self, key: BlockKey, whole: bool = False) -> Block | BlockSpan | None:
+    def read(
+        self, key: BlockKey, whole: bool = False, keep: bool = False
+    ) -> Block | BlockSpan | None:
         relative = self.relative(key)
         if relative in self._index:
-            data = self._read_file(self.root, relative, own=True, whole=whole)
+            data = self._read_file(self.root, relative, own=True, whole=whole, keep=keep)
             if data is not None:
                 with self._lock:
                     if relative in self._index:
@@ -187,13 +191,13 @@ class FileTier:
                         os.utime(self.root / relative)
                 return data
         for peer in self.peers:
-            data = self._read_file(peer, relative, own=False, whole=whole)
+            data = self._read_file(peer, relative, own=False, whole=whole, keep=keep)
             if data is not None:
                 return data
         return None
 
     def _read_file(
-        self, root: Path, relative: str, own: bool, whole: bool
+        self, root: Path, relative: str, own: bool, whole: bool, keep: bool
     ) -> Block | BlockSpan | None:
         full = root / relative
         try:
@@ -208,7 +212,7 @@ class FileTier:
             return None
         data: Block | BlockSpan | None = None
         try:
-            data = open_span(handle, self.inline) if whole else read_block(handle)
+            data = open_span(handle, self.inline, keep) if whole else read_block(handle)
         except OSError as exc:
             self._warn("cache tier read failed", {"error": exc.strerror})
             return None

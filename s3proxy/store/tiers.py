@@ -132,35 +132,44 @@ class Tiers:
         """The block from memory, else from the file tier (counted per tier), else None;
         and where it came from: `memory`, `disk` (any file tier) or `upstream` (None).
 
-        `whole`: the block is to be sent whole, so a file tier's hit may come as a span
-        of its file, sent from there and not copied into memory: the first time. A block
-        asked again soon after (hot), or only in part (a small range, likely asked
-        again), is read and kept in memory, where the fast lane answers it; a stream's
-        blocks, read once, do not crowd out of memory the blocks the worker fetched."""
+        `whole`: the block is to be sent whole, so a file tier's hit comes as a span of
+        its file, sent from there; the first time it is not copied into memory, so a
+        stream's blocks, read once, do not crowd out of memory the blocks the worker
+        fetched. A block asked for again soon after (hot), or only in part (a small
+        range, likely asked again), is read and kept in memory as well, where the fast
+        lane answers it next time."""
         data = self.memory_hit(key)
         if data is not None:
             return data, "memory"
         self._metrics.child(self._metrics.cache_misses, "memory").inc()
         if self.files is None:
             return None, "upstream"
-        found = await self.files.get(key, whole and key not in self._sent_from_file)
-        if isinstance(found, BlockSpan):
-            self._sent_from_file[key] = None
-            self._metrics.cache_hits.labels(tier=self.files.tier).inc()
-            return found, "disk"
+        again = key in self._sent_from_file
         self._sent_from_file.pop(key, None)
-        data = found
-        if data is None:
+        found = await self.files.get(key, whole, keep=again)
+        if isinstance(found, BlockSpan):
+            self._metrics.cache_hits.labels(tier=self.files.tier).inc()
+            if found.data is None:
+                self._sent_from_file[key] = None
+            else:  # asked again: sent from the file all the same, and kept in memory
+                self._keep(key, found.data)
+                found.data = None
+            return found, "disk"
+        if found is None:
             landed = self.memory.get(key)  # a fetch may have finished it meanwhile
             if landed is not None:
                 return landed, "memory"
             self._metrics.cache_misses.labels(tier=self.files.tier).inc()
             return None, "upstream"
         self._metrics.cache_hits.labels(tier=self.files.tier).inc()
+        self._keep(key, found)
+        return found, "disk"
+
+    def _keep(self, key: BlockKey, data: Block) -> None:
+        """A block read from the file tier goes to memory too (not written back)."""
         self._on_file.add(key)
         self.memory.put(key, data)
         self._publish()
-        return data, "disk"
 
     def put(self, key: BlockKey, data: Block, meta: ObjectMeta) -> None:
         """A block fetched from upstream."""
