@@ -54,7 +54,7 @@ class Tiers:
         self._versions: LRUCache[Version, ObjectMeta] = LRUCache(maxsize=65536)
         self._writes: set[asyncio.Future[None]] = set()
         # blocks sent from their files lately: asked again, a block is read into memory
-        # (as many as memory holds, and a few more)
+        # (as many as memory holds, and at least 64)
         sent_kept = memory_bytes // files.block_size if files is not None else 0
         self._sent_from_file: LRUCache[BlockKey, None] = LRUCache(maxsize=max(64, sent_kept))
         metrics.cache_max_bytes.labels(tier="memory").set(self.memory.max_bytes)
