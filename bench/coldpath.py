@@ -6,6 +6,7 @@ latency cases, where the relay, the origin and the client share the same cores.
     python bench/coldpath.py                  # cold and cached, median of the rounds
     python bench/coldpath.py --rounds 9 --mib 64
     python bench/coldpath.py --workers 2      # workers share blocks through /dev/shm
+    python bench/coldpath.py --disk           # cached reads from a disk tier
     python /tmp/old/bench/coldpath.py        # an older tree (git archive), side by side
 
 The origin is bench/run.py's nginx (no relay: the proxy is the bottleneck, so CPU time is
@@ -17,6 +18,9 @@ time or again (each row says which). With workers,
 cold reads first fill the shared tier to its bound, so its tmpfs pages are recycled as
 a running server's are: pages new to the tier cost 2-3x more to write into on these
 virtual machines, whose host takes freed pages back.
+With `--disk`, the blocks a read leaves in memory are written to the disk tier when a
+later read evicts them, so some writes land in the next round's cold row (or, if the
+cached read copies blocks into memory, in the cached row).
 CPU is the user + system time from /proc, in clock ticks, of the proxy process (with
 workers, the supervisor's and every worker's). Figures, not assertions.
 """
@@ -30,7 +34,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -47,6 +53,7 @@ from run import (  # bench/ is not a package: its own directory is on the path
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 MAX_MIB = 1024  # cache.max_bytes
 SHARED_MIB = MAX_MIB * 3 // 4  # with workers, the shared tier's part of it (tiers.py)
+DISK_MEMORY_MIB = 16  # --disk: cache.max_bytes, so most of an object is read from disk
 
 
 def _stat(pid: int) -> list[str]:
@@ -120,8 +127,16 @@ def main() -> int:
     parser.add_argument(
         "--workers", type=int, default=1, help="server.workers (2: blocks go through /dev/shm)"
     )
+    parser.add_argument(
+        "--disk",
+        action="store_true",
+        help=f"one worker, {DISK_MEMORY_MIB} MiB of memory and a disk tier: cached reads "
+        "come from the disk tier's files",
+    )
     add_settle_argument(parser)
     args = parser.parse_args()
+    if args.disk and args.workers != 1:
+        parser.error("--disk measures one worker")
     for tool in ("nginx", "curl"):
         if shutil.which(tool) is None:
             print(f"bench needs {tool}: apt-get install nginx-light curl", file=sys.stderr)
@@ -133,12 +148,17 @@ def main() -> int:
     hot: list[tuple[float, float, float]] = []  # served by the worker that fetched it
     peer: list[tuple[float, float, float]] = []  # by another: from the shared tier
     again: list[tuple[float, float, float]] = []  # by another, which has read it before
+    on_disk: list[tuple[float, float, float]] = []  # --disk: mostly from the disk tier
     try:
         with stack_in(tmp) as stack:
             make_data(stack, quick=True)  # the big file is 256 MiB
             stack.start_origin()
+            tiers: dict[str, Any] = {"max_bytes": f"{MAX_MIB}MiB"}
+            if args.disk:
+                disk = {"path": str(tmp / "disk"), "max_bytes": f"{MAX_MIB}MiB"}
+                tiers = {"max_bytes": f"{DISK_MEMORY_MIB}MiB", "disk": disk}
             proxy = stack.start_s3proxy(
-                "s3proxy-coldpath", delayed=False, max_bytes=f"{MAX_MIB}MiB", workers=args.workers
+                "s3proxy-coldpath", delayed=False, workers=args.workers, **tiers
             )
             pids = family(proxy.process.pid)
             assert len(pids) == args.workers + (args.workers > 1), pids
@@ -151,6 +171,10 @@ def main() -> int:
                 key = link(stack, source, f"cold-{n}.mp4")
                 row, fetcher = per_mib(proxy, pids, key, args.mib)
                 cold.append(row)
+                if args.disk:
+                    time.sleep(0.5)  # evicted blocks are written in a thread
+                    on_disk.append(per_mib(proxy, pids, key, args.mib)[0])
+                    continue
                 served = {fetcher}
                 for _read in range(3 if args.workers > 1 else 1):  # the kernel picks the worker
                     row, server = per_mib(proxy, pids, key, args.mib)
@@ -168,6 +192,7 @@ def main() -> int:
         ("cached, same worker (memory)", hot),
         ("cached, other worker (shared tier)", peer),
         ("cached, other worker, read again", again),
+        (f"cached, disk tier (+{DISK_MEMORY_MIB} MiB memory)", on_disk),
     ):
         if not rows:
             continue
