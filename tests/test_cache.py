@@ -484,6 +484,25 @@ def shared_dir() -> Iterator[str]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+async def fetched_by_a_peer(
+    start_proxy: StartProxy,
+    emulator: Emulator,
+    bucket: str,
+    shared_dir: str,
+    asset: str,
+    data: bytes,
+    cache: dict[str, Any],
+) -> RunningProxy:
+    """Worker 1 of a group of 2 sharing `shared_dir`, once worker 0 has read `asset`
+    (holding `data`) whole, so its blocks are in worker 0's shared files."""
+    put_object(emulator, bucket, asset, data)
+    config = make_config(emulator.endpoint_url, bucket, cache=cache)
+    first = await start_proxy(config, group=(0, 2, shared_dir))
+    second = await start_proxy(config, group=(1, 2, shared_dir))
+    assert (await fetch(url(first, asset)))[2] == data
+    return second
+
+
 async def test_a_peer_block_read_whole_is_sent_from_its_shared_file_and_checked(
     emulator: Emulator, bucket: str, start_proxy: StartProxy, shared_dir: str
 ) -> None:
@@ -492,12 +511,10 @@ async def test_a_peer_block_read_whole_is_sent_from_its_shared_file_and_checked(
     part, is read and kept there (the fast lane answers it next time). Every file is
     checked: a damaged or cut one is counted and fetched again."""
     data = os.urandom(6 * 64 * KIB)
-    put_object(emulator, bucket, "s.mp4", data)
     cache = {"block_size": "64KiB", "max_bytes": "2MiB", "readahead_blocks": 0}
-    config = make_config(emulator.endpoint_url, bucket, cache=cache)
-    first = await start_proxy(config, group=(0, 2, shared_dir))
-    second = await start_proxy(config, group=(1, 2, shared_dir))
-    assert (await fetch(url(first, "s.mp4")))[2] == data
+    second = await fetched_by_a_peer(
+        start_proxy, emulator, bucket, shared_dir, "s.mp4", data, cache
+    )
     gets = gets_for(emulator, bucket, "s.mp4")
 
     status, headers, body = await fetch(url(second, "s.mp4"), Range="bytes=0-65535,131072-196607")
@@ -533,12 +550,10 @@ async def test_a_read_looks_up_each_block_of_a_peer_once_not_once_a_block_served
     """The read plan asks after every block of its window each time it serves one; a
     block a peer's shared-memory files hold is a stat there, made once per read."""
     data = os.urandom(32 * 64 * KIB)
-    put_object(emulator, bucket, "p.mp4", data)
     cache = {"block_size": "64KiB", "max_bytes": "16MiB"}
-    config = make_config(emulator.endpoint_url, bucket, cache=cache)
-    first = await start_proxy(config, group=(0, 2, shared_dir))
-    second = await start_proxy(config, group=(1, 2, shared_dir))
-    assert (await fetch(url(first, "p.mp4")))[2] == data
+    second = await fetched_by_a_peer(
+        start_proxy, emulator, bucket, shared_dir, "p.mp4", data, cache
+    )
     files = second.proxy.store.tiers.files
     assert files is not None
     looked_up: list[int] = []
@@ -564,12 +579,10 @@ async def test_a_client_hanging_up_during_a_sendfile_leaves_no_file_open(
     """The access line counts what went out before the hang-up; the block file is
     closed, and the worker serves on."""
     data = os.urandom(16 * MIB)
-    put_object(emulator, bucket, "h.mp4", data)
     cache = {"block_size": "1MiB", "max_bytes": "64MiB", "readahead_blocks": 0}
-    config = make_config(emulator.endpoint_url, bucket, cache=cache)
-    first = await start_proxy(config, group=(0, 2, shared_dir))
-    second = await start_proxy(config, group=(1, 2, shared_dir))
-    assert (await fetch(url(first, "h.mp4")))[2] == data
+    second = await fetched_by_a_peer(
+        start_proxy, emulator, bucket, shared_dir, "h.mp4", data, cache
+    )
     caplog.set_level(logging.INFO, logger="s3proxy.access")
 
     client = socket.socket()
