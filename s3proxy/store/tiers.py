@@ -108,8 +108,10 @@ class Tiers:
         if self.memory.contains(key):
             return True
         files = self.files
-        if files is None or files.contains(key):
-            return files is not None
+        if files is None:
+            return False
+        if files.contains(key):
+            return True
         if not files.inline:
             return False
         if peers_known is not None and key in peers_known:
